@@ -1,0 +1,208 @@
+"""Read ``torch.nn.utils.prune`` state: live hooks, saved ``*_orig``/``*_mask`` state_dicts, baked zeros.
+
+Everything here works on copies; the user's model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Union
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from .errors import MaskLoadError
+
+__all__ = ["PrunedTensor", "pruned_tensors", "clone", "bake", "load_pruned"]
+
+
+@dataclass(frozen=True)
+class PrunedTensor:
+    """One tensor under ``torch.nn.utils.prune`` reparametrization."""
+
+    module_name: str
+    tensor_name: str
+    methods: tuple[str, ...]
+    mask: torch.Tensor
+
+    @property
+    def key(self) -> str:
+        return f"{self.module_name}.{self.tensor_name}" if self.module_name else self.tensor_name
+
+
+def _pruning_hooks(module: nn.Module) -> Iterator[prune.BasePruningMethod]:
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            yield hook
+
+
+def pruned_tensors(model: nn.Module) -> list[PrunedTensor]:
+    """List every tensor of ``model`` that carries a live pruning mask.
+
+    Stacked prunings on one tensor (a ``PruningContainer``) appear once, with the
+    combined mask and the names of every method applied.
+    """
+    found = []
+    for name, module in model.named_modules():
+        for hook in _pruning_hooks(module):
+            tname = hook._tensor_name
+            mask = getattr(module, tname + "_mask", None)
+            if mask is None or not hasattr(module, tname + "_orig"):
+                raise MaskLoadError(
+                    f"layer '{name}' has a pruning hook for '{tname}' but no "
+                    f"'{tname}_orig'/'{tname}_mask'; re-apply the pruning or call prune.remove first"
+                )
+            if isinstance(hook, prune.PruningContainer):
+                methods = tuple(type(m).__name__ for m in hook._pruning_methods)
+            else:
+                methods = (type(hook).__name__,)
+            found.append(PrunedTensor(name, tname, methods, mask.detach()))
+    return found
+
+
+def clone(model: nn.Module) -> nn.Module:
+    """Deep-copy ``model``, masks and hooks included.
+
+    ``copy.deepcopy`` refuses a live-masked module because the masked ``weight``
+    is a non-leaf tensor; its copy is pre-seeded here with a detached clone (the
+    hook recomputes it on every forward anyway).
+    """
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for hook in _pruning_hooks(module):
+            t = getattr(module, hook._tensor_name, None)
+            if isinstance(t, torch.Tensor):
+                memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def bake(model: nn.Module) -> nn.Module:
+    """Return a copy of ``model`` with every mask made permanent (``prune.remove``).
+
+    The copy computes exactly what the masked model computes, without hooks.
+    """
+    baked = clone(model)
+    for module in baked.modules():
+        for hook in list(_pruning_hooks(module)):
+            prune.remove(module, hook._tensor_name)
+    return baked
+
+
+StateSource = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
+
+
+def _read_state_dict(source: StateSource) -> Mapping[str, torch.Tensor]:
+    if isinstance(source, Mapping):
+        return source
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise MaskLoadError(f"weights file '{path}' does not exist; check the path")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt / truncated files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MaskLoadError(
+            f"weights file '{path}' could not be read ({first}); it may be truncated or not a "
+            "torch.save file. Save it again with torch.save(model.state_dict(), path)"
+        ) from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise MaskLoadError(
+            f"weights file '{path}' does not hold a state_dict (got {type(obj).__name__}); "
+            "save it with torch.save(model.state_dict(), path)"
+        )
+    return obj
+
+
+def load_pruned(
+    model: Union[nn.Module, Callable[[], nn.Module]],
+    source: StateSource,
+) -> nn.Module:
+    """Load a state_dict saved from a pruned model into a fresh instance of its class.
+
+    ``source`` is a path or a mapping. Keys ``<layer>.<name>_orig`` / ``<layer>.<name>_mask``
+    (what ``torch.save(model.state_dict(), 'pruned_model.pth')`` writes after
+    ``torch.nn.utils.prune``) become live masks again via ``prune.custom_from_mask``;
+    plain keys load as they are (weights baked by ``prune.remove`` keep their zeros).
+
+    Args:
+        model: an instance (it is copied, never modified) or a class / zero-argument
+            callable returning one.
+        source: path to the file written by ``torch.save``, or the state_dict itself.
+
+    Returns:
+        A new model carrying the saved weights and masks.
+
+    Raises:
+        MaskLoadError: missing or unreadable file, keys or shapes that do not match the model.
+
+    Example:
+        >>> import torch, compactor
+        >>> from torch.nn.utils import prune
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        >>> _ = prune.ln_structured(net[0], "weight", amount=1, n=2, dim=0)
+        >>> again = compactor.load_pruned(torch.nn.Sequential(torch.nn.Linear(4, 3)), net.state_dict())
+        >>> bool((again[0].weight_mask == net[0].weight_mask).all())
+        True
+    """
+    state = _read_state_dict(source)
+    if isinstance(model, nn.Module):
+        target = clone(model)
+    elif callable(model):
+        target = model()
+        if not isinstance(target, nn.Module):
+            raise TypeError(f"load_pruned: the factory returned {type(target).__name__}, expected an nn.Module")
+    else:
+        raise TypeError(f"load_pruned: model must be an nn.Module or a callable returning one, got {type(model).__name__}")
+
+    modules = dict(target.named_modules())
+    for key in state:
+        if not key.endswith("_mask"):
+            continue
+        base = key[: -len("_mask")]
+        if base + "_orig" not in state:
+            raise MaskLoadError(f"key '{key}' has no matching '{base}_orig'; the file is not a complete pruned state_dict")
+        mod_name, _, tname = base.rpartition(".")
+        module = modules.get(mod_name)
+        if module is None or not isinstance(getattr(module, tname, None), torch.Tensor):
+            raise MaskLoadError(
+                f"key '{key}' names '{base}', which {type(target).__name__} does not have; "
+                "pass the same model class the file was saved from"
+            )
+        current = getattr(module, tname)
+        mask = state[key]
+        if tuple(mask.shape) != tuple(current.shape):
+            raise MaskLoadError(
+                f"key '{key}' has shape {tuple(mask.shape)} but '{base}' is {tuple(current.shape)}; "
+                "the file was saved from a model with different layer sizes"
+            )
+        for hook in _pruning_hooks(module):
+            if hook._tensor_name == tname:
+                prune.remove(module, tname)
+        prune.custom_from_mask(module, tname, mask.to(current.device))
+
+    expected = target.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
+        raise MaskLoadError(
+            f"the state_dict does not match {type(target).__name__}: {'; '.join(parts)}; "
+            "pass the model class the file was saved from"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise MaskLoadError(
+                f"key '{k}' has shape {tuple(v.shape)} but the model expects {tuple(expected[k].shape)}; "
+                "the file was saved from a model with different layer sizes"
+            )
+    target.load_state_dict(state, strict=True)
+    return target

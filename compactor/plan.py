@@ -1,0 +1,342 @@
+"""Decide which channels go, per coupled group; what is folded; the report.
+
+The planner works on a baked copy of the model (``masks.bake``): masks applied,
+hooks gone. A channel can go when every layer that computes it has an all-zero
+weight row for it. It then still carries a constant (its bias, passed through
+BatchNorm, activations and pooling); that constant is read off the baked model at
+the input of every layer that consumes the channel, checked to be constant over
+batch and positions, and folded into that consumer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import graph
+from .errors import CompactionError
+
+__all__ = ["LayerRow", "GroupNote", "Report", "Decision", "decide", "count_macs", "count_params"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class LayerRow:
+    """One layer of the report: shapes, channels removed and why, params and MACs."""
+
+    name: str
+    op: str
+    shape_before: tuple[int, ...]
+    shape_after: tuple[int, ...]
+    removed_out: list[int]
+    removed_in: list[int]
+    why: str
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+
+
+@dataclass
+class GroupNote:
+    """What happened to one coupled group whose channels were (partly) masked."""
+
+    layers: list[str]
+    channels: list[int]
+    status: str  # "removed", "kept", "partial"
+    reason: str
+
+
+@dataclass
+class Report:
+    """What ``compact`` / ``plan`` did, printable as a table."""
+
+    mode: str
+    layers: list[LayerRow] = field(default_factory=list)
+    groups: list[GroupNote] = field(default_factory=list)
+    folded: list[str] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    max_abs_diff: Optional[float] = None
+    tolerance: Optional[float] = None
+    verified_inputs: int = 0
+
+    def table(self) -> str:
+        head = ("layer", "op", "shape before", "shape after", "removed", "params", "MACs", "why")
+        rows = [head]
+        for r in self.layers:
+            removed = []
+            if r.removed_out:
+                removed.append(f"out {len(r.removed_out)}")
+            if r.removed_in:
+                removed.append(f"in {len(r.removed_in)}")
+            rows.append((
+                r.name, r.op, "x".join(map(str, r.shape_before)), "x".join(map(str, r.shape_after)),
+                ", ".join(removed) or "-", f"{r.params_before:,} -> {r.params_after:,}",
+                f"{r.macs_before:,} -> {r.macs_after:,}", r.why or "-",
+            ))
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        out = [self.table(), ""]
+        pr = self.params_after / self.params_before if self.params_before else 1.0
+        mr = self.macs_after / self.macs_before if self.macs_before else 1.0
+        out.append(f"params {self.params_before:,} -> {self.params_after:,} ({pr:.1%}); "
+                   f"MACs {self.macs_before:,} -> {self.macs_after:,} ({mr:.1%}); mode={self.mode}")
+        for g in self.groups:
+            if g.status != "removed":
+                chans = _short(g.channels)
+                out.append(f"{g.status}: {', '.join(g.layers)} channels {chans}: {g.reason}")
+        for f in self.folded:
+            out.append(f"folded: {f}")
+        if self.max_abs_diff is not None:
+            out.append(f"verified on {self.verified_inputs} input(s): max |compact - masked| = "
+                       f"{self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})")
+        return "\n".join(out)
+
+
+def _short(idxs: Sequence[int], limit: int = 12) -> str:
+    idxs = list(idxs)
+    s = ",".join(map(str, idxs[:limit]))
+    return f"[{s}{',…' if len(idxs) > limit else ''}]"
+
+
+@dataclass
+class _Fold:
+    """Constants of removed input channels, accumulated per consumer."""
+
+    bias: Optional[torch.Tensor] = None  # (out,)
+    border: Optional[torch.Tensor] = None  # (out, *k) for zero-padded convs
+    sources: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Decision:
+    """The outcome of planning: what to slice and fold, and the notes for the report."""
+
+    remove_out: dict[str, set[int]]
+    remove_in: dict[str, set[int]]
+    remove_param: dict[str, tuple[int, set[int]]]
+    folds: dict[str, _Fold]
+    notes: list[GroupNote]
+    why: dict[str, str]
+    zero_inputs: dict[str, set[int]]  # mode="drop": consumer inputs the reference zeroes
+    any_masked: bool
+
+
+def dead_rows(module: Any, role: str) -> torch.Tensor:
+    """Boolean per output channel: True where the layer's weights for it are all zero."""
+    if isinstance(module, nn.Embedding):
+        return module.weight.detach().eq(0).all(0)
+    w = module.weight.detach()
+    return w.reshape(w.shape[0], -1).eq(0).all(1)
+
+
+def _consumer_inputs(model: nn.Module, names: set[str], batches: Sequence[tuple]) -> dict[str, list[torch.Tensor]]:
+    modules = dict(model.named_modules())
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = []
+    for n in names:
+        def hook(mod, args, _n=n):
+            seen[_n].append(args[0].detach())
+        hooks.append(modules[n].register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(*b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _channel_view(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Put the channel axis the module reads first, everything else flattened after it."""
+    if isinstance(module, _CONV):
+        return x.transpose(0, 1).reshape(x.shape[1], -1)
+    return x.reshape(-1, x.shape[-1]).t()
+
+
+def _constants(module: nn.Module, xs: list[torch.Tensor], idxs: list[int]) -> tuple[Optional[torch.Tensor], list[int]]:
+    """The value of each channel in ``idxs`` at ``module``'s input, or the channels that vary."""
+    values = None
+    varying: set[int] = set()
+    index = torch.tensor(idxs, dtype=torch.long)
+    for x in xs:
+        v = _channel_view(module, x).index_select(0, index.to(x.device)).double()
+        first = v[:, :1]
+        dev = (v - first).abs().amax(1)
+        varying |= {idxs[i] for i in torch.nonzero(dev > 1e-6 * (1 + first[:, 0].abs())).flatten().tolist()}
+        values = v.mean(1) if values is None else values
+    return values, sorted(varying)
+
+
+def decide(
+    work: nn.Module,
+    batches: Sequence[tuple],
+    *,
+    mode: str = "exact",
+    round_to: Optional[int] = None,
+) -> Decision:
+    """Plan the compaction of ``work`` (a baked copy in eval mode) and compute the folds."""
+    groups = graph.trace(work, batches[0])
+    modules = dict(work.named_modules())
+    notes: list[GroupNote] = []
+    why: dict[str, str] = {}
+    candidates: list[tuple[graph.Group, list[int]]] = []
+    any_masked = False
+
+    for g in groups:
+        producers = [it for it in g.items if it.role in ("out", "dw")]
+        if not producers:
+            continue
+        dead_sets = []
+        for it in producers:
+            dead = dead_rows(it.module, it.role)
+            dead_sets.append({r for i, r in zip(it.idxs, it.root_idxs) if bool(dead[i])})
+        every = set.intersection(*dead_sets)
+        some = set.union(*dead_sets)
+        if not some:
+            continue
+        any_masked = True
+        layers = g.layers()
+        if some - every:
+            notes.append(GroupNote(layers, sorted(some - every), "partial",
+                                   "masked in some but not all of the layers that compute them; kept"))
+        if not every:
+            continue
+        if g.reaches_output:
+            notes.append(GroupNote(layers, sorted(every), "kept", "these channels are the model's output"))
+            continue
+        blocked = [it for it in g.items if it.role == "blocked"]
+        if blocked:
+            notes.append(GroupNote(layers, sorted(every), "kept",
+                                   "; ".join(sorted({f"{it.name}: {it.reason}" for it in blocked}))))
+            continue
+        if len(every) == g.size:
+            names = ", ".join(sorted({it.name for it in producers}))
+            raise CompactionError(
+                f"layer '{names}': the masks remove all {g.size} of its output channels, which would leave "
+                "a zero-width layer; prune a smaller amount of this layer (or remove it from the model)"
+            )
+        removable = sorted(every)
+        if round_to:
+            keep = g.size - len(removable)
+            target = min(g.size, -(-keep // round_to) * round_to)
+            extra = target - keep
+            if extra:
+                notes.append(GroupNote(layers, removable[-extra:], "kept", f"round_to={round_to}: widths kept at a multiple"))
+                removable = removable[:-extra] if extra < len(removable) else []
+            if not removable:
+                continue
+        candidates.append((g, removable))
+
+    # Constants at every consumer's input, read off the baked model.
+    consumers = {it.name for g, _ in candidates for it in g.items if it.role == "in"}
+    inputs = _consumer_inputs(work, consumers, batches) if consumers else {}
+    folds: dict[str, _Fold] = {}
+    zero_inputs: dict[str, set[int]] = {}
+    accepted: list[tuple[graph.Group, list[int]]] = []
+    for g, removable in candidates:
+        rset = set(removable)
+        pending: list[tuple[str, list[int], torch.Tensor]] = []
+        problem = ""
+        for it in g.items:
+            if it.role != "in":
+                continue
+            local = [i for i, r in zip(it.idxs, it.root_idxs) if r in rset]
+            if mode == "drop":
+                zero_inputs.setdefault(it.name, set()).update(local)
+                continue
+            values, varying = _constants(modules[it.name], inputs[it.name], local)
+            if varying:
+                problem = (f"not constant where '{it.name}' reads them (input channels {_short(varying)} vary, "
+                           "e.g. gated by another tensor or pooled over zero padding)")
+                break
+            pending.append((it.name, local, values))
+        if problem:
+            notes.append(GroupNote(g.layers(), removable, "kept", problem))
+            continue
+        accepted.append((g, removable))
+        for name, local, values in pending:
+            _add_fold(folds.setdefault(name, _Fold()), modules[name], local, values, g.root)
+
+    remove_out: dict[str, set[int]] = {}
+    remove_in: dict[str, set[int]] = {}
+    remove_param: dict[str, tuple[int, set[int]]] = {}
+    for g, removable in accepted:
+        rset = set(removable)
+        notes.append(GroupNote(g.layers(), removable, "removed", "masked in every layer that computes them"))
+        for it in g.items:
+            local = {i for i, r in zip(it.idxs, it.root_idxs) if r in rset}
+            if it.role in ("out", "dw"):
+                remove_out.setdefault(it.name, set()).update(local)
+                why.setdefault(it.name, "weight rows all zero")
+            if it.role == "dw":
+                remove_in.setdefault(it.name, set()).update(local)
+            elif it.role == "in":
+                remove_in.setdefault(it.name, set()).update(local)
+                why.setdefault(it.name, f"follows {g.root}")
+            elif it.role == "slice":
+                if isinstance(it.module, nn.Parameter):
+                    remove_param.setdefault(it.name, (it.dim, set()))[1].update(local)
+                else:
+                    remove_out.setdefault(it.name, set()).update(local)
+                    why.setdefault(it.name, f"follows {g.root}")
+    return Decision(remove_out, remove_in, remove_param, folds, notes, why, zero_inputs, any_masked)
+
+
+def _add_fold(fold: _Fold, module: nn.Module, local: list[int], values: torch.Tensor, source: str) -> None:
+    w = module.weight.detach().double()
+    index = torch.tensor(local, dtype=torch.long, device=w.device)
+    v = values.to(w.device)
+    fold.sources.append(source)
+    if isinstance(module, nn.Linear):
+        delta = w.index_select(1, index) @ v
+        fold.bias = delta if fold.bias is None else fold.bias + delta
+        return
+    kernel = torch.einsum("oc...,c->o...", w.index_select(1, index), v)
+    zero_padded = module.padding_mode == "zeros" and (
+        module.padding == "same" or (not isinstance(module.padding, str) and any(module.padding))
+    )
+    if zero_padded:
+        fold.border = kernel if fold.border is None else fold.border + kernel
+    else:
+        delta = kernel.reshape(kernel.shape[0], -1).sum(1)
+        fold.bias = delta if fold.bias is None else fold.bias + delta
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, inputs: tuple) -> dict[str, int]:
+    """Multiply-accumulates per conv / linear layer for one forward of ``inputs``, per sample."""
+    macs: dict[str, int] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear,) + _CONV):
+            def hook(mod, args, out, _n=name):
+                n = out.shape[0] if out.dim() > 1 else 1
+                if isinstance(mod, nn.Linear):
+                    per = out.numel() // n * mod.in_features
+                else:
+                    per = out.numel() // n * (mod.in_channels // mod.groups) * int(torch.tensor(mod.kernel_size).prod())
+                macs[_n] = macs.get(_n, 0) + per
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs

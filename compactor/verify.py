@@ -1,0 +1,81 @@
+"""Masked vs compact on real inputs; raise on mismatch."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import VerificationError
+
+__all__ = ["RELATIVE_TOLERANCE", "flatten_outputs", "max_abs_diff", "check", "make_batches"]
+
+#: compact and masked may differ by at most this times the output scale (fp32 summation order).
+RELATIVE_TOLERANCE = 1e-5
+
+
+def flatten_outputs(out: Any) -> Iterator[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, dict):
+        for k in sorted(out):
+            yield from flatten_outputs(out[k])
+    elif isinstance(out, (list, tuple)):
+        for o in out:
+            yield from flatten_outputs(o)
+
+
+def make_batches(example: tuple, extra: int, seed: int = 0) -> list[tuple]:
+    """The example inputs, then ``extra`` random inputs of the same shapes and dtypes."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = [example]
+    for _ in range(extra):
+        batch = []
+        for x in example:
+            if not isinstance(x, torch.Tensor):
+                batch.append(x)
+            elif x.is_floating_point():
+                r = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+                scale = x.detach().double().std() if x.numel() > 1 else torch.tensor(1.0)
+                r = r * (scale if torch.isfinite(scale) and scale > 0 else 1.0) + x.detach().double().mean()
+                batch.append(r.to(dtype=x.dtype, device=x.device))
+            else:
+                lo, hi = int(x.min()), int(x.max())
+                batch.append(torch.randint(lo, hi + 1, x.shape, generator=gen).to(dtype=x.dtype, device=x.device))
+        batches.append(tuple(batch))
+    return batches
+
+
+def max_abs_diff(reference: nn.Module, candidate: nn.Module, batches: Sequence[tuple]) -> tuple[float, float]:
+    """Largest |candidate - reference| over all outputs and batches, and the largest |reference|."""
+    worst, scale = 0.0, 0.0
+    with torch.no_grad():
+        for b in batches:
+            ref = list(flatten_outputs(reference(*b)))
+            got = list(flatten_outputs(candidate(*b)))
+            if len(ref) != len(got):
+                raise VerificationError(f"the compact model returns {len(got)} tensors, the masked one {len(ref)}")
+            for r, g in zip(ref, got):
+                if r.shape != g.shape:
+                    raise VerificationError(
+                        f"the compact model's output has shape {tuple(g.shape)}, the masked one {tuple(r.shape)}"
+                    )
+                if r.is_floating_point():
+                    worst = max(worst, float((g.double() - r.double()).abs().max()) if r.numel() else 0.0)
+                    scale = max(scale, float(r.double().abs().max()) if r.numel() else 0.0)
+                elif not torch.equal(r, g):
+                    worst = float("inf")
+    return worst, scale
+
+
+def check(reference: nn.Module, candidate: nn.Module, batches: Sequence[tuple], what: str = "masked") -> tuple[float, float]:
+    """Raise :class:`VerificationError` if ``candidate`` differs from ``reference``; return (diff, tolerance)."""
+    diff, scale = max_abs_diff(reference, candidate, batches)
+    tol = RELATIVE_TOLERANCE * max(scale, 1e-2)
+    if not diff <= tol:
+        raise VerificationError(
+            f"the compact model differs from the {what} model by up to {diff:.3g} (tolerance {tol:.3g}, "
+            f"output scale {scale:.3g}); this is a bug in compactor: please report it with the model"
+        )
+    return diff, tol
