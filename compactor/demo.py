@@ -1,0 +1,176 @@
+"""The main job on an embedded default: the seeds' LeNet on scikit-learn's handwritten digits.
+
+Train for a few seconds, prune 50 % of conv1, conv2, fc1, fc2 with
+``prune.ln_structured(..., n=2, dim=0)`` as the tutorials do, save the pruned
+state_dict, load it back, compact, verify, and report accuracy, size and speed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, TextIO
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune
+
+__all__ = ["LeNet", "load_digits_28", "train", "accuracy", "prune_like_the_seeds", "run"]
+
+
+class LeNet(nn.Module):
+    """The tutorials' LeNet: 1x28x28 input (16*5*5 = 400 holds only for 28x28)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3)
+        self.conv2 = nn.Conv2d(6, 16, 3)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(-1, int(x.nelement() / x.shape[0]))
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+def load_digits_28(seed: int = 0, test_fraction: float = 0.25):
+    """scikit-learn's bundled digits (8x8, 1,797 images) resized to 1x28x28; (x_train, y_train, x_test, y_test)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise RuntimeError("the demo needs scikit-learn: pip install 'compactor[demo]'") from None
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    x = (x - 0.5) / 0.5
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = int(len(y) * test_fraction)
+    test, tr = perm[:n_test], perm[n_test:]
+    return x[tr], y[tr], x[test], y[test]
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 8, seed: int = 0,
+          progress: Optional[Callable[[int, int, float], None]] = None) -> nn.Module:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(len(y))
+        total = 0.0
+        for i in range(0, len(y), 64):
+            idx = perm[i:i + 64]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        if progress:
+            progress(epoch + 1, epochs, total / len(y))
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((model(x).argmax(1) == y).float().mean())
+
+
+def prune_like_the_seeds(model: nn.Module, amount: float = 0.5) -> nn.Module:
+    """``prune.ln_structured(m, "weight", amount, n=2, dim=0)`` on conv1, conv2, fc1, fc2 (in place)."""
+    for name in ("conv1", "conv2", "fc1", "fc2"):
+        prune.ln_structured(getattr(model, name), "weight", amount=amount, n=2, dim=0)
+    return model
+
+
+@dataclass
+class DemoResult:
+    acc_dense: float
+    acc_masked: float
+    acc_compact: float
+    params_dense: int
+    params_compact: int
+    macs_dense: int
+    macs_compact: int
+    max_abs_diff: float
+    latency_masked_s: float
+    latency_compact_s: float
+    out_dir: str
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    n = int(width * done / total)
+    return "[" + "#" * n + "." * (width - n) + f"] {done}/{total}"
+
+
+def run(out_dir: str = "compactor-demo", *, amount: float = 0.5, epochs: int = 8, force: bool = False,
+        stream: TextIO = sys.stdout) -> DemoResult:
+    """Run the whole main job and print a short report; artifacts go to ``out_dir``."""
+    from . import api, masks, timing
+    from .export import atomic_save
+
+    def say(msg: str, end: str = "\n") -> None:
+        print(msg, end=end, file=stream, flush=True)
+
+    os.makedirs(out_dir, exist_ok=True)
+    pruned_path = os.path.join(out_dir, "pruned_model.pth")
+    compact_path = os.path.join(out_dir, "lenet_compact.pt")
+    for p in (pruned_path, compact_path):
+        if os.path.exists(p) and not force:
+            raise FileExistsError(f"{p} exists; pass --force to overwrite or choose another --out")
+
+    t0 = time.perf_counter()
+    say("1/5 loading scikit-learn's handwritten digits, resized to 1x28x28 ...")
+    xtr, ytr, xte, yte = load_digits_28()
+    say(f"    {len(ytr)} training / {len(yte)} held-out images")
+    say("2/5 training the seeds' LeNet")
+    torch.manual_seed(0)
+    dense = LeNet()
+    train(dense, xtr, ytr, epochs=epochs,
+          progress=lambda e, n, loss: say(f"\r    {_bar(e, n)} loss {loss:.3f}", end="\n" if e == n else ""))
+    acc_dense = accuracy(dense, xte, yte)
+
+    say(f"3/5 pruning conv1, conv2, fc1, fc2 with prune.ln_structured(amount={amount}, n=2, dim=0)")
+    pruned = prune_like_the_seeds(masks.clone(dense), amount)
+    atomic_save(pruned.state_dict(), pruned_path, force=force)
+    say(f"    saved the pruned state_dict ({', '.join(list(pruned.state_dict())[:2])}, ...) to {pruned_path}")
+    masked = masks.load_pruned(LeNet, pruned_path)
+    acc_masked = accuracy(masked, xte, yte)
+
+    say("4/5 compacting and verifying against the masked model")
+    small = api.compact(masked, xte[:8])
+    report = small.compaction_report
+    acc_compact = accuracy(small, xte, yte)
+    atomic_save(small, compact_path, force=force)
+
+    say("5/5 timing masked vs compact on the CPU (batch 1, interleaved, medians)")
+    x1 = xte[:1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            t = timing.measure({"masked": lambda: masked(x1), "compact": lambda: small(x1)}, repeats=40)
+    finally:
+        torch.set_num_threads(threads)
+
+    say("")
+    say(report.table())
+    say("")
+    say(f"accuracy on {len(yte)} held-out digits: dense {acc_dense:.2%}  masked {acc_masked:.2%}  compact {acc_compact:.2%}")
+    say(f"parameters: {report.params_before:,} -> {report.params_after:,} ({report.params_after / report.params_before:.1%})")
+    say(f"MACs per image: {report.macs_before:,} -> {report.macs_after:,} ({report.macs_after / report.macs_before:.1%})")
+    say(f"max |compact - masked| over {report.verified_inputs} verification batches: {report.max_abs_diff:.2e} "
+        f"(tolerance {report.tolerance:.1e})")
+    tm, tc = t["masked"], t["compact"]
+    say(f"CPU latency, batch 1, 1 thread: masked {tm.median * 1e6:.0f} us, compact {tc.median * 1e6:.0f} us "
+        f"-> {tm.median / tc.median:.2f}x faster")
+    say(f"artifacts: {pruned_path}, {compact_path}  ({time.perf_counter() - t0:.1f} s in all)")
+    return DemoResult(acc_dense, acc_masked, acc_compact, report.params_before, report.params_after,
+                      report.macs_before, report.macs_after, report.max_abs_diff, tm.median, tc.median, out_dir)
