@@ -161,6 +161,10 @@ def load_pruned(
 
     modules = dict(target.named_modules())
     for key in state:
+        if key.endswith("_orig") and key[: -len("_orig")] + "_mask" not in state:
+            raise MaskLoadError(
+                f"key '{key}' has no matching '{key[:-len('_orig')]}_mask'; the file is not a complete pruned state_dict"
+            )
         if not key.endswith("_mask"):
             continue
         base = key[: -len("_mask")]
