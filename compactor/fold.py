@@ -42,20 +42,20 @@ def _fold_bias(module: nn.Module, delta: torch.Tensor) -> None:
 def _slice(module: nn.Module, out_rm: set[int], in_rm: set[int]) -> None:
     dev = module.weight.device if hasattr(module, "weight") and module.weight is not None else None
     if isinstance(module, _CONV):
-        depthwise = module.groups > 1
         keep_out = _keep(module.out_channels, out_rm, dev)
         w = module.weight.detach().index_select(0, keep_out)
-        if not depthwise:
+        if module.groups == 1:
             w = w.index_select(1, _keep(module.in_channels, in_rm, dev))
+        else:  # the planner removes whole groups only: inputs and outputs of a group together
+            per_in = module.in_channels // module.groups
+            module.groups -= len(in_rm) // per_in
         module.weight = _param(w, module.weight)
         if module.bias is not None:
             module.bias = _param(module.bias.detach().index_select(0, keep_out), module.bias)
         if hasattr(module, "border_kernel"):
             module.border_kernel = module.border_kernel.index_select(0, keep_out).contiguous()
         module.out_channels = len(keep_out)
-        module.in_channels = len(keep_out) if depthwise else module.in_channels - len(in_rm)
-        if depthwise:
-            module.groups = len(keep_out)
+        module.in_channels -= len(in_rm)
     elif isinstance(module, nn.Linear):
         keep_out = _keep(module.out_features, out_rm, dev)
         keep_in = _keep(module.in_features, in_rm, dev)

@@ -8,6 +8,8 @@ coupled set of channels is a :class:`Group`; each place the group touches is an
 ``out``      a conv / linear / embedding that computes the channel (a producer);
 ``dw``       a depthwise conv: computes the channel from the same input channel;
 ``in``       a conv / linear that reads the channel (a consumer: constants fold here);
+``gout``     a grouped conv (1 < groups < channels) computing the channel: only whole groups go;
+``gin``      a grouped conv reading the channel: only whole groups go, with their outputs;
 ``slice``    a per-channel layer (BatchNorm, PReLU, a bare ``nn.Parameter``) that is sliced along;
 ``pass``     an operation that maps each channel on its own (ReLU, pooling, add, concat, flatten);
 ``blocked``  anything else: its channels are kept, and the reason is reported.
@@ -100,7 +102,7 @@ def _classify(node, handler, DG) -> tuple[str, str, str, int]:
             return ("out" if DG.is_out_channel_pruning_fn(handler) else "in"), op, "", 0
         if module.groups == module.in_channels == module.out_channels:
             return "dw", op, "", 0
-        return "blocked", op, f"grouped conv (groups={module.groups}) keeps its channels", 0
+        return ("gout" if DG.is_out_channel_pruning_fn(handler) else "gin"), op, "", 0
     if t == O.LINEAR:
         return ("out" if DG.is_out_channel_pruning_fn(handler) else "in"), "Linear", "", 0
     if t == O.EMBED:
@@ -120,6 +122,8 @@ def _classify(node, handler, DG) -> tuple[str, str, str, int]:
         op = _grad_fn_name(node)
         if op in _CHANNELWISE_GRAD_FNS:
             return "pass", op, "", 0
+        if op in ("Addmm", "Mm") and node.outputs and all(o.type == O.LINEAR for o in node.outputs):
+            return "pass", op, "", 0  # the matmul inside an nn.Linear applied to a (N, L, F) input
         return "blocked", op, f"operation '{op}' may mix channels", 0
     op = type(module).__name__ if isinstance(module, nn.Module) else t.name
     what = {O.LN: "normalizes across channels", O.GN: "normalizes across channels",

@@ -133,7 +133,7 @@ class Decision:
     any_masked: bool
 
 
-def dead_rows(module: Any, role: str) -> torch.Tensor:
+def dead_rows(module: Any) -> torch.Tensor:
     """Boolean per output channel: True where the layer's weights for it are all zero."""
     if isinstance(module, nn.Embedding):
         return module.weight.detach().eq(0).all(0)
@@ -141,14 +141,20 @@ def dead_rows(module: Any, role: str) -> torch.Tensor:
     return w.reshape(w.shape[0], -1).eq(0).all(1)
 
 
-def _consumer_inputs(model: nn.Module, names: set[str], batches: Sequence[tuple]) -> dict[str, list[torch.Tensor]]:
+def zero_columns(module: Any) -> torch.Tensor:
+    """Boolean per input channel of a conv (groups=1) / linear: True where no output reads it."""
+    w = module.weight.detach()
+    return w.transpose(0, 1).reshape(w.shape[1], -1).eq(0).all(1)
+
+
+def _hook_inputs(model: nn.Module, names: set[str], fn) -> list:
     modules = dict(model.named_modules())
+    return [modules[n].register_forward_pre_hook(lambda mod, args, _n=n: fn(_n, mod, args)) for n in names]
+
+
+def _consumer_inputs(model: nn.Module, names: set[str], batches: Sequence[tuple]) -> dict[str, list[torch.Tensor]]:
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = []
-    for n in names:
-        def hook(mod, args, _n=n):
-            seen[_n].append(args[0].detach())
-        hooks.append(modules[n].register_forward_pre_hook(hook))
+    hooks = _hook_inputs(model, names, lambda n, mod, args: seen[n].append(args[0].detach()))
     try:
         with torch.no_grad():
             for b in batches:
@@ -180,6 +186,120 @@ def _constants(module: nn.Module, xs: list[torch.Tensor], idxs: list[int]) -> tu
     return values, sorted(varying)
 
 
+_PRODUCERS = ("out", "dw", "gout")
+_READERS = ("in", "gin")
+
+
+def _local(item: graph.Item, roots: set[int]) -> list[int]:
+    return [i for i, r in zip(item.idxs, item.root_idxs) if r in roots]
+
+
+def _roots_where(item: graph.Item, flags: torch.Tensor) -> set[int]:
+    """Roots all of whose local indices in ``item`` are flagged."""
+    ok: dict[int, bool] = {}
+    for i, r in zip(item.idxs, item.root_idxs):
+        ok[r] = ok.get(r, True) and bool(flags[i])
+    return {r for r, v in ok.items() if v}
+
+
+def _restrict_grouped(groups: list[graph.Group], cand: dict[int, set[int]]) -> None:
+    """A grouped conv loses a whole group of inputs only together with that group's outputs (and vice versa)."""
+    changed = True
+    while changed:
+        changed = False
+        convs: dict[str, nn.Module] = {}
+        ins: dict[str, set[int]] = {}
+        outs: dict[str, set[int]] = {}
+        for gi, g in enumerate(groups):
+            for it in g.items:
+                if it.role in ("gin", "gout"):
+                    convs[it.name] = it.module
+                    local = set(_local(it, cand.get(gi, set())))
+                    (ins if it.role == "gin" else outs).setdefault(it.name, set()).update(local)
+        for name, conv in convs.items():
+            cin, cout = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+            whole = {b for b in range(conv.groups)
+                     if set(range(b * cin, (b + 1) * cin)) <= ins.get(name, set())
+                     and set(range(b * cout, (b + 1) * cout)) <= outs.get(name, set())}
+            for gi, g in enumerate(groups):
+                if gi not in cand:
+                    continue
+                for it in g.items:
+                    if it.name != name or it.role not in ("gin", "gout"):
+                        continue
+                    per = cin if it.role == "gin" else cout
+                    bad = {r for i, r in zip(it.idxs, it.root_idxs) if r in cand[gi] and i // per not in whole}
+                    if bad:
+                        cand[gi] -= bad
+                        changed = True
+
+
+def _probe(work: nn.Module, groups: list[graph.Group], cand: dict[int, set[int]], batch: tuple) -> set[int]:
+    """Check the traced channel mapping by running the model once with the candidate channels set to NaN.
+
+    Every layer that reads a candidate channel must see NaN exactly where the trace
+    says; NaN is then cleared before it mixes. Returns the groups whose mapping held.
+    """
+    def run(active: dict[int, set[int]]) -> tuple[set[str], bool]:
+        modules = dict(work.named_modules())
+        produce: dict[str, set[int]] = {}
+        expect: dict[str, set[int]] = {}
+        for gi, roots in active.items():
+            for it in groups[gi].items:
+                if it.role in _PRODUCERS:
+                    produce.setdefault(it.name, set()).update(_local(it, roots))
+                if it.role in _READERS or it.role == "dw":
+                    expect.setdefault(it.name, set()).update(_local(it, roots))
+        bad: set[str] = set()
+
+        def pre(name, mod, args):
+            x = args[0]
+            v = _channel_view(mod, x)
+            nan = set(torch.nonzero(torch.isnan(v).any(1)).flatten().tolist())
+            if nan != expect.get(name, set()):
+                bad.add(name)
+            if nan:
+                return (torch.nan_to_num(x, nan=0.0),) + tuple(args[1:])
+            return None
+
+        def post(mod, args, out, _idx):
+            out = out.clone()
+            index = torch.tensor(sorted(_idx), dtype=torch.long, device=out.device)
+            if isinstance(mod, _CONV):
+                out.index_fill_(1, index, float("nan"))
+            else:
+                out.index_fill_(out.dim() - 1, index, float("nan"))
+            return out
+
+        readers = set(expect) | {n for n, m in modules.items() if isinstance(m, _CONV + (nn.Linear,))}
+        hooks = _hook_inputs(work, readers, pre)
+        hooks += [modules[n].register_forward_hook(lambda m, a, o, _i=idx: post(m, a, o, _i))
+                  for n, idx in produce.items() if idx]
+        try:
+            with torch.no_grad():
+                out = work(*batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        from .verify import flatten_outputs
+
+        leaked = any(bool(torch.isnan(o).any()) for o in flatten_outputs(out) if o.is_floating_point())
+        return bad, leaked
+
+    active = {gi: r for gi, r in cand.items() if r}
+    if not active:
+        return set()
+    bad, leaked = run(active)
+    if not bad and not leaked:
+        return set(active)
+    good = set()
+    for gi, roots in active.items():  # find the culprits one group at a time
+        b, l = run({gi: roots})
+        if not b and not l:
+            good.add(gi)
+    return good
+
+
 def decide(
     work: nn.Module,
     batches: Sequence[tuple],
@@ -192,100 +312,132 @@ def decide(
     modules = dict(work.named_modules())
     notes: list[GroupNote] = []
     why: dict[str, str] = {}
-    candidates: list[tuple[graph.Group, list[int]]] = []
+    cand: dict[int, set[int]] = {}
+    silent: dict[int, set[int]] = {}  # roots no consumer reads: nothing to fold
     any_masked = False
 
-    for g in groups:
-        producers = [it for it in g.items if it.role in ("out", "dw")]
+    for gi, g in enumerate(groups):
+        producers = [it for it in g.items if it.role in _PRODUCERS]
+        readers = [it for it in g.items if it.role in _READERS]
         if not producers:
             continue
-        dead_sets = []
-        for it in producers:
-            dead = dead_rows(it.module, it.role)
-            dead_sets.append({r for i, r in zip(it.idxs, it.root_idxs) if bool(dead[i])})
+        dead_sets = [_roots_where(it, dead_rows(it.module)) for it in producers]
         every = set.intersection(*dead_sets)
         some = set.union(*dead_sets)
+        unread: set[int] = set()
+        if readers and all(it.role == "in" for it in readers):
+            unread_sets = [_roots_where(it, zero_columns(it.module)) for it in readers]
+            unread = set.intersection(*unread_sets)
+            some |= set.union(*unread_sets)
         if not some:
             continue
         any_masked = True
         layers = g.layers()
-        if some - every:
-            notes.append(GroupNote(layers, sorted(some - every), "partial",
-                                   "masked in some but not all of the layers that compute them; kept"))
-        if not every:
+        removable = every | unread
+        if some - removable:
+            notes.append(GroupNote(layers, sorted(some - removable), "partial",
+                                   "masked in some but not all of the layers that compute or read them; kept"))
+        if not removable:
             continue
         if g.reaches_output:
-            notes.append(GroupNote(layers, sorted(every), "kept", "these channels are the model's output"))
+            notes.append(GroupNote(layers, sorted(removable), "kept", "these channels are the model's output"))
             continue
         blocked = [it for it in g.items if it.role == "blocked"]
         if blocked:
-            notes.append(GroupNote(layers, sorted(every), "kept",
+            notes.append(GroupNote(layers, sorted(removable), "kept",
                                    "; ".join(sorted({f"{it.name}: {it.reason}" for it in blocked}))))
             continue
-        if len(every) == g.size:
+        if len(removable) == g.size:
             names = ", ".join(sorted({it.name for it in producers}))
             raise CompactionError(
                 f"layer '{names}': the masks remove all {g.size} of its output channels, which would leave "
                 "a zero-width layer; prune a smaller amount of this layer (or remove it from the model)"
             )
-        removable = sorted(every)
-        if round_to:
-            keep = g.size - len(removable)
-            target = min(g.size, -(-keep // round_to) * round_to)
-            extra = target - keep
-            if extra:
-                notes.append(GroupNote(layers, removable[-extra:], "kept", f"round_to={round_to}: widths kept at a multiple"))
-                removable = removable[:-extra] if extra < len(removable) else []
-            if not removable:
-                continue
-        candidates.append((g, removable))
+        cand[gi] = removable
+        silent[gi] = unread
 
-    # Constants at every consumer's input, read off the baked model.
-    consumers = {it.name for g, _ in candidates for it in g.items if it.role == "in"}
-    inputs = _consumer_inputs(work, consumers, batches) if consumers else {}
+    def restrict() -> None:
+        before = {gi: set(r) for gi, r in cand.items()}
+        _restrict_grouped(groups, cand)
+        for gi in before:
+            if before[gi] - cand[gi]:
+                names = sorted({it.name for it in groups[gi].items if it.role in ("gin", "gout")})
+                notes.append(GroupNote(groups[gi].layers(), sorted(before[gi] - cand[gi]), "kept",
+                                       f"grouped conv {', '.join(names)}: only whole groups (inputs and outputs) can go"))
+
+    def reject(gi: int, roots: set[int], reason: str) -> None:
+        roots = roots & cand[gi]
+        if roots:
+            notes.append(GroupNote(groups[gi].layers(), sorted(roots), "kept", reason))
+            cand[gi] -= roots
+
+    restrict()
+    probed: set[int] = set()
+    consumers = {it.name for gi, roots in cand.items() if roots for it in groups[gi].items if it.role == "in"}
+    inputs = _consumer_inputs(work, consumers, batches) if consumers and mode == "exact" else {}
+    while True:
+        snapshot = {gi: len(r) for gi, r in cand.items()}
+        unprobed = {gi: r for gi, r in cand.items() if r and gi not in probed}
+        good = _probe(work, groups, unprobed, batches[0])
+        for gi in unprobed:
+            probed.add(gi)
+            if gi not in good:
+                reject(gi, set(cand[gi]), "the traced channel mapping did not hold when checked on the model "
+                                          "(e.g. a channel shuffle or a reshape that moves channels)")
+        if mode == "exact":
+            for gi, rset in cand.items():
+                for it in groups[gi].items:
+                    local = _local(it, rset - silent[gi]) if it.role == "in" else []
+                    if not local:
+                        continue
+                    _, varying = _constants(modules[it.name], inputs[it.name], local)
+                    if varying:
+                        roots = {r for i, r in zip(it.idxs, it.root_idxs) if i in set(varying)}
+                        reject(gi, roots, f"not constant where '{it.name}' reads them (e.g. gated by another "
+                                          "tensor, or pooled over zero padding)")
+        if round_to:
+            for gi, roots in cand.items():
+                size = groups[gi].size
+                keep = size - len(roots)
+                extra = min(len(roots), min(size, -(-keep // round_to) * round_to) - keep)
+                if extra > 0:
+                    reject(gi, set(sorted(roots)[-extra:]), f"round_to={round_to}: widths kept at a multiple")
+        restrict()
+        if snapshot == {gi: len(r) for gi, r in cand.items()}:
+            break
+
     folds: dict[str, _Fold] = {}
     zero_inputs: dict[str, set[int]] = {}
-    accepted: list[tuple[graph.Group, list[int]]] = []
-    for g, removable in candidates:
-        rset = set(removable)
-        pending: list[tuple[str, list[int], torch.Tensor]] = []
-        problem = ""
+    accepted: list[tuple[graph.Group, set[int]]] = []
+    for gi, rset in cand.items():
+        if not rset:
+            continue
+        g = groups[gi]
+        accepted.append((g, rset))
         for it in g.items:
-            if it.role != "in":
+            local = _local(it, rset - silent[gi]) if it.role == "in" else []
+            if not local:
                 continue
-            local = [i for i, r in zip(it.idxs, it.root_idxs) if r in rset]
             if mode == "drop":
                 zero_inputs.setdefault(it.name, set()).update(local)
-                continue
-            values, varying = _constants(modules[it.name], inputs[it.name], local)
-            if varying:
-                problem = (f"not constant where '{it.name}' reads them (input channels {_short(varying)} vary, "
-                           "e.g. gated by another tensor or pooled over zero padding)")
-                break
-            pending.append((it.name, local, values))
-        if problem:
-            notes.append(GroupNote(g.layers(), removable, "kept", problem))
-            continue
-        accepted.append((g, removable))
-        for name, local, values in pending:
-            _add_fold(folds.setdefault(name, _Fold()), modules[name], local, values, g.root)
+            else:
+                values, _ = _constants(modules[it.name], inputs[it.name], local)
+                _add_fold(folds.setdefault(it.name, _Fold()), modules[it.name], local, values, g.root)
 
     remove_out: dict[str, set[int]] = {}
     remove_in: dict[str, set[int]] = {}
     remove_param: dict[str, tuple[int, set[int]]] = {}
-    for g, removable in accepted:
-        rset = set(removable)
-        notes.append(GroupNote(g.layers(), removable, "removed", "masked in every layer that computes them"))
+    for g, rset in accepted:
+        notes.append(GroupNote(g.layers(), sorted(rset), "removed", "masked in every layer that computes or reads them"))
         for it in g.items:
-            local = {i for i, r in zip(it.idxs, it.root_idxs) if r in rset}
-            if it.role in ("out", "dw"):
+            local = set(_local(it, rset))
+            if it.role in _PRODUCERS:
                 remove_out.setdefault(it.name, set()).update(local)
                 why.setdefault(it.name, "weight rows all zero")
-            if it.role == "dw":
+            if it.role in ("dw", "in", "gin"):
                 remove_in.setdefault(it.name, set()).update(local)
-            elif it.role == "in":
-                remove_in.setdefault(it.name, set()).update(local)
-                why.setdefault(it.name, f"follows {g.root}")
+                if it.role == "in":
+                    why.setdefault(it.name, f"follows {g.root}")
             elif it.role == "slice":
                 if isinstance(it.module, nn.Parameter):
                     remove_param.setdefault(it.name, (it.dim, set()))[1].update(local)
