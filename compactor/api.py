@@ -76,7 +76,20 @@ def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Opti
             "has all-zero output channels. Prune it first, e.g. prune.ln_structured(model.conv1, 'weight', "
             "amount=0.5, n=2, dim=0), or load a pruned state_dict with compactor.load_pruned(Model, path)"
         )
-    return example, batches, reference, work, decision
+    return example, batches, reference, work, decision, [t.key for t in pruned]
+
+
+def _sparsity(model: nn.Module, keys: list[str]) -> dict[str, float]:
+    """Share of zeros left in each pruned tensor of the compact model."""
+    out = {}
+    tensors = dict(model.named_parameters())
+    for key in keys:
+        t = tensors.get(key)
+        if t is not None and t.numel():
+            frac = float(t.detach().eq(0).sum()) / t.numel()
+            if frac > 0:
+                out[key] = frac
+    return out
 
 
 _REPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
@@ -155,7 +168,7 @@ def plan(model: nn.Module, example_inputs: Inputs, *, mode: str = "exact", round
         >>> compactor.plan(net, torch.randn(1, 4)).layers[0].removed_out
         [0, 3]
     """
-    example, _, _, work, decision = _prepare(model, example_inputs, mode, round_to, extra=2)
+    example, _, _, work, decision, _ = _prepare(model, example_inputs, mode, round_to, extra=2)
     before, macs_b = _snapshot(work, example)
     report = Report(mode=mode, groups=decision.notes, folded=_folded(decision))
     report.layers = _rows(before, macs_b, None, None, decision, _depthwise(work))
@@ -227,7 +240,9 @@ def compact(
         (3, 3)
         >>> torch.testing.assert_close(small(torch.ones(1, 4)), net(torch.ones(1, 4)))
     """
-    example, batches, reference, work, decision = _prepare(model, example_inputs, mode, round_to, extra=random_inputs)
+    example, batches, reference, work, decision, pruned = _prepare(
+        model, example_inputs, mode, round_to, extra=random_inputs
+    )
     params_before = count_params(work)
     before, macs_b = _snapshot(work, example)
     compact_model = fold.apply(work, decision).eval()
@@ -236,6 +251,7 @@ def compact(
     report.layers = _rows(before, macs_b, after, macs_a, decision, set())
     report.params_before, report.params_after = params_before, count_params(compact_model)
     report.macs_before, report.macs_after = sum(macs_b.values()), sum(macs_a.values())
+    report.sparsity = _sparsity(compact_model, pruned)
     if verify:
         if mode == "drop":
             reference = _zeroed_reference(model, decision)

@@ -59,6 +59,7 @@ class Report:
     layers: list[LayerRow] = field(default_factory=list)
     groups: list[GroupNote] = field(default_factory=list)
     folded: list[str] = field(default_factory=list)
+    sparsity: dict[str, float] = field(default_factory=dict)
     params_before: int = 0
     params_after: int = 0
     macs_before: int = 0
@@ -98,6 +99,9 @@ class Report:
                 out.append(f"{g.status}: {', '.join(g.layers)} channels {chans}: {g.reason}")
         for f in self.folded:
             out.append(f"folded: {f}")
+        for key, frac in self.sparsity.items():
+            out.append(f"sparsity left: {key} is {frac:.1%} zeros inside the kept channels "
+                       "(unstructured masks remove only whole rows)")
         if self.max_abs_diff is not None:
             out.append(f"verified on {self.verified_inputs} input(s): max |compact - masked| = "
                        f"{self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})")

@@ -1,0 +1,237 @@
+"""Exactness over the whole zoo: compact(x) == masked(x), both modes, several input sizes, random masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import prune
+
+import compactor
+from compactor import masks
+from compactor.testing import zoo
+
+# fp32: compact sums fewer terms, in another order, than masked.
+RTOL, ATOL = 1e-5, 1e-5
+
+# Zoo entries where 50 % ln_structured masks on every hidden layer must remove something.
+SHRINKS = set(zoo.NAMES) - {"shuffle"}
+
+
+def _prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Conv / linear layers except the last one (the model's output)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    return [(n, m) for n, m in layers[:-1] if m.weight.shape[0] > 1]
+
+
+def _ln_half(model: nn.Module) -> nn.Module:
+    for _, m in _prunable(model):
+        prune.ln_structured(m, "weight", amount=0.5, n=2, dim=0)
+    return model
+
+
+def _check(name: str, masked: nn.Module, compact: nn.Module, reference: nn.Module | None = None) -> None:
+    reference = masked if reference is None else reference
+    entry = zoo.get(name)
+    batches = [entry.example_inputs(3)] + [zoo.example_inputs_at(name, 2, s) for s in entry.sizes]
+    with torch.no_grad():
+        for b in batches:
+            torch.testing.assert_close(compact(*b), reference(*b), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_zoo_half_masked_compacts_exactly_at_every_size(name):
+    """50 % ln_structured on every hidden layer: exact at the example size and at the other sizes (borders)."""
+    model, x = zoo.build(name)
+    masked = _ln_half(model)
+    small = compactor.compact(masked, x)
+    _check(name, masked, small)
+    r = small.compaction_report
+    if name in SHRINKS:
+        assert r.params_after < r.params_before, r
+    else:
+        assert r.params_after <= r.params_before
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_zoo_drop_mode_matches_masked_with_constants_zeroed(name):
+    """mode='drop' discards the removed channels' constants; compact equals the reference built that way."""
+    model, x = zoo.build(name)
+    masked = _ln_half(model)
+    small = compactor.compact(masked, x, mode="drop")
+    decision_ref = small.compaction_report
+    assert decision_ref.max_abs_diff <= decision_ref.tolerance
+    exact = compactor.compact(masked, x)
+    assert small.compaction_report.params_after <= exact.compaction_report.params_after
+
+
+@st.composite
+def _random_masks(draw):
+    name = draw(st.sampled_from(zoo.NAMES))
+    kind = draw(st.sampled_from(["dim0", "dim1", "unstructured"]))
+    seed = draw(st.integers(0, 2**16))
+    amount = draw(st.sampled_from([0.25, 0.5, 0.75]))
+    return name, kind, seed, amount
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_random_masks())
+def test_random_masks_over_the_zoo_stay_exact(case):
+    """Random masks along dim 0, dim 1 or unstructured, on random layers: compact == masked."""
+    name, kind, seed, amount = case
+    model, x = zoo.build(name)
+    gen = torch.Generator().manual_seed(seed)
+    any_mask = False
+    for _, m in _prunable(model):
+        if torch.rand((), generator=gen) < 0.3:
+            continue
+        w = m.weight
+        if kind == "unstructured":
+            mask = (torch.rand(w.shape, generator=gen) >= amount).float()
+        else:
+            dim = 0 if kind == "dim0" else 1
+            keep = (torch.rand(w.shape[dim], generator=gen) >= amount).float()
+            if dim == 1 and isinstance(m, nn.Conv2d) and m.groups > 1:
+                continue
+            shape = [1] * w.dim()
+            shape[dim] = w.shape[dim]
+            mask = keep.reshape(shape).expand_as(w).clone()
+        prune.custom_from_mask(m, "weight", mask)
+        any_mask = True
+    if not any_mask:
+        return
+    try:
+        small = compactor.compact(model, x)
+    except compactor.CompactionError as exc:
+        assert "zero-width" in str(exc)  # a random mask may empty a layer: that must be refused
+        return
+    _check(name, model, small)
+    assert small.compaction_report.params_after <= small.compaction_report.params_before
+
+
+def test_grouped_conv_loses_whole_groups_only():
+    """Group 1 (channels 4..7) masked everywhere: groups 4 -> 3; a half-masked group 2 is kept and reported."""
+    model, x = zoo.build("grouped")
+    for _, m in _prunable(model):
+        if m.weight.shape[0] == 16:
+            mask = torch.ones_like(m.weight)
+            mask[4:8] = 0
+            mask[8:10] = 0  # half of group 2: uneven, must stay
+            prune.custom_from_mask(m, "weight", mask)
+    small = compactor.compact(model, x)
+    assert small.gconv[0].groups == 3
+    assert small.gconv[0].weight.shape == (12, 4, 3, 3)
+    _check("grouped", model, small)
+    kept = [g for g in small.compaction_report.groups if g.status == "kept"]
+    assert any("only whole groups" in g.reason and g.channels == [8, 9] for g in kept)
+
+
+def test_channel_shuffle_mapping_is_checked_not_trusted():
+    """torch-pruning maps channels straight through a shuffle; the probe catches it and keeps them."""
+    model, x = zoo.build("shuffle")
+    for _, m in _prunable(model):
+        mask = torch.ones_like(m.weight)
+        mask[4:8] = 0
+        prune.custom_from_mask(m, "weight", mask)
+    small = compactor.compact(model, x)
+    _check("shuffle", model, small)
+    reasons = " ".join(g.reason for g in small.compaction_report.groups)
+    assert "mapping did not hold" in reasons
+
+
+def test_dim1_mask_removes_the_unread_channel_and_its_producer():
+    """fc2 in-features 0..59 masked (dim=1): nobody reads fc1 outputs 0..59, so fc1 loses those rows."""
+    torch.manual_seed(0)
+    model, x = zoo.build("lenet")
+    mask = torch.ones_like(model.fc2.weight)
+    mask[:, :60] = 0
+    prune.custom_from_mask(model.fc2, "weight", mask)
+    small = compactor.compact(model, x)
+    assert small.fc1.out_features == 60 and small.fc2.in_features == 60
+    _check("lenet", model, small)
+
+
+def test_unstructured_masks_remove_whole_rows_and_report_remaining_sparsity():
+    model, x = zoo.build("lenet")
+    mask = (torch.rand(model.fc1.weight.shape) > 0.5).float()
+    mask[7] = 0
+    mask[11] = 0
+    prune.custom_from_mask(model.fc1, "weight", mask)
+    small = compactor.compact(model, x)
+    assert small.fc1.out_features == 118
+    _check("lenet", model, small)
+    assert 0.4 < small.compaction_report.sparsity["fc1.weight"] < 0.6
+    assert "sparsity left: fc1.weight" in str(small.compaction_report)
+
+
+def test_se_gated_constant_channels_are_kept_with_a_reason():
+    """A masked channel multiplied by a varying gate is not constant: it stays, and the report says why."""
+    model, x = zoo.build("se")
+    conv = model.conv1[0]
+    mask = torch.ones_like(conv.weight)
+    mask[:4] = 0
+    prune.custom_from_mask(conv, "weight", mask)
+    small = compactor.compact(model, x)
+    _check("se", model, small)
+    assert small.conv1[0].out_channels == 16
+    assert any(g.status == "partial" and g.channels == [0, 1, 2, 3] for g in small.compaction_report.groups)
+
+
+def test_se_channels_go_when_the_gate_is_masked_too():
+    """Gate rows masked as well: sigmoid(bias) * constant is constant, so channels 0..3 go everywhere."""
+    model, x = zoo.build("se")
+    for conv in (model.conv1[0], model.se.fc2):
+        mask = torch.ones_like(conv.weight)
+        mask[:4] = 0
+        prune.custom_from_mask(conv, "weight", mask)
+    small = compactor.compact(model, x)
+    _check("se", model, small)
+    assert small.conv1[0].out_channels == 12 and small.se.fc2.out_channels == 12
+    assert small.se.fc1.in_channels == 12 and small.conv2[0].in_channels == 12
+
+
+@pytest.mark.parametrize("round_to", [4, 8])
+def test_round_to_keeps_widths_multiples_and_stays_exact(round_to):
+    model, x = zoo.build("vgg")
+    _ln_half(model)
+    small = compactor.compact(model, x, round_to=round_to)
+    for _, m in small.named_modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.out_channels % round_to == 0 or m.out_channels == zoo.build("vgg")[0].get_submodule("features.0").out_channels
+    _check("vgg", model, small)
+
+
+def test_unsupported_op_keeps_its_channels_and_names_it():
+    """A channel-mixing op torch-pruning treats as elementwise (cumsum over channels) blocks removal."""
+
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3)
+            self.conv2 = nn.Conv2d(8, 4, 3)
+
+        def forward(self, x):
+            return self.conv2(torch.cumsum(torch.relu(self.conv1(x)), dim=1))
+
+    torch.manual_seed(0)
+    m = Mixer().eval()
+    prune.ln_structured(m.conv1, "weight", amount=0.5, n=2, dim=0)
+    x = torch.randn(2, 3, 10, 10)
+    small = compactor.compact(m, x)
+    torch.testing.assert_close(small(x), m(x))
+    assert small.conv1.out_channels == 8
+    assert "Cumsum" in str(small.compaction_report)
+
+
+def test_torchvision_models_when_installed():
+    tv = pytest.importorskip("torchvision")
+    for ctor in (tv.models.resnet18, tv.models.mobilenet_v2):
+        torch.manual_seed(0)
+        model = ctor(num_classes=10).eval()
+        _ln_half(model)
+        x = torch.randn(2, 3, 64, 64)
+        small = compactor.compact(model, x)
+        torch.testing.assert_close(small(x), model(x), rtol=RTOL, atol=ATOL)
+        assert small.compaction_report.params_after < small.compaction_report.params_before
