@@ -135,6 +135,8 @@ class Decision:
     why: dict[str, str]
     zero_inputs: dict[str, set[int]]  # mode="drop": consumer inputs the reference zeroes
     any_masked: bool
+    reference_outputs: list  # the baked model's outputs per batch (drop: with those inputs zeroed)
+    macs: dict[str, int]  # per conv / linear, per sample, before compaction
 
 
 def dead_rows(module: Any) -> torch.Tensor:
@@ -156,17 +158,64 @@ def _hook_inputs(model: nn.Module, names: set[str], fn) -> list:
     return [modules[n].register_forward_pre_hook(lambda mod, args, _n=n: fn(_n, mod, args)) for n in names]
 
 
-def _consumer_inputs(model: nn.Module, names: set[str], batches: Sequence[tuple]) -> dict[str, list[torch.Tensor]]:
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = _hook_inputs(model, names, lambda n, mod, args: seen[n].append(args[0].detach()))
+@dataclass
+class _Stats:
+    """Per watched input channel of one consumer: its first value and whether it ever varied."""
+
+    idxs: list[int]
+    first: Optional[torch.Tensor] = None
+    varying: Optional[torch.Tensor] = None
+
+    def update(self, module: nn.Module, x: torch.Tensor) -> None:
+        index = torch.tensor(self.idxs, dtype=torch.long, device=x.device)
+        v = _channel_view(module, x.detach()).index_select(0, index).double()
+        if self.first is None:
+            self.first = v[:, 0].clone()
+            self.varying = torch.zeros(len(self.idxs), dtype=torch.bool, device=x.device)
+        dev = (v - self.first[:, None]).abs().amax(1)
+        self.varying |= dev > 1e-6 * (1 + self.first.abs())
+
+    def query(self, local: list[int]) -> tuple[torch.Tensor, list[int]]:
+        pos = {c: i for i, c in enumerate(self.idxs)}
+        sel = torch.tensor([pos[c] for c in local], dtype=torch.long, device=self.first.device)
+        varying = [c for c, v in zip(local, self.varying.index_select(0, sel).tolist()) if v]
+        return self.first.index_select(0, sel), varying
+
+
+def _capture(model: nn.Module, watch: dict[str, list[int]], batches: Sequence[tuple]) -> tuple[dict[str, _Stats], list, dict[str, int]]:
+    """One forward per batch: watched consumer-input channels, the outputs, and MACs (first batch)."""
+    stats = {n: _Stats(sorted(set(idxs))) for n, idxs in watch.items() if idxs}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_pre_hook(lambda mod, args, _s=st: _s.update(mod, args[0]))
+             for n, st in stats.items()]
+    macs: dict[str, int] = {}
+    counting = [True]
+    for name, m in modules.items():
+        if isinstance(m, (nn.Linear,) + _CONV):
+            hooks.append(m.register_forward_hook(
+                lambda mod, args, out, _n=name: _count(macs, _n, mod, out) if counting[0] else None))
+    outputs = []
     try:
         with torch.no_grad():
             for b in batches:
-                model(*b)
+                outputs.append(model(*b))
+                counting[0] = False
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    return stats, outputs, macs
+
+
+def _count(macs: dict[str, int], name: str, mod: nn.Module, out: torch.Tensor) -> None:
+    n = out.shape[0] if out.dim() > 1 else 1
+    if isinstance(mod, nn.Linear):
+        per = out.numel() // n * mod.in_features
+    else:
+        k = 1
+        for d in mod.kernel_size:
+            k *= d
+        per = out.numel() // n * (mod.in_channels // mod.groups) * k
+    macs[name] = macs.get(name, 0) + per
 
 
 def _channel_view(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -174,20 +223,6 @@ def _channel_view(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, _CONV):
         return x.transpose(0, 1).reshape(x.shape[1], -1)
     return x.reshape(-1, x.shape[-1]).t()
-
-
-def _constants(module: nn.Module, xs: list[torch.Tensor], idxs: list[int]) -> tuple[Optional[torch.Tensor], list[int]]:
-    """The value of each channel in ``idxs`` at ``module``'s input, or the channels that vary."""
-    values = None
-    varying: set[int] = set()
-    index = torch.tensor(idxs, dtype=torch.long)
-    for x in xs:
-        v = _channel_view(module, x).index_select(0, index.to(x.device)).double()
-        first = v[:, :1]
-        dev = (v - first).abs().amax(1)
-        varying |= {idxs[i] for i in torch.nonzero(dev > 1e-6 * (1 + first[:, 0].abs())).flatten().tolist()}
-        values = v.mean(1) if values is None else values
-    return values, sorted(varying)
 
 
 _PRODUCERS = ("out", "dw", "gout")
@@ -377,8 +412,13 @@ def decide(
 
     restrict()
     probed: set[int] = set()
-    consumers = {it.name for gi, roots in cand.items() if roots for it in groups[gi].items if it.role == "in"}
-    inputs = _consumer_inputs(work, consumers, batches) if consumers and mode == "exact" else {}
+    watch: dict[str, list[int]] = {}
+    if mode == "exact":
+        for gi, roots in cand.items():
+            for it in groups[gi].items:
+                if it.role == "in":
+                    watch.setdefault(it.name, []).extend(_local(it, roots - silent[gi]))
+    stats, outputs, macs = _capture(work, watch, batches)
     while True:
         snapshot = {gi: len(r) for gi, r in cand.items()}
         unprobed = {gi: r for gi, r in cand.items() if r and gi not in probed}
@@ -394,7 +434,7 @@ def decide(
                     local = _local(it, rset - silent[gi]) if it.role == "in" else []
                     if not local:
                         continue
-                    _, varying = _constants(modules[it.name], inputs[it.name], local)
+                    _, varying = stats[it.name].query(local)
                     if varying:
                         roots = {r for i, r in zip(it.idxs, it.root_idxs) if i in set(varying)}
                         reject(gi, roots, f"not constant where '{it.name}' reads them (e.g. gated by another "
@@ -425,7 +465,7 @@ def decide(
             if mode == "drop":
                 zero_inputs.setdefault(it.name, set()).update(local)
             else:
-                values, _ = _constants(modules[it.name], inputs[it.name], local)
+                values, _ = stats[it.name].query(local)
                 _add_fold(folds.setdefault(it.name, _Fold()), modules[it.name], local, values, g.root)
 
     remove_out: dict[str, set[int]] = {}
@@ -448,7 +488,28 @@ def decide(
                 else:
                     remove_out.setdefault(it.name, set()).update(local)
                     why.setdefault(it.name, f"follows {g.root}")
-    return Decision(remove_out, remove_in, remove_param, folds, notes, why, zero_inputs, any_masked)
+    if mode == "drop" and zero_inputs:
+        outputs = _zeroed_outputs(work, zero_inputs, batches)
+    return Decision(remove_out, remove_in, remove_param, folds, notes, why, zero_inputs, any_masked, outputs, macs)
+
+
+def _zeroed_outputs(work: nn.Module, zero_inputs: dict[str, set[int]], batches: Sequence[tuple]) -> list:
+    """Outputs of the masked model with removed channels zeroed where consumers read them ("drop" semantics)."""
+    modules = dict(work.named_modules())
+
+    def hook(mod, args, _i):
+        x = args[0].clone()
+        index = torch.tensor(sorted(_i), dtype=torch.long, device=x.device)
+        x.index_fill_(1 if isinstance(mod, _CONV) else x.dim() - 1, index, 0.0)
+        return (x,) + tuple(args[1:])
+
+    hooks = [modules[n].register_forward_pre_hook(lambda m, a, _i=idx: hook(m, a, _i)) for n, idx in zero_inputs.items()]
+    try:
+        with torch.no_grad():
+            return [work(*b) for b in batches]
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _add_fold(fold: _Fold, module: nn.Module, local: list[int], values: torch.Tensor, source: str) -> None:
@@ -477,22 +538,4 @@ def count_params(model: nn.Module) -> int:
 
 def count_macs(model: nn.Module, inputs: tuple) -> dict[str, int]:
     """Multiply-accumulates per conv / linear layer for one forward of ``inputs``, per sample."""
-    macs: dict[str, int] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear,) + _CONV):
-            def hook(mod, args, out, _n=name):
-                n = out.shape[0] if out.dim() > 1 else 1
-                if isinstance(mod, nn.Linear):
-                    per = out.numel() // n * mod.in_features
-                else:
-                    per = out.numel() // n * (mod.in_channels // mod.groups) * int(torch.tensor(mod.kernel_size).prod())
-                macs[_n] = macs.get(_n, 0) + per
-            hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return macs
+    return _capture(model, {}, [inputs])[2]
