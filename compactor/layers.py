@@ -22,10 +22,32 @@ class _BorderCorrected:
     border_kernel: torch.Tensor
     _fn = staticmethod(F.conv2d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._conv_forward(x, self.weight, self.bias)
+    def border_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The removed channels' contribution for an input shaped like ``x``: (1, out, *spatial)."""
         ones = torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
-        return y + self._fn(ones, self.border_kernel, None, self.stride, self.padding, self.dilation)
+        return self._fn(ones, self.border_kernel.to(x.dtype), None, self.stride, self.padding, self.dilation)
+
+    def _cached_map(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            return self.border_map(x)  # traced: keep it a function of the input's shape
+        k = self.border_kernel
+        key = (tuple(x.shape[2:]), x.dtype, x.device, k.data_ptr(), k._version)
+        cache = self.__dict__.setdefault("_border_cache", {})
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) > 8:
+                cache.clear()
+            with torch.no_grad():
+                hit = cache[key] = self.border_map(x)
+        return hit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight, self.bias) + self._cached_map(x)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_border_cache", None)
+        return state
 
 
 class BorderCorrectedConv1d(_BorderCorrected, nn.Conv1d):
