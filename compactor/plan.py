@@ -144,13 +144,13 @@ def dead_rows(module: Any) -> torch.Tensor:
     if isinstance(module, nn.Embedding):
         return module.weight.detach().eq(0).all(0)
     w = module.weight.detach()
-    return w.reshape(w.shape[0], -1).eq(0).all(1)
+    return torch.count_nonzero(w.reshape(w.shape[0], -1), dim=1) == 0
 
 
 def zero_columns(module: Any) -> torch.Tensor:
     """Boolean per input channel of a conv (groups=1) / linear: True where no output reads it."""
     w = module.weight.detach()
-    return w.transpose(0, 1).reshape(w.shape[1], -1).eq(0).all(1)
+    return ~w.reshape(w.shape[0], w.shape[1], -1).any(2).any(0)
 
 
 def _hook_inputs(model: nn.Module, names: set[str], fn) -> list:
