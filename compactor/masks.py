@@ -80,14 +80,33 @@ def clone(model: nn.Module) -> nn.Module:
 
 
 def bake(model: nn.Module) -> nn.Module:
-    """Return a copy of ``model`` with every mask made permanent (``prune.remove``).
+    """Return a copy of ``model`` with every mask made permanent, as ``prune.remove`` would.
 
-    The copy computes exactly what the masked model computes, without hooks.
+    The copy computes exactly what the masked model computes, without hooks. Masks
+    and ``*_orig`` tensors are never copied: only the masked product is, so the copy
+    costs one model's worth of memory.
     """
-    baked = clone(model)
-    for module in baked.modules():
-        for hook in list(_pruning_hooks(module)):
-            prune.remove(module, hook._tensor_name)
+    memo: dict[int, Any] = {}
+    todo: list[tuple[str, str]] = []
+    for mname, module in model.named_modules():
+        for hook in _pruning_hooks(module):
+            t = hook._tensor_name
+            orig, mask = getattr(module, t + "_orig"), getattr(module, t + "_mask")
+            memo[id(orig)] = nn.Parameter((orig.detach() * mask).detach(), requires_grad=orig.requires_grad)
+            memo[id(mask)] = None
+            memo[id(hook)] = None
+            if isinstance(getattr(module, t, None), torch.Tensor):
+                memo[id(getattr(module, t))] = None
+            todo.append((mname, t))
+    baked = copy.deepcopy(model, memo)
+    for mname, t in todo:
+        module = baked.get_submodule(mname) if mname else baked
+        module.__dict__.pop(t, None)
+        param = module._parameters.pop(t + "_orig")
+        module._buffers.pop(t + "_mask")
+        module.register_parameter(t, param)
+        for key in [k for k, h in module._forward_pre_hooks.items() if h is None]:
+            del module._forward_pre_hooks[key]
     return baked
 
 
