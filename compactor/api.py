@@ -146,6 +146,10 @@ def _planned(model: nn.Module, decision: Decision) -> dict[str, tuple[str, tuple
                 s[1] -= rm_in
         bias = getattr(modules[name], "bias", None)
         n_bias = bias.numel() - rm_out if isinstance(bias, torch.Tensor) else 0
+        fold = decision.folds.get(name)
+        if fold is not None and fold.bias is not None and not isinstance(bias, torch.Tensor):
+            n_bias = s[0]  # folding creates the bias
+
         others = params - _prod(shape) - (bias.numel() if isinstance(bias, torch.Tensor) else 0)
         out[name] = (op, tuple(s), _prod(s) + n_bias + max(others, 0))
     return out

@@ -235,3 +235,15 @@ def test_torchvision_models_when_installed():
         small = compactor.compact(model, x)
         torch.testing.assert_close(small(x), model(x), rtol=RTOL, atol=ATOL)
         assert small.compaction_report.params_after < small.compaction_report.params_before
+
+
+@pytest.mark.parametrize("name", ["lenet", "resnet_bottleneck", "mobilenetv2", "densenet", "grouped", "convnext"])
+def test_plan_predicts_what_compact_builds(name):
+    """The dry run's per-layer shapes, parameter and MAC counts are what compact() then builds."""
+    model, x = zoo.build(name)
+    _ln_half(model)
+    planned = compactor.plan(model, x)
+    built = compactor.compact(model, x).compaction_report
+    assert [(r.name, r.shape_after, r.params_after, r.macs_after) for r in planned.layers] == \
+        [(r.name, r.shape_after, r.params_after, r.macs_after) for r in built.layers]
+    assert (planned.params_after, planned.macs_after) == (built.params_after, built.macs_after)
