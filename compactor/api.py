@@ -202,7 +202,8 @@ def plan(model: nn.Module, example_inputs: Inputs, *, mode: str = "exact", round
         >>> compactor.plan(net, torch.randn(1, 4)).layers[0].removed_out
         [0, 3]
     """
-    _, _, work, decision, _ = _prepare(model, example_inputs, mode, round_to, extra=2)
+    with _verify.full_precision():
+        _, _, work, decision, _ = _prepare(model, example_inputs, mode, round_to, extra=2)
     before, after = _layers(work), _planned(work, decision)
     params_before = count_params(work)
     params_after = params_before - sum(before[n][2] - after[n][2] for n in before)
@@ -270,6 +271,12 @@ def compact(
         (3, 3)
         >>> torch.testing.assert_close(small(torch.ones(1, 4)), net(torch.ones(1, 4)))
     """
+    with _verify.full_precision():
+        return _compact(model, example_inputs, verify, mode, round_to, random_inputs)
+
+
+def _compact(model: nn.Module, example_inputs: Inputs, verify: bool, mode: str, round_to: Optional[int],
+             random_inputs: int) -> nn.Module:
     example, batches, work, decision, pruned = _prepare(model, example_inputs, mode, round_to, extra=random_inputs)
     params_before = count_params(work)
     before = _layers(work)

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from .errors import VerificationError
 
-__all__ = ["RELATIVE_TOLERANCE", "flatten_outputs", "max_abs_diff", "check", "make_batches"]
+__all__ = ["RELATIVE_TOLERANCE", "full_precision", "flatten_outputs", "max_abs_diff", "check", "make_batches"]
 
 #: compact and masked may differ by at most this times the output scale (fp32 summation order).
 RELATIVE_TOLERANCE = 1e-5
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Turn off TF32 (on by default for cuDNN convs) so fp32 comparisons mean fp32; restored afterwards."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
 def flatten_outputs(out: Any) -> Iterator[torch.Tensor]:

@@ -6,6 +6,7 @@ from torch.nn.utils import prune
 
 import compactor
 from compactor.testing import zoo
+from compactor.verify import full_precision
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -20,5 +21,6 @@ def test_compact_on_cuda_equals_masked(name):
             prune.ln_structured(m, "weight", amount=0.5, n=2, dim=0)
     small = compactor.compact(model, x)
     assert all(p.is_cuda for p in small.parameters())
-    torch.testing.assert_close(small(*x), model(*x), rtol=1e-4, atol=1e-4)
+    with full_precision():  # TF32 convs would differ by ~1e-3 whatever the model
+        torch.testing.assert_close(small(*x), model(*x), rtol=1e-5, atol=1e-5)
     assert small.compaction_report.params_after < small.compaction_report.params_before
