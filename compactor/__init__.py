@@ -1,7 +1,8 @@
 """compactor: make models pruned with torch.nn.utils.prune really smaller and faster."""
 
 from .api import compact, plan
-from .errors import CompactionError, MaskLoadError, NoPruningFoundError, VerificationError
+from .errors import CompactionError, ExportError, LoadError, MaskLoadError, NoPruningFoundError, VerificationError
+from .export import ExportReport, export_onnx, export_program, load, save, save_pickle
 from .masks import load_pruned
 from .plan import Report
 
@@ -10,9 +11,17 @@ __all__ = [
     "plan",
     "load_pruned",
     "Report",
+    "export_onnx",
+    "ExportReport",
+    "export_program",
+    "save",
+    "save_pickle",
+    "load",
     "CompactionError",
     "NoPruningFoundError",
     "VerificationError",
     "MaskLoadError",
+    "ExportError",
+    "LoadError",
 ]
 __version__ = "0.1.0"

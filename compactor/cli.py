@@ -1,21 +1,188 @@
 """The command line: thin, parses arguments, calls the library, prints.
 
-User errors print one line and exit 2; a traceback means a bug.
+User errors print one line and exit 2; a traceback means a bug. Output files are
+checked before any work starts (an existing file needs ``--force``), written to
+temporary files next to their targets, and renamed into place only when every
+step succeeded: a failed command leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
-from typing import Optional, Sequence
+import tempfile
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
-from .errors import CompactionError
+from .errors import CompactionError, MaskLoadError
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2) like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --------------------------------------------------------------------------- argument helpers
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _model_factory(spec: str) -> Callable[[], Any]:
+    """``module:callable`` -> a zero-argument factory; the current folder is importable."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name.strip() or not attr.strip() or ":" in attr:
+        raise UserError(f"--model {spec!r} should be module:callable, e.g. --model mypkg.nets:LeNet")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.split(".")[0] == exc.name.split(".")[0]:
+            raise UserError(
+                f"--model: no module named '{exc.name}' in {cwd} or on PYTHONPATH; run compactor from the folder "
+                f"that holds {module_name.split('.')[0]}, or add that folder to PYTHONPATH"
+            ) from None
+        raise UserError(f"--model: importing '{module_name}' failed: {_first_line(exc)}; install what it needs") from None
+    except Exception as exc:
+        raise UserError(f"--model: importing '{module_name}' raised {type(exc).__name__}: {_first_line(exc)}; "
+                        "fix that module") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            from torch import nn
+
+            found = [n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module)
+                     and v.__module__ == module.__name__]
+            hint = f" (it defines {', '.join(found[:5])})" if found else ""
+            raise UserError(f"--model: module '{module_name}' has no '{attr}'{hint}; name the class or function "
+                            f"that builds your model, e.g. --model {module_name}:{found[0] if found else 'Net'}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UserError(f"--model: '{spec}' is a {type(obj).__name__}, not a class or function; name the class "
+                        "or zero-argument function that builds your model")
+
+    def factory() -> Any:
+        from torch import nn
+
+        try:
+            model = obj()
+        except Exception as exc:
+            raise UserError(f"--model: calling {spec}() raised {type(exc).__name__}: {_first_line(exc)}; --model "
+                            "must name a class or function that builds the model with no arguments") from None
+        if not isinstance(model, nn.Module):
+            raise UserError(f"--model: {spec}() returned a {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    return factory
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UserError(f"--input-shape {text!r} should be positive integers separated by commas, batch first, "
+                        "e.g. --input-shape 1,1,28,28")
+    return tuple(int(p) for p in parts)
+
+
+def _example(args: argparse.Namespace) -> Any:
+    import torch
+
+    shape = _input_shape(args.input_shape)
+    gen = torch.Generator().manual_seed(0)
+    if args.input_dtype == "int64":
+        return torch.randint(0, 2, shape, generator=gen)
+    return torch.randn(shape, generator=gen, dtype=getattr(torch, args.input_dtype))
+
+
+def _size(path: str) -> str:
+    n = os.path.getsize(path)
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+class _Outputs:
+    """Stage output files as temporaries next to their targets; rename them all only at the end."""
+
+    def __init__(self, force: bool) -> None:
+        self.force = force
+        self.pending: list[tuple[str, str]] = []
+
+    def check(self, flag: str, path: Optional[str], inputs: Sequence[str] = ()) -> None:
+        """Refuse up front: an existing file without --force, a folder, a missing folder, an input file."""
+        if path is None:
+            return
+        if os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a folder; give a file name")
+        if os.path.exists(path) and not self.force:
+            raise UserError(f"{flag} {path} exists; pass --force to overwrite it, or choose another name")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise UserError(f"{flag} {path}: folder {folder} does not exist; create it first")
+        for other in inputs:
+            if other and os.path.abspath(other) == os.path.abspath(path):
+                raise UserError(f"{flag} {path} is also an input; write the output to another file")
+
+    def temp(self, final: str) -> str:
+        folder = os.path.dirname(os.path.abspath(final))
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(final) + ".", suffix=".tmp", dir=folder)
+        os.close(fd)
+        self.pending.append((tmp, final))
+        return tmp
+
+    def __enter__(self) -> "_Outputs":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                for tmp, final in self.pending:
+                    if os.path.exists(final) and not self.force:
+                        raise UserError(f"{final} appeared while compactor was running; pass --force to overwrite it")
+                for tmp, final in self.pending:
+                    os.replace(tmp, final)
+        finally:
+            for tmp, _ in self.pending:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            self.pending.clear()
+
+
+def _load_pruned(factory: Callable[[], Any], weights: str):
+    from . import masks
+
+    try:
+        return masks.load_pruned(factory, weights)
+    except MaskLoadError:
+        if _is_compactor_file(weights):
+            raise UserError(f"--weights {weights} is a compact model written by compactor.save, not pruned weights; "
+                            "convert it with `compactor export`, or pass the pruned state_dict") from None
+        raise
+
+
+def _is_compactor_file(path: str) -> bool:
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(obj, dict) and str(obj.get("format", "")).startswith("compactor/")
+
+
+# --------------------------------------------------------------------------- commands
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -25,13 +192,112 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compact(args: argparse.Namespace) -> int:
+    from . import api
+    from .export import export_onnx, save
+
+    if args.round_to is not None and args.round_to < 1:
+        raise UserError(f"--round-to {args.round_to} should be a positive integer")
+    outputs = _Outputs(args.force)
+    outputs.check("--out", args.out, [args.weights])
+    outputs.check("--onnx", args.onnx, [args.weights])
+    if args.onnx and os.path.abspath(args.onnx) == os.path.abspath(args.out):
+        raise UserError("--out and --onnx name the same file; give them different names")
+    example = _example(args)
+    factory = _model_factory(args.model)
+    masked = _load_pruned(factory, args.weights)
+    small = api.compact(masked, example, mode=args.mode, round_to=args.round_to)
+    with outputs:
+        save(small, outputs.temp(args.out), force=True)
+        onnx_report = None
+        if args.onnx:
+            onnx_report = export_onnx(small, example, outputs.temp(args.onnx), force=True,
+                                      dynamic_batch=not args.no_dynamic_batch, opset=args.opset,
+                                      exporter=args.exporter)
+    print(small.compaction_report)
+    print("")
+    print(f"wrote {args.out} ({_size(args.out)}; load it with compactor.load({args.out!r}, {args.model.split(':')[1]}))")
+    if onnx_report is not None:
+        onnx_report.path = args.onnx
+        print(f"wrote {_onnx_line(onnx_report, args.onnx)}")
+    return 0
+
+
+def _onnx_line(report: Any, path: str) -> str:
+    sizes = ", ".join(map(str, report.batch_sizes))
+    return (f"{path} ({_size(path)}, opset {report.opset}, {report.exporter} exporter, "
+            f"{'dynamic' if report.dynamic_batch else 'fixed'} batch; onnxruntime vs PyTorch max |diff| "
+            f"{report.max_abs_diff:.2g} at batch sizes {sizes}, tolerance {report.tolerance:.2g})")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from . import api
+
+    if args.round_to is not None and args.round_to < 1:
+        raise UserError(f"--round-to {args.round_to} should be a positive integer")
+    example = _example(args)
+    masked = _load_pruned(_model_factory(args.model), args.weights)
+    print(api.plan(masked, example, mode=args.mode, round_to=args.round_to))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_onnx, load
+
+    outputs = _Outputs(args.force)
+    outputs.check("--onnx", args.onnx, [args.weights])
+    example = _example(args)
+    model = load(args.weights, _model_factory(args.model))
+    with outputs:
+        report = export_onnx(model, example, outputs.temp(args.onnx), force=True,
+                             dynamic_batch=not args.no_dynamic_batch, opset=args.opset, exporter=args.exporter)
+    print(f"wrote {_onnx_line(report, args.onnx)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+_MODEL_HELP = "the architecture: module:callable importable from the current folder or PYTHONPATH, e.g. mypkg.nets:LeNet"
+
+
+def _model_options(p: argparse.ArgumentParser, weights_help: str) -> None:
+    p.add_argument("--model", required=True, metavar="MODULE:CALLABLE", help=_MODEL_HELP)
+    p.add_argument("--weights", required=True, metavar="FILE", help=weights_help)
+    p.add_argument("--input-shape", required=True, metavar="N,C,H,W",
+                   help="shape of one example input, batch first, e.g. 1,1,28,28 (random values, seed 0)")
+    p.add_argument("--input-dtype", default="float32", choices=("float32", "float64", "int64"),
+                   help="dtype of the example input; int64 draws 0/1 token ids (default: %(default)s)")
+
+
+def _plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="exact", choices=("exact", "drop"),
+                   help="exact: fold the constants removed channels still emit; drop: discard them (default: %(default)s)")
+    p.add_argument("--round-to", type=int, default=None, metavar="N",
+                   help="keep extra masked channels so every width is a multiple of N")
+
+
+def _onnx_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-dynamic-batch", action="store_true", help="fix the ONNX batch size to the example's")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
+    p.add_argument("--exporter", default="auto", choices=("auto", "torchscript", "dynamo"),
+                   help="torch.onnx exporter; auto: TorchScript tracer, dynamo if that fails (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="compactor",
         description="Turn models pruned with torch.nn.utils.prune into smaller, faster, exactly equivalent dense models.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  compactor demo --out compactor-demo\n"
+               "  compactor inspect --model mypkg.nets:LeNet --weights pruned_model.pth --input-shape 1,1,28,28\n"
+               "  compactor compact --model mypkg.nets:LeNet --weights pruned_model.pth --input-shape 1,1,28,28 \\\n"
+               "      --out lenet_small.pt --onnx lenet_small.onnx\n"
+               "  compactor export --model mypkg.nets:LeNet --weights lenet_small.pt --input-shape 1,1,28,28 \\\n"
+               "      --onnx lenet_small.onnx\n\n"
+               "User errors print one line and exit with status 2.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
         "demo",
@@ -44,6 +310,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=8, help="training epochs (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite existing artifacts")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "compact",
+        help="compact your pruned model: write the small model (.pt) and optionally ONNX",
+        description="Load pruned weights into your architecture, remove the masked channels, verify the result "
+                    "against the masked model, and save it (compactor.save format; read back with compactor.load).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example (mypkg/nets.py defines LeNet; pruned_model.pth is torch.save(model.state_dict()) after\n"
+               "torch.nn.utils.prune, with *_orig/*_mask keys, or weights baked by prune.remove):\n"
+               "  compactor compact --model mypkg.nets:LeNet --weights pruned_model.pth --input-shape 1,1,28,28 \\\n"
+               "      --out lenet_small.pt --onnx lenet_small.onnx\n"
+               "Existing output files are kept unless --force; nothing is written if any step fails.",
+    )
+    _model_options(p, "state_dict of the pruned model (*_orig/*_mask keys, or baked weights)")
+    p.add_argument("--out", required=True, metavar="FILE.pt", help="where to write the compact model")
+    p.add_argument("--onnx", metavar="FILE.onnx", help="also export the compact model to ONNX, checked in onnxruntime")
+    _plan_options(p)
+    _onnx_options(p)
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.set_defaults(func=_compact)
+
+    p = sub.add_parser(
+        "inspect",
+        help="show what compact would remove, per layer, and why (writes nothing)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n"
+               "  compactor inspect --model mypkg.nets:LeNet --weights pruned_model.pth --input-shape 1,1,28,28",
+    )
+    _model_options(p, "state_dict of the pruned model (*_orig/*_mask keys, or baked weights)")
+    _plan_options(p)
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser(
+        "export",
+        help="export a compact model written by `compactor compact` / compactor.save to ONNX",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n"
+               "  compactor export --model mypkg.nets:LeNet --weights lenet_small.pt --input-shape 1,1,28,28 \\\n"
+               "      --onnx lenet_small.onnx\n"
+               "Run the .onnx on a target without torch: export/run_onnx.py (pip install onnxruntime numpy).",
+    )
+    _model_options(p, "the compact model, written by compactor.save / `compactor compact --out`")
+    p.add_argument("--onnx", required=True, metavar="FILE.onnx", help="where to write the ONNX file")
+    _onnx_options(p)
+    p.add_argument("--force", action="store_true", help="overwrite an existing ONNX file")
+    p.set_defaults(func=_export)
     return parser
 
 
@@ -53,7 +365,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except (UserError, CompactionError, FileExistsError, FileNotFoundError) as exc:
-        print(f"compactor {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())
+        print(f"compactor {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # permissions, a full disk: the user's to fix, not a bug
+        print(f"compactor {args.command}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+              file=sys.stderr)
         return 2
 
 

@@ -114,7 +114,7 @@ def run(out_dir: str = "compactor-demo", *, amount: float = 0.5, epochs: int = 8
         stream: TextIO = sys.stdout) -> DemoResult:
     """Run the whole main job and print a short report; artifacts go to ``out_dir``."""
     from . import api, masks, timing
-    from .export import atomic_save
+    from .export import atomic_save, export_onnx, save
 
     def say(msg: str, end: str = "\n") -> None:
         print(msg, end=end, file=stream, flush=True)
@@ -122,7 +122,8 @@ def run(out_dir: str = "compactor-demo", *, amount: float = 0.5, epochs: int = 8
     os.makedirs(out_dir, exist_ok=True)
     pruned_path = os.path.join(out_dir, "pruned_model.pth")
     compact_path = os.path.join(out_dir, "lenet_compact.pt")
-    for p in (pruned_path, compact_path):
+    onnx_path = os.path.join(out_dir, "lenet_compact.onnx")
+    for p in (pruned_path, compact_path, onnx_path):
         if os.path.exists(p) and not force:
             raise FileExistsError(f"{p} exists; pass --force to overwrite or choose another --out")
 
@@ -144,11 +145,12 @@ def run(out_dir: str = "compactor-demo", *, amount: float = 0.5, epochs: int = 8
     masked = masks.load_pruned(LeNet, pruned_path)
     acc_masked = accuracy(masked, xte, yte)
 
-    say("4/5 compacting and verifying against the masked model")
+    say("4/5 compacting, verifying against the masked model, saving (.pt) and exporting to ONNX")
     small = api.compact(masked, xte[:8])
     report = small.compaction_report
     acc_compact = accuracy(small, xte, yte)
-    atomic_save(small, compact_path, force=force)
+    save(small, compact_path, force=force)
+    onnx_report = export_onnx(small, xte[:8], onnx_path, force=force)
 
     say("5/5 timing masked vs compact on the CPU (batch 1, interleaved, medians)")
     x1 = xte[:1]
@@ -171,6 +173,9 @@ def run(out_dir: str = "compactor-demo", *, amount: float = 0.5, epochs: int = 8
     tm, tc = t["masked"], t["compact"]
     say(f"CPU latency, batch 1, 1 thread: masked {tm.median * 1e6:.0f} us, compact {tc.median * 1e6:.0f} us "
         f"-> {tm.median / tc.median:.2f}x faster")
-    say(f"artifacts: {pruned_path}, {compact_path}  ({time.perf_counter() - t0:.1f} s in all)")
+    say(f"ONNX: {onnx_path}, {onnx_report.size_bytes / 1000:.1f} kB; onnxruntime vs PyTorch max |diff| "
+        f"{onnx_report.max_abs_diff:.1e} at batch sizes {', '.join(map(str, onnx_report.batch_sizes))}")
+    say(f"artifacts: {pruned_path}, {compact_path} (compactor.load(path, LeNet)), {onnx_path}  "
+        f"({time.perf_counter() - t0:.1f} s in all)")
     return DemoResult(acc_dense, acc_masked, acc_compact, report.params_before, report.params_after,
                       report.macs_before, report.macs_after, report.max_abs_diff, tm.median, tc.median, out_dir)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CompactionError", "NoPruningFoundError", "VerificationError", "MaskLoadError"]
+__all__ = ["CompactionError", "NoPruningFoundError", "VerificationError", "MaskLoadError", "ExportError", "LoadError"]
 
 
 class CompactionError(ValueError):
@@ -19,3 +19,11 @@ class VerificationError(CompactionError):
 
 class MaskLoadError(CompactionError):
     """A pruned state_dict could not be loaded into the given model."""
+
+
+class ExportError(CompactionError):
+    """ONNX export failed, or onnxruntime's outputs differ from PyTorch's beyond tolerance."""
+
+
+class LoadError(CompactionError):
+    """A file written by :func:`compactor.save` could not be read or does not fit the architecture."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Union
 
@@ -121,6 +122,16 @@ def _read_state_dict(source: StateSource) -> Mapping[str, torch.Tensor]:
         raise MaskLoadError(f"weights file '{path}' does not exist; check the path")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):
+            raise MaskLoadError(
+                f"weights file '{path}' holds pickled Python objects (a whole model saved with torch.save(model)?), "
+                "which compactor never unpickles; save the weights instead: torch.save(model.state_dict(), path)"
+            ) from None
+        raise MaskLoadError(
+            f"weights file '{path}' could not be read (unpickling failed); it may be truncated or damaged: "
+            "save it again with torch.save(model.state_dict(), path)"
+        ) from None
     except Exception as exc:  # torch raises many types for corrupt / truncated files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MaskLoadError(

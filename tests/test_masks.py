@@ -110,3 +110,11 @@ def test_load_pruned_bad_files(tmp_path):
         load_pruned(LeNet, junk)
     with pytest.raises(TypeError):
         load_pruned(42, good)
+
+
+def test_load_pruned_refuses_a_pickled_model(tmp_path):
+    """A whole model saved with torch.save(model) is not unpickled; the message says to save the state_dict."""
+    path = tmp_path / "model.pth"
+    torch.save(LeNet(), path)
+    with pytest.raises(MaskLoadError, match=r"model\.state_dict\(\)"):
+        load_pruned(LeNet, path)
