@@ -236,8 +236,9 @@ def _local(item: graph.Item, roots: set[int]) -> list[int]:
 def _roots_where(item: graph.Item, flags: torch.Tensor) -> set[int]:
     """Roots all of whose local indices in ``item`` are flagged."""
     ok: dict[int, bool] = {}
+    flag = flags.tolist()
     for i, r in zip(item.idxs, item.root_idxs):
-        ok[r] = ok.get(r, True) and bool(flags[i])
+        ok[r] = ok.get(r, True) and flag[i]
     return {r for r, v in ok.items() if v}
 
 
