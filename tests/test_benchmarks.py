@@ -1,0 +1,114 @@
+"""Smoke passes of benchmarks/ and the cases of compactor/bench.py, at tiny sizes.
+
+The benchmark scripts run as a user runs them (a subprocess, ``--smoke``); their JSON
+must hold rows with positive latencies and the recorded compact-vs-masked and
+ONNX-vs-torch checks within their written-down tolerances.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from compactor import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name: str, out: str, *extra: str) -> dict:
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), "--smoke", "--quiet", "--out", out, *extra],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = glob.glob(os.path.join(out, "cpu-*", name.replace(".py", "") + "_smoke*.json"))
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_latency_smoke_rows_are_checked_and_positive(tmp_path):
+    """latency.py --smoke: every row has a positive median; every compact row recorded
+    compact == masked within its tolerance and every onnxruntime row ONNX == torch."""
+    doc = _script("latency.py", str(tmp_path))
+    rows = doc["rows"]
+    assert {r["model"] for r in rows} == {"lenet", "resnet50"}
+    assert {r["batch"] for r in rows} == {1, 2}
+    assert all(r["median_s"] > 0 and r["p25_s"] <= r["median_s"] <= r["p75_s"] for r in rows)
+    compact = [r for r in rows if r["variant"] in ("compact", "compact-round8")]
+    assert compact and all(r["check_ref"] == "masked" for r in compact)
+    assert all(0 <= r["check_max_abs_diff"] <= r["check_tolerance"] for r in compact)
+    ort_rows = [r for r in rows if r["backend"].startswith("ort")]
+    if ort_rows:
+        assert all(r["onnx_max_abs_diff"] <= r["onnx_tolerance"] and r["onnx_bytes"] > 0 for r in ort_rows)
+    lenet_c = next(r for r in compact if r["model"] == "lenet" and r["variant"] == "compact")
+    assert lenet_c["params"] < next(r for r in rows if r["model"] == "lenet" and r["variant"] == "masked")["params"]
+    assert lenet_c["macs"] == 59328 and lenet_c["mac_ratio"] == pytest.approx(199968 / 59328)
+    assert doc["sweep_rows"] and {r["sparsity"] for r in doc["sweep_rows"]} == {0.3, 0.7}
+    assert doc["machine"]["torch"] == torch.__version__
+    assert glob.glob(os.path.join(str(tmp_path), "cpu-*", "latency_smoke*.md"))
+
+
+def test_compaction_cost_smoke_measures_time_and_memory(tmp_path):
+    """compaction_cost.py --smoke: each size ran in its own process, timed, with a peak RSS, verified."""
+    doc = _script("compaction_cost.py", str(tmp_path), "--no-resnet")
+    rows = doc["rows"]
+    assert [(r["depth"], r["width"]) for r in rows] == [(2, 64), (4, 64)]
+    for r in rows:
+        assert r["compact_s"] > 0 and r["peak_rss_mb"] >= r["rss_before_mb"] > 0
+        assert r["params"] == r["depth"] * (64 * 64 + 64) + 64 * 10 + 10
+        assert r["params_after"] < r["params"]
+        assert r["max_abs_diff"] <= r["tolerance"]
+
+
+def test_run_case_reports_progress_and_rows():
+    """compactor.bench.run_case: one row per variant, speed-ups relative to masked and dense,
+    progress reported up to done == total."""
+    seen = []
+    rows = bench.run_case("lenet", "seeds-50", "torch-cpu-1t", 2, repeats=2,
+                          progress=lambda done, total, label: seen.append((done, total)),
+                          variants=("compact",))
+    assert [r["variant"] for r in rows] == ["dense", "masked", "compact"]
+    masked = rows[1]
+    assert masked["speedup_vs_masked"] == 1.0 and rows[0]["efficiency"] == 1.0
+    assert rows[2]["check_max_abs_diff"] <= rows[2]["check_tolerance"]
+    assert seen and seen[-1][0] == seen[-1][1]
+
+
+def test_run_case_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="does not fit model 'lenet'"):
+        bench.run_case("lenet", "all-50", "torch-cpu-1t", 1, progress=None)
+    with pytest.raises(ValueError, match="model='alexnet'"):
+        bench.run_case("alexnet", None, "torch-cpu-1t", 1, progress=None)
+    with pytest.raises(ValueError, match="batch=0"):
+        bench.run_case("lenet", None, "torch-cpu-1t", 0, progress=None)
+
+
+def test_all_50_masks_each_residual_stream_consistently():
+    """resnet50 all-50: within a stage, every conv writing the residual stream (each block's
+    conv3 and the downsample conv) masks the same half of the channels."""
+    dense, _, _ = bench.build_dense("resnet50", small=True)
+    model = bench.apply_scenario(dense, "resnet50", "all-50")
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+        rows = [b.conv3.weight_mask.flatten(1).any(1) for b in stage] + [stage[0].downsample[0].weight_mask.flatten(1).any(1)]
+        assert all(torch.equal(r, rows[0]) for r in rows)
+        assert int(rows[0].sum()) == rows[0].numel() // 2
+
+
+def test_bytes_moved_counts_lenet_by_hand():
+    """LeNet dense: 6*26*26*9 + 16*11*11*54 + 400*120 + 120*84 + 84*10 = 199,968 MACs per image
+    in 11 aten ops; the masked model runs 4 more (one multiply per pruned weight)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bytes_moved
+    finally:
+        sys.path.pop(0)
+    prep = bench.prepare("lenet", "seeds-50", variants=("compact",))
+    x = torch.randn(1, 1, 28, 28)
+    dense, masked, small = (bytes_moved.count(prep.variants[v], x) for v in ("dense", "masked", "compact"))
+    assert dense.macs == 199968 and masked.macs == 199968 and small.macs == 59328
+    assert dense.ops == small.ops == 11 and masked.ops == 15 and masked.names["mul"] == 4
+    assert dense.w_read == 4 * sum(p.numel() for p in prep.variants["dense"].parameters())
