@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,8 +30,18 @@ class _BorderCorrected:
         return self._fn(ones, self.border_kernel.to(x.dtype), None, self.stride, self.padding, self.dilation)
 
     def _cached_map(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
-            return self.border_map(x)  # traced: keep it a function of the input's shape
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # Exported graphs get the map for the traced spatial size as a constant, so the
+            # runtime folds it away instead of rebuilding it from the input's shape on every call.
+            # (Exports fix H and W; only the batch axis is dynamic.)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                size = tuple(int(d) for d in x.shape[2:])
+            with torch.no_grad():
+                ones = torch.ones((1, 1) + size, dtype=x.dtype, device=x.device)
+                return self._fn(ones, self.border_kernel.to(x.dtype), None, self.stride, self.padding, self.dilation)
+        if torch.jit.is_scripting() or torch.compiler.is_compiling():
+            return self.border_map(x)
         k = self.border_kernel
         key = (tuple(x.shape[2:]), x.dtype, x.device, k.data_ptr(), k._version)
         cache = self.__dict__.setdefault("_border_cache", {})
