@@ -54,7 +54,10 @@ class _BorderCorrected:
         return hit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight, self.bias) + self._cached_map(x)
+        y = self._conv_forward(x, self.weight, self.bias)
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return y + self._cached_map(x)
+        return y.add_(self._cached_map(x))  # the conv's fresh output: no extra buffer
 
     def __getstate__(self):
         state = super().__getstate__()
