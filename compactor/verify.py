@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -48,8 +49,9 @@ def make_batches(example: tuple, extra: int, seed: int = 0) -> list[tuple]:
                 batch.append(x)
             elif x.is_floating_point():
                 r = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-                scale = x.detach().double().std() if x.numel() > 1 else torch.tensor(1.0)
-                r = r * (scale if torch.isfinite(scale) and scale > 0 else 1.0) + x.detach().double().mean()
+                scale = float(x.detach().double().std()) if x.numel() > 1 else 1.0
+                scale = scale if math.isfinite(scale) and scale > 0 else 1.0
+                r = r * scale + float(x.detach().double().mean())
                 batch.append(r.to(dtype=x.dtype, device=x.device))
             else:
                 lo, hi = int(x.min()), int(x.max())
