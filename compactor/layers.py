@@ -42,6 +42,10 @@ class _BorderCorrected:
                 return self._fn(ones, self.border_kernel.to(x.dtype), None, self.stride, self.padding, self.dilation)
         if torch.jit.is_scripting() or torch.compiler.is_compiling():
             return self.border_map(x)
+        return self._entry(x)[2]
+
+    def _entry(self, x: torch.Tensor) -> tuple:
+        """Cached per input size: (the interior constant, frame patches, full map)."""
         k = self.border_kernel
         key = (tuple(x.shape[2:]), x.dtype, x.device, k.data_ptr(), k._version)
         cache = self.__dict__.setdefault("_border_cache", {})
@@ -50,19 +54,60 @@ class _BorderCorrected:
             if len(cache) > 8:
                 cache.clear()
             with torch.no_grad():
-                hit = cache[key] = self.border_map(x)
+                hit = cache[key] = self._build_entry(x)
         return hit
 
+    def _build_entry(self, x: torch.Tensor) -> tuple:
+        full = self.border_map(x)
+        if full.dim() != 4:
+            return None, None, full
+        # Inside the image the map equals sum(kernel): fold that into the bias and add the
+        # remainder only on the frame where the kernel overlapped the zero padding.
+        inner = self.border_kernel.to(x.dtype).flatten(1).sum(1)
+        rest = full - inner[None, :, None, None]
+        h, w = rest.shape[2:]
+        rows = rest.abs().amax(dim=(0, 1, 3)) > 0
+        cols = rest.abs().amax(dim=(0, 1, 2)) > 0
+        top = _run_length(rows.tolist())
+        bottom = _run_length(rows.tolist()[::-1])
+        left = _run_length(cols.tolist())
+        right = _run_length(cols.tolist()[::-1])
+        if top + bottom >= h or left + right >= w or bool(rest[:, :, top:h - bottom, left:w - right].any()):
+            return None, None, full
+        patches = []
+        for region in ((slice(0, top), slice(None)), (slice(h - bottom, h), slice(None)),
+                       (slice(top, h - bottom), slice(0, left)), (slice(top, h - bottom), slice(w - right, w))):
+            patch = rest[(slice(None), slice(None)) + region]
+            if patch.numel():
+                patches.append((region, patch.contiguous()))
+        return inner, patches, full
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._conv_forward(x, self.weight, self.bias)
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return y + self._cached_map(x)
-        return y.add_(self._cached_map(x))  # the conv's fresh output: no extra buffer
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.jit.is_scripting() \
+                or torch.compiler.is_compiling():
+            return self._conv_forward(x, self.weight, self.bias) + self._cached_map(x)
+        inner, patches, full = self._entry(x)
+        if patches is None:  # 1-d / 3-d, or no plain interior: add the whole map
+            return self._conv_forward(x, self.weight, self.bias).add_(full)
+        y = self._conv_forward(x, self.weight, inner if self.bias is None else self.bias + inner)
+        for region, patch in patches:  # only the frame: a few rows and columns
+            y[(slice(None), slice(None)) + region] += patch
+        return y
 
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_border_cache", None)
         return state
+
+
+def _run_length(flags: list) -> int:
+    """How many leading entries are True."""
+    n = 0
+    for f in flags:
+        if not f:
+            break
+        n += 1
+    return n
 
 
 class BorderCorrectedConv1d(_BorderCorrected, nn.Conv1d):

@@ -41,3 +41,28 @@ def test_border_map_cache_follows_size_dtype_and_kernel_changes():
     torch.testing.assert_close(c(x), conv(x) + c.border_map(x))
     c64 = c.double()
     torch.testing.assert_close(c64(x.double()), conv.double()(x.double()) + c64.border_map(x.double()))
+
+
+def test_border_corrected_conv_trains_like_a_conv():
+    """Fine-tuning the compact model: gradients reach weight and bias through the frame-only correction."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    c = with_border_correction(conv, torch.randn(4, 3, 3))
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    c(x).square().sum().backward()
+    ref = nn.Conv2d(3, 4, 3, padding=1)
+    ref.load_state_dict(conv.state_dict())
+    x2 = x.detach().clone().requires_grad_()
+    (ref(x2) + c.border_map(x2)).square().sum().backward()
+    torch.testing.assert_close(c.bias.grad, ref.bias.grad)
+    torch.testing.assert_close(c.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 5), (3, 3)])
+def test_border_corrected_conv_on_inputs_that_are_all_border(size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    c = with_border_correction(conv, torch.randn(3, 3, 3))
+    x = torch.randn(1, 2, *size)
+    torch.testing.assert_close(c(x), conv(x) + c.border_map(x))
