@@ -146,8 +146,9 @@ def _planned(model: nn.Module, decision: Decision) -> dict[str, tuple[str, tuple
                 s[1] -= rm_in
         bias = getattr(modules[name], "bias", None)
         n_bias = bias.numel() - rm_out if isinstance(bias, torch.Tensor) else 0
-        fold = decision.folds.get(name)
-        if fold is not None and fold.bias is not None and not isinstance(bias, torch.Tensor):
+        folded = decision.folds.get(name)
+        if folded is not None and folded.bias is not None and fold.absorbing_bn(name, modules, decision) is None \
+                and not isinstance(bias, torch.Tensor):
             n_bias = s[0]  # folding creates the bias
 
         others = params - _prod(shape) - (bias.numel() if isinstance(bias, torch.Tensor) else 0)
@@ -173,8 +174,9 @@ def _prod(shape: tuple) -> int:
     return n
 
 
-def _report(mode: str, decision: Decision, before, after, params_before: int, params_after: int) -> Report:
-    report = Report(mode=mode, groups=decision.notes, folded=_folded(decision))
+def _report(mode: str, decision: Decision, before, after, params_before: int, params_after: int,
+            folded: list[str]) -> Report:
+    report = Report(mode=mode, groups=decision.notes, folded=folded)
     report.layers = _rows(before, after, decision.macs, decision)
     report.params_before, report.params_after = params_before, params_after
     report.macs_before = sum(decision.macs.values())
@@ -207,17 +209,21 @@ def plan(model: nn.Module, example_inputs: Inputs, *, mode: str = "exact", round
     before, after = _layers(work), _planned(work, decision)
     params_before = count_params(work)
     params_after = params_before - sum(before[n][2] - after[n][2] for n in before)
-    return _report(mode, decision, before, after, params_before, params_after)
+    return _report(mode, decision, before, after, params_before, params_after, _folded(work, decision))
 
 
-def _folded(decision: Decision) -> list[str]:
+def _folded(work: nn.Module, decision: Decision) -> list[str]:
+    """What was folded where, in words; ``work`` as it is before folding."""
     out = []
+    modules = dict(work.named_modules())
     for name, f in decision.folds.items():
+        bn = fold.absorbing_bn(name, modules, decision)
+        where = f"into the mean of '{decision.bn_after[name]}'" if bn is not None else "into its bias"
         how = []
         if f.bias is not None:
-            how.append("into its bias")
+            how.append(where)
         if f.border is not None:
-            how.append("as an exact border-corrected constant (zero padding)")
+            how.append(f"{where}, plus an exact correction on the zero-padded border")
         out.append(f"constants of removed channels from {', '.join(dict.fromkeys(f.sources))} -> '{name}' {' and '.join(how)}")
     return out
 
@@ -280,8 +286,9 @@ def _compact(model: nn.Module, example_inputs: Inputs, verify: bool, mode: str, 
     example, batches, work, decision, pruned = _prepare(model, example_inputs, mode, round_to, extra=random_inputs)
     params_before = count_params(work)
     before = _layers(work)
+    folded = _folded(work, decision)
     compact_model = fold.apply(work, decision).eval()
-    report = _report(mode, decision, before, _layers(compact_model), params_before, count_params(compact_model))
+    report = _report(mode, decision, before, _layers(compact_model), params_before, count_params(compact_model), folded)
     report.sparsity = _sparsity(compact_model, pruned)
     if verify:
         with torch.no_grad():

@@ -771,6 +771,7 @@ def _rebuild(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, t
         shape = tuple(state[prefix + "border_kernel"].shape) if prefix + "border_kernel" in state else tuple(
             entry["border_kernel"])
         new.register_buffer("border_kernel", torch.zeros(shape, dtype=new.weight.dtype))
+        new.register_buffer("border_offset", torch.zeros(shape[0], dtype=new.weight.dtype))
         return new
     if type(current) is _LAYERS[kind]:
         return _LAYERS[kind](*args, **kwargs)

@@ -39,6 +39,24 @@ def _fold_bias(module: nn.Module, delta: torch.Tensor) -> None:
         module.bias.data = (module.bias.detach().double() + delta.double()).to(module.bias.dtype)
 
 
+def absorbing_bn(name: str, modules: dict, decision: Decision):
+    """The BatchNorm that takes ``name``'s folded constants in its mean, or None (they go into a bias).
+
+    Only for a bias-free conv whose output feeds that BatchNorm alone: the conv then stays
+    bias-free (on a GPU a conv bias costs a whole extra pass over the output).
+    """
+    bn_name = decision.bn_after.get(name)
+    if bn_name is None or modules[name].bias is not None:
+        return None
+    bn = modules[bn_name]
+    return bn if getattr(bn, "running_mean", None) is not None else None
+
+
+def _shift_mean(bn: nn.Module, delta: torch.Tensor) -> None:
+    """BN(y + delta) == BN'(y) with running_mean' = running_mean - delta (eval); training mode subtracts the batch mean anyway."""
+    bn.running_mean.copy_((bn.running_mean.double() - delta.to(bn.running_mean.device).double()).to(bn.running_mean.dtype))
+
+
 def _slice(module: nn.Module, out_rm: set[int], in_rm: set[int]) -> None:
     dev = module.weight.device if hasattr(module, "weight") and module.weight is not None else None
     if isinstance(module, _CONV):
@@ -54,6 +72,7 @@ def _slice(module: nn.Module, out_rm: set[int], in_rm: set[int]) -> None:
             module.bias = _param(module.bias.detach().index_select(0, keep_out), module.bias)
         if hasattr(module, "border_kernel"):
             module.border_kernel = module.border_kernel.index_select(0, keep_out).contiguous()
+            module.border_offset = module.border_offset.index_select(0, keep_out).contiguous()
         module.out_channels = len(keep_out)
         module.in_channels -= len(in_rm)
     elif isinstance(module, nn.Linear):
@@ -89,10 +108,19 @@ def apply(work: nn.Module, decision: Decision) -> nn.Module:
     modules = dict(work.named_modules())
     for name, fold in decision.folds.items():
         module = modules[name]
+        bn = absorbing_bn(name, modules, decision)
+        into_bn = bn is not None
+        offset = None
         if fold.bias is not None:
-            _fold_bias(module, fold.bias)
+            if into_bn:
+                _shift_mean(bn, fold.bias)
+            else:
+                _fold_bias(module, fold.bias)
         if fold.border is not None:
-            new = with_border_correction(module, fold.border)
+            if into_bn:
+                offset = fold.border.reshape(fold.border.shape[0], -1).sum(1)
+                _shift_mean(bn, offset)
+            new = with_border_correction(module, fold.border, offset)
             _set_module(work, name, new)
             modules[name] = new
     for name in sorted(set(decision.remove_out) | set(decision.remove_in)):

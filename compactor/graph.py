@@ -132,11 +132,12 @@ def _classify(node, handler, DG) -> tuple[str, str, str, int]:
     return "blocked", op, f"{op} {what}", 0
 
 
-def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> list[Group]:
+def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple[list[Group], dict[str, str]]:
     """Trace ``model`` (a copy the caller owns: tracing switches it to eval) and list its channel groups.
 
     Every conv, linear and embedding output starts a group; a layer already
-    covered by an earlier group does not start another.
+    covered by an earlier group does not start another. Also returns, for each conv
+    whose output feeds one BatchNorm and nothing else, that BatchNorm's name.
     """
     DG = tp.DependencyGraph()
     with warnings.catch_warnings(), torch.enable_grad():
@@ -160,4 +161,11 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> list[Grou
                     group.reaches_output = True
                 group.items.append(Item(name, node.module, role, list(it.idxs), list(it.root_idxs), op, reason, dim))
             groups.append(group)
-    return groups
+    bn_after = {}
+    O = tp_ops.OPTYPE
+    for module, node in DG.module2node.items():
+        if node.type == O.CONV and len(node.outputs) == 1:
+            nxt = node.outputs[0]
+            if nxt.type == O.BN and isinstance(nxt.module, _BN) and [i.module for i in nxt.inputs] == [module]:
+                bn_after[names[module]] = names[nxt.module]
+    return groups, bn_after

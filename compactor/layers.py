@@ -22,12 +22,17 @@ class _BorderCorrected:
     """
 
     border_kernel: torch.Tensor
+    border_offset: torch.Tensor  # (out,): part of the contribution already folded elsewhere (a BatchNorm's mean)
     _fn = staticmethod(F.conv2d)
+
+    def _map(self, size: tuple, x: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones((1, 1) + size, dtype=x.dtype, device=x.device)
+        m = self._fn(ones, self.border_kernel.to(x.dtype), None, self.stride, self.padding, self.dilation)
+        return m - self.border_offset.to(x.dtype).reshape((1, -1) + (1,) * (m.dim() - 2))
 
     def border_map(self, x: torch.Tensor) -> torch.Tensor:
         """The removed channels' contribution for an input shaped like ``x``: (1, out, *spatial)."""
-        ones = torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
-        return self._fn(ones, self.border_kernel.to(x.dtype), None, self.stride, self.padding, self.dilation)
+        return self._map(tuple(x.shape[2:]), x)
 
     def _cached_map(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
@@ -38,16 +43,15 @@ class _BorderCorrected:
                 warnings.simplefilter("ignore")
                 size = tuple(int(d) for d in x.shape[2:])
             with torch.no_grad():
-                ones = torch.ones((1, 1) + size, dtype=x.dtype, device=x.device)
-                return self._fn(ones, self.border_kernel.to(x.dtype), None, self.stride, self.padding, self.dilation)
+                return self._map(size, x)
         if torch.jit.is_scripting() or torch.compiler.is_compiling():
             return self.border_map(x)
         return self._entry(x)[2]
 
     def _entry(self, x: torch.Tensor) -> tuple:
         """Cached per input size: (the interior constant, frame patches, full map)."""
-        k = self.border_kernel
-        key = (tuple(x.shape[2:]), x.dtype, x.device, k.data_ptr(), k._version)
+        k, o = self.border_kernel, self.border_offset
+        key = (tuple(x.shape[2:]), x.dtype, x.device, k.data_ptr(), k._version, o.data_ptr(), o._version)
         cache = self.__dict__.setdefault("_border_cache", {})
         hit = cache.get(key)
         if hit is None:
@@ -63,7 +67,7 @@ class _BorderCorrected:
             return None, None, full
         # Inside the image the map equals sum(kernel): fold that into the bias and add the
         # remainder only on the frame where the kernel overlapped the zero padding.
-        inner = self.border_kernel.to(x.dtype).flatten(1).sum(1)
+        inner = self.border_kernel.to(x.dtype).flatten(1).sum(1) - self.border_offset.to(x.dtype)
         rest = full - inner[None, :, None, None]
         h, w = rest.shape[2:]
         rows = rest.abs().amax(dim=(0, 1, 3)) > 0
@@ -80,7 +84,7 @@ class _BorderCorrected:
             patch = rest[(slice(None), slice(None)) + region]
             if patch.numel():
                 patches.append((region, patch.contiguous()))
-        return inner, patches, full
+        return (inner if bool(inner.any()) else None), patches, full
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.jit.is_scripting() \
@@ -89,7 +93,8 @@ class _BorderCorrected:
         inner, patches, full = self._entry(x)
         if patches is None:  # 1-d / 3-d, or no plain interior: add the whole map
             return self._conv_forward(x, self.weight, self.bias).add_(full)
-        y = self._conv_forward(x, self.weight, inner if self.bias is None else self.bias + inner)
+        bias = self.bias if inner is None else (inner if self.bias is None else self.bias + inner)
+        y = self._conv_forward(x, self.weight, bias)
         for region, patch in patches:  # only the frame: a few rows and columns
             y[(slice(None), slice(None)) + region] += patch
         return y
@@ -125,8 +130,12 @@ class BorderCorrectedConv3d(_BorderCorrected, nn.Conv3d):
 _CLASSES = {nn.Conv1d: BorderCorrectedConv1d, nn.Conv2d: BorderCorrectedConv2d, nn.Conv3d: BorderCorrectedConv3d}
 
 
-def with_border_correction(conv: nn.Module, kernel: torch.Tensor) -> nn.Module:
-    """Return a border-corrected copy of ``conv`` (groups=1, zero padding) carrying ``kernel``."""
+def with_border_correction(conv: nn.Module, kernel: torch.Tensor, offset: "torch.Tensor | None" = None) -> nn.Module:
+    """Return a border-corrected copy of ``conv`` (groups=1, zero padding) carrying ``kernel``.
+
+    ``offset`` (out,) is the share of the contribution already folded elsewhere, e.g.
+    ``kernel.sum()`` per output channel subtracted from the following BatchNorm's mean.
+    """
     base = next(b for b in _CLASSES if isinstance(conv, b))
     new = _CLASSES[base].__new__(_CLASSES[base])
     new.__dict__.update(conv.__dict__)
@@ -134,4 +143,6 @@ def with_border_correction(conv: nn.Module, kernel: torch.Tensor) -> nn.Module:
     new._buffers = dict(conv._buffers)
     new._modules = dict(conv._modules)
     new.register_buffer("border_kernel", kernel.detach().to(conv.weight.dtype).unsqueeze(1).contiguous())
+    off = torch.zeros(kernel.shape[0]) if offset is None else offset.detach()
+    new.register_buffer("border_offset", off.to(device=conv.weight.device, dtype=conv.weight.dtype).contiguous())
     return new

@@ -137,6 +137,7 @@ class Decision:
     any_masked: bool
     reference_outputs: list  # the baked model's outputs per batch (drop: with those inputs zeroed)
     macs: dict[str, int]  # per conv / linear, per sample, before compaction
+    bn_after: dict[str, str]  # conv -> the BatchNorm that alone reads its output
 
 
 def dead_rows(module: Any) -> torch.Tensor:
@@ -348,7 +349,7 @@ def decide(
     round_to: Optional[int] = None,
 ) -> Decision:
     """Plan the compaction of ``work`` (a baked copy in eval mode) and compute the folds."""
-    groups = graph.trace(work, batches[0])
+    groups, bn_after = graph.trace(work, batches[0])
     modules = dict(work.named_modules())
     notes: list[GroupNote] = []
     why: dict[str, str] = {}
@@ -491,7 +492,8 @@ def decide(
                     why.setdefault(it.name, f"follows {g.root}")
     if mode == "drop" and zero_inputs:
         outputs = _zeroed_outputs(work, zero_inputs, batches)
-    return Decision(remove_out, remove_in, remove_param, folds, notes, why, zero_inputs, any_masked, outputs, macs)
+    return Decision(remove_out, remove_in, remove_param, folds, notes, why, zero_inputs, any_masked, outputs, macs,
+                    bn_after)
 
 
 def _zeroed_outputs(work: nn.Module, zero_inputs: dict[str, set[int]], batches: Sequence[tuple]) -> list:

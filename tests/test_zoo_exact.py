@@ -247,3 +247,21 @@ def test_plan_predicts_what_compact_builds(name):
     assert [(r.name, r.shape_after, r.params_after, r.macs_after) for r in planned.layers] == \
         [(r.name, r.shape_after, r.params_after, r.macs_after) for r in built.layers]
     assert (planned.params_after, planned.macs_after) == (built.params_after, built.macs_after)
+
+
+def test_constants_of_a_bias_free_conv_go_into_the_batchnorm_mean():
+    """Bottleneck conv2 rows masked: conv3 (bias-free, then BN) stays bias-free; bn3's mean absorbs
+    W3[:, c] @ v_c, and conv2's zero-padded border correction keeps only the frame."""
+    model, x = zoo.build("resnet_bottleneck")
+    block = model.layer[0] if hasattr(model, "layer") else next(m for m in model.modules() if type(m).__name__ == "Bottleneck")
+    for conv in (block.conv1, block.conv2):
+        mask = torch.ones_like(conv.weight)
+        mask[: conv.out_channels // 2] = 0
+        prune.custom_from_mask(conv, "weight", mask)
+    small = compactor.compact(model, x)
+    _check("resnet_bottleneck", model, small)
+    sb = next(m for m in small.modules() if type(m).__name__ == "Bottleneck")
+    assert sb.conv3.bias is None and sb.conv2.bias is None
+    assert not torch.equal(sb.bn3.running_mean, block.bn3.running_mean)
+    assert type(sb.conv2).__name__ == "BorderCorrectedConv2d"
+    assert "into the mean of" in str(small.compaction_report)
