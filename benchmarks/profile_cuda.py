@@ -26,7 +26,7 @@ def main() -> None:
         return
     prep = bench.prepare("resnet50", args.scenario, variants=("dense", "masked", "compact", "compact-drop"))
     models = {k: prep.variants[k] for k in ("dense", "compact", "compact-drop")}
-    x = torch.randn(args.batch, *prep.input_shape[1:], device="cuda")
+    x = torch.randn(args.batch, *prep.input_shape, device="cuda")
     for fmt in (torch.contiguous_format, torch.channels_last):
         ms = {k: m.to("cuda", memory_format=fmt).eval() for k, m in models.items()}
         xx = x.to(memory_format=fmt)
