@@ -37,6 +37,7 @@ from torch.nn.utils import prune
 
 from . import masks, timing
 from .api import compact
+from .verify import full_precision
 
 __all__ = [
     "MODELS",
@@ -425,17 +426,6 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@contextlib.contextmanager
-def _no_tf32() -> Iterator[None]:
-    """Full fp32 on CUDA while checking (TF32 convs would blur compact vs masked)."""
-    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
-
-
 def _ort_session(path: str, backend: str):
     ort = _ort()
     so = ort.SessionOptions()
@@ -503,7 +493,7 @@ def time_case(prep: Prepared, backend: str, batch: int, *, repeats: int = 20, va
     if backend.startswith("torch"):
         mods = {v: (prep.variants[v].to(device) if cuda else prep.variants[v]) for v in names}
         x = x_cpu.to(device)
-        with torch.inference_mode(), _no_tf32(), torch_threads(threads):
+        with torch.inference_mode(), full_precision(), torch_threads(threads):
             outs = {v: mods[v](x) for v in names if v != "dense"}
         if "masked" in outs:
             for v in names:
@@ -641,6 +631,8 @@ def run_case(model_name: str, scenario: Optional[str], backend: str, batch: int,
         raise ValueError(f"batch={batch!r} should be a positive integer")
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats={repeats!r} should be a positive integer")
+    if backend not in available_backends():
+        raise ValueError(f"backend={backend!r} is not available here; available: {', '.join(available_backends())}")
     scenario = scenario or default_scenario(model_name)
     parse_scenario(model_name, scenario)
     wanted = list(dict.fromkeys(["dense", "masked", *variants]))

@@ -192,6 +192,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    try:
+        rows = bench.run_case(args.model, args.scenario, args.backend, args.batch, args.repeats)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(f"{args.model} {rows[0]['scenario']} - {args.backend} - batch {args.batch} "
+          f"(median of {args.repeats}; efficiency = speed-up vs dense / MAC ratio)")
+    print(f"{'variant':15s} {'median':>11s} {'IQR/med':>8s} {'params':>11s} {'MACs':>13s} {'x masked':>9s} "
+          f"{'x dense':>8s} {'eff.':>5s}")
+    for r in rows:
+        print(f"{r['variant']:15s} {r['median_s'] * 1e3:9.3f}ms {r['spread']:8.0%} {r['params']:11,} {r['macs']:13,} "
+              f"{r['speedup_vs_masked']:9.2f} {r['speedup_vs_dense']:8.2f} {r['efficiency']:5.2f}")
+    return 0
+
+
 def _compact(args: argparse.Namespace) -> int:
     from . import api
     from .export import export_onnx, save
@@ -356,6 +373,25 @@ def build_parser() -> argparse.ArgumentParser:
     _onnx_options(p)
     p.add_argument("--force", action="store_true", help="overwrite an existing ONNX file")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "bench",
+        help="time one benchmark case: dense vs masked vs compact, with a progress bar",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  compactor bench                                   # the seeds' LeNet, torch CPU 1 thread, batch 1\n"
+               "  compactor bench --model resnet50 --scenario bottleneck-inner-50 --backend ort-cpu-1t --batch 8\n"
+               "The whole suite, with JSON / markdown / plots: python benchmarks/run_all.py",
+    )
+    p.add_argument("--model", default="lenet", choices=("lenet", "resnet50", "vit"), help="(default: %(default)s)")
+    p.add_argument("--scenario", default=None,
+                   help="seeds-<pct> (lenet), bottleneck-inner-<pct> or all-<pct> (resnet50), mlp-<pct> (vit); "
+                        "default: the model's 50 %% case")
+    p.add_argument("--backend", default="torch-cpu-1t",
+                   help="torch-cpu-1t, torch-cpu, ort-cpu-1t, ort-cpu, torch-cuda, ort-cuda (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=1, help="samples per forward (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=20, help="timed repeats per variant (default: %(default)s)")
+    p.set_defaults(func=_bench)
     return parser
 
 

@@ -306,3 +306,22 @@ def test_help_has_examples(capsys):
         main(["compact", "--help"])
     out = capsys.readouterr().out
     assert "compactor compact --model mypkg.nets:LeNet --weights pruned_model.pth --input-shape 1,1,28,28" in out
+
+
+def test_bench_times_lenet_and_checks_compact_against_masked(capsys):
+    """`compactor bench` on the seeds' LeNet: a row per variant, compact smaller than masked, checks passed."""
+    from compactor.cli import main as cli_main
+
+    assert cli_main(["bench", "--model", "lenet", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
+    assert set(rows) >= {"dense", "masked", "compact", "compact-drop"}
+    assert int(rows["compact"][3].replace(",", "")) < int(rows["masked"][3].replace(",", ""))
+
+
+def test_bench_unknown_backend_is_one_line(capsys):
+    from compactor.cli import main as cli_main
+
+    assert cli_main(["bench", "--backend", "tpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tpu" in err[0]
