@@ -200,13 +200,6 @@ def _profile_summary(prof: list[dict]) -> list[str]:
     return lines
 
 
-REMEDY = ("Likely fix, in compactor's exact mode: instead of a correction conv over a ones map, keep ONE of the "
-          "removed constant channels feeding each zero-padded conv (its producer row stays zero, so it still emits its "
-          "constant v0 inside the image and zero padding outside) and give the consumer's weight column for it "
-          "sum_c v_c W[:, c] / v0. Zero padding then reproduces the border term exactly, with no extra op and one extra "
-          "input channel; exact mode would cost what drop mode costs, and round_to=8's padding channels can host it.")
-
-
 def _exact_vs_drop(rs: list[dict], v: str) -> Optional[str]:
     tot = {x: sum(r["ms"] for r in rs if r["variant"] == x) for x in dict.fromkeys(r["variant"] for r in rs)}
     if v not in tot or "compact-drop" not in tot:
@@ -221,11 +214,9 @@ def _exact_vs_drop(rs: list[dict], v: str) -> Optional[str]:
                              and op != "Reshape")) or "none"
     rest = diff - border - unfused
     return (f"Profile ({rs[0]['backend']}, batch {rs[0]['batch']}): {v} spends {diff:.0f} ms per forward more than "
-            f"compact-drop ({diff / tot[v]:.0%} of its op time): {unfused:.0f} ms in nodes that drop mode does not have "
-            f"at all ({names}: the residual Add and ReLU that onnxruntime fuses into the convs when no correction path "
-            f"interrupts the NCHWc chain), {border:.1f} ms in the border path itself (shape plumbing, ConstantOfShape, "
-            f"the conv over ones, its Add, Reshapes, NCHWc<->NCHW reorders) and {rest:.0f} ms elsewhere (the BatchNorm "
-            "after a corrected conv can no longer be folded into it and runs as its own node). " + REMEDY)
+            f"compact-drop ({diff / tot[v]:.0%} of its op time): {unfused:.0f} ms in node types drop mode does not have "
+            f"at all ({names}), {border:.1f} ms in border-correction / layout-reorder nodes and {rest:.0f} ms in node "
+            "types both have (same ops, longer or more of them).")
 
 
 def _top_increases(rs: list[dict], v: str) -> Optional[str]:
@@ -240,10 +231,9 @@ def _top_increases(rs: list[dict], v: str) -> Optional[str]:
     parts = ", ".join(f"{op} {d:+.1f} ms ({n_d} -> {n_v} calls)" for d, op, n_v, n_d in extra[:4])
     structural = sum(d for d, *_ in extra)
     return (f"Profile ({rs[0]['backend']}, batch {rs[0]['batch']}): {v} {tot_v:.0f} ms of op time vs compact-drop "
-            f"{tot_d:.0f} ms; ops that exact mode calls more often: {parts or 'none'} ({structural:.1f} ms in all: the "
-            "border correction, a conv over a ones map, a copy and an extra add per corrected conv, every forward); "
-            f"the remaining {tot_v - tot_d - structural:+.1f} ms are the same ops running slower or faster (noise "
-            "level on this machine). " + REMEDY)
+            f"{tot_d:.0f} ms; ops that exact mode calls more often: {parts or 'none'} ({structural:.1f} ms in all, "
+            f"the border correction's share); the remaining {tot_v - tot_d - structural:+.1f} ms are the same ops "
+            "running slower or faster (noise level on this machine).")
 
 
 def _analysis(targets: list[dict], prof: list[dict], bm: Optional[dict]) -> list[str]:
