@@ -9,7 +9,7 @@ from torch import nn
 
 from . import fold, masks
 from . import verify as _verify
-from .errors import CompactionError, NoPruningFoundError
+from .errors import CompactionError, NoPruningFoundError, VerificationError
 from .plan import Decision, LayerRow, Report, count_params, decide
 
 __all__ = ["compact", "plan"]
@@ -30,7 +30,8 @@ def _as_tuple(example_inputs: Inputs) -> tuple:
 
 
 def _shapes(batch: tuple) -> str:
-    return ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in batch)
+    return ", ".join(f"of shape {tuple(x.shape)} ({str(x.dtype).replace('torch.', '')}, {x.device})"
+                     if isinstance(x, torch.Tensor) else type(x).__name__ for x in batch)
 
 
 def _check_finite(model: nn.Module) -> None:
@@ -54,8 +55,8 @@ def _run(model: nn.Module, batch: tuple) -> Any:
             return model(*batch)
     except Exception as exc:
         raise CompactionError(
-            f"{type(model).__name__} rejected the example input(s) of shape {_shapes(batch)}: {_first_line(exc)}; "
-            "pass inputs shaped as its forward() expects (the seeds' LeNet takes (N, 1, 28, 28))"
+            f"{type(model).__name__} rejected the example input(s) {_shapes(batch)}: {_first_line(exc)}; "
+            "pass inputs of the shape, dtype and device its forward() expects (model.to(x.device) if they differ)"
         ) from None
 
 
@@ -90,7 +91,7 @@ def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Opti
     except CompactionError:
         raise
     except Exception as exc:
-        _run(work, example)  # raises the clear error if the model rejects the input
+        list(_verify.flatten_outputs(_run(work, example)))  # a rejected input or an output type, said clearly
         raise CompactionError(
             f"could not trace {type(model).__name__} to find its channel dependencies: {_first_line(exc)}"
         ) from exc
@@ -184,7 +185,8 @@ def _report(mode: str, decision: Decision, before, after, params_before: int, pa
     return report
 
 
-def plan(model: nn.Module, example_inputs: Inputs, *, mode: str = "exact", round_to: Optional[int] = None) -> Report:
+def plan(model: nn.Module, example_inputs: Inputs, *, mode: str = "exact", round_to: Optional[int] = None,
+         random_inputs: int = 2) -> Report:
     """Dry run: what :func:`compact` would remove, per layer, and why. Nothing is built or modified.
 
     Args:
@@ -192,6 +194,8 @@ def plan(model: nn.Module, example_inputs: Inputs, *, mode: str = "exact", round
         example_inputs: a tensor or tuple of positional inputs for ``model``.
         mode: ``"exact"`` (fold constants of removed channels) or ``"drop"`` (discard them).
         round_to: keep extra masked channels so every width is a multiple of this.
+        random_inputs: random batches besides the example on which constants are checked
+            (as in :func:`compact`; the same value gives the same plan).
 
     Returns:
         A :class:`~compactor.plan.Report`; ``print(report)`` shows the table.
@@ -205,7 +209,7 @@ def plan(model: nn.Module, example_inputs: Inputs, *, mode: str = "exact", round
         [0, 3]
     """
     with _verify.full_precision():
-        _, _, work, decision, _ = _prepare(model, example_inputs, mode, round_to, extra=2)
+        _, _, work, decision, _ = _prepare(model, example_inputs, mode, round_to, extra=random_inputs)
     before, after = _layers(work), _planned(work, decision)
     params_before = count_params(work)
     params_after = params_before - sum(before[n][2] - after[n][2] for n in before)
@@ -291,8 +295,15 @@ def _compact(model: nn.Module, example_inputs: Inputs, verify: bool, mode: str, 
     report = _report(mode, decision, before, _layers(compact_model), params_before, count_params(compact_model), folded)
     report.sparsity = _sparsity(compact_model, pruned)
     if verify:
-        with torch.no_grad():
-            got = [compact_model(*b) for b in batches]
+        try:
+            with torch.no_grad():
+                got = [compact_model(*b) for b in batches]
+        except Exception as exc:
+            raise VerificationError(
+                f"the compact model failed to run on the example input(s): {_first_line(exc)}; this is a bug in "
+                "compactor: please report it with the model (compact(..., mode='drop') or keeping the layer unpruned "
+                "may work around it)"
+            ) from None
         what = "masked" if mode == "exact" else "masked (dropped constants zeroed)"
         diff, tol = _verify.check(decision.reference_outputs, got, what)
         if mode == "exact":  # and against the user's own masked model, hooks and all

@@ -40,9 +40,12 @@ _CHANNELWISE_GRAD_FNS = {
     "AdaptiveAvgPool3D", "AdaptiveMaxPool1D", "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
     "Mean", "Add", "Sub", "Mul", "Div", "Neg", "Clone", "View", "Reshape", "UnsafeView",
     "Flatten", "Expand", "Squeeze", "Unsqueeze", "T", "Permute", "Transpose", "Cat", "Split",
-    "SplitWithSizes", "Unbind", "Slice", "Select", "Dropout", "NativeDropout", "Alias",
+    "SplitWithSizes", "Unbind", "Dropout", "NativeDropout", "Alias",
     "ToCopy", "Contiguous", "Upsample", "UpsampleNearest2D", "UpsampleBilinear2D",
     "UpsampleNearest1D", "UpsampleNearest3D", "Exp", "Abs", "Sqrt", "Pow", "Rsqrt",
+    # spatial padding (a zero pad's border shows up in the numeric constancy check)
+    "ConstantPadNd", "ReflectionPad1D", "ReflectionPad2D", "ReflectionPad3D",
+    "ReplicationPad1D", "ReplicationPad2D", "ReplicationPad3D",
 }
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -116,12 +119,16 @@ def _classify(node, handler, DG) -> tuple[str, str, str, int]:
     if t == O.PARAMETER:
         dim = next((up.pruning_dim for up in DG.unwrapped_parameters if up.parameters is module), 0)
         return "slice", "Parameter", "", dim
-    if t in (O.CONCAT, O.SPLIT, O.RESHAPE, O.UNBIND, O.EXPAND, O.SLICE):
+    if t == O.SLICE:  # fixed bounds (h[:, :4]) cannot be renumbered when channels go
+        return "blocked", "slice", "a fixed slice of the channels keeps them", 0
+    if t in (O.CONCAT, O.SPLIT, O.RESHAPE, O.UNBIND, O.EXPAND):
         return "pass", t.name.lower(), "", 0
     if t == O.ELEMENTWISE:
         op = _grad_fn_name(node)
         if op in _CHANNELWISE_GRAD_FNS:
             return "pass", op, "", 0
+        if op in ("Slice", "Select"):
+            return "blocked", op, f"a fixed '{op.lower()}' of the tensor keeps these channels", 0
         if op in ("Addmm", "Mm") and node.outputs and all(o.type == O.LINEAR for o in node.outputs):
             return "pass", op, "", 0  # the matmul inside an nn.Linear applied to a (N, L, F) input
         return "blocked", op, f"operation '{op}' may mix channels", 0

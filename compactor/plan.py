@@ -174,7 +174,9 @@ class _Stats:
             self.first = v[:, 0].clone()
             self.varying = torch.zeros(len(self.idxs), dtype=torch.bool, device=x.device)
         dev = (v - self.first[:, None]).abs().amax(1)
-        self.varying |= dev > 1e-6 * (1 + self.first.abs())
+        # a few ulps of the activation's dtype: pooling may round a constant differently at borders
+        ulp = torch.finfo(x.dtype).eps if x.is_floating_point() else 0.0
+        self.varying |= dev > 16 * ulp * self.first.abs()
 
     def query(self, local: list[int]) -> tuple[torch.Tensor, list[int]]:
         pos = {c: i for i, c in enumerate(self.idxs)}
@@ -183,28 +185,43 @@ class _Stats:
         return self.first.index_select(0, sel), varying
 
 
-def _capture(model: nn.Module, watch: dict[str, list[int]], batches: Sequence[tuple]) -> tuple[dict[str, _Stats], list, dict[str, int]]:
-    """One forward per batch: watched consumer-input channels, the outputs, and MACs (first batch)."""
+def _capture(model: nn.Module, watch: dict[str, list[int]], batches: Sequence[tuple],
+             bn_after: Optional[dict[str, str]] = None) -> tuple[dict[str, _Stats], list, dict[str, int], dict[str, str]]:
+    """One forward per batch: watched consumer-input channels, the outputs, MACs (first batch), and
+    which traced conv -> BatchNorm pairs really hand the BN the conv's output and nothing else."""
     stats = {n: _Stats(sorted(set(idxs))) for n, idxs in watch.items() if idxs}
     modules = dict(model.named_modules())
     hooks = [modules[n].register_forward_pre_hook(lambda mod, args, _s=st: _s.update(mod, args[0]))
              for n, st in stats.items()]
     macs: dict[str, int] = {}
-    counting = [True]
+    first = [True]
     for name, m in modules.items():
         if isinstance(m, (nn.Linear,) + _CONV):
             hooks.append(m.register_forward_hook(
-                lambda mod, args, out, _n=name: _count(macs, _n, mod, out) if counting[0] else None))
+                lambda mod, args, out, _n=name: _count(macs, _n, mod, out) if first[0] else None))
+    pairs = dict(bn_after or {})
+    conv_out: dict[str, Any] = {}
+    handed: dict[str, bool] = {}
+    for conv, bn in pairs.items():
+        hooks.append(modules[conv].register_forward_hook(
+            lambda mod, args, out, _c=conv: conv_out.__setitem__(_c, out) if first[0] else None))
+        hooks.append(modules[bn].register_forward_pre_hook(
+            lambda mod, args, _c=conv: handed.__setitem__(_c, handed.get(_c, True) and args[0] is conv_out.get(_c))
+            if first[0] else None))
     outputs = []
     try:
         with torch.no_grad():
             for b in batches:
                 outputs.append(model(*b))
-                counting[0] = False
+                first[0] = False
     finally:
         for h in hooks:
             h.remove()
-    return stats, outputs, macs
+    from .verify import flatten_outputs
+
+    returned = {id(t) for t in flatten_outputs(outputs[0])} if outputs else set()
+    checked = {c: bn for c, bn in pairs.items() if handed.get(c) and id(conv_out.get(c)) not in returned}
+    return stats, outputs, macs, checked
 
 
 def _count(macs: dict[str, int], name: str, mod: nn.Module, out: torch.Tensor) -> None:
@@ -357,6 +374,13 @@ def decide(
     silent: dict[int, set[int]] = {}  # roots no consumer reads: nothing to fold
     any_masked = False
 
+    owners: dict[int, set[str]] = {}
+    for mname, m in modules.items():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(mname)
+    tied = {n for names in owners.values() if len(names) > 1 for n in names}
+
     for gi, g in enumerate(groups):
         producers = [it for it in g.items if it.role in _PRODUCERS]
         readers = [it for it in g.items if it.role in _READERS]
@@ -382,6 +406,11 @@ def decide(
             continue
         if g.reaches_output:
             notes.append(GroupNote(layers, sorted(removable), "kept", "these channels are the model's output"))
+            continue
+        shared = sorted({it.name for it in g.items if it.name in tied})
+        if shared:
+            notes.append(GroupNote(layers, sorted(removable), "kept",
+                                   f"{', '.join(shared)}: weights tied with another layer; slicing would untie them"))
             continue
         blocked = [it for it in g.items if it.role == "blocked"]
         if blocked:
@@ -420,7 +449,7 @@ def decide(
             for it in groups[gi].items:
                 if it.role == "in":
                     watch.setdefault(it.name, []).extend(_local(it, roots - silent[gi]))
-    stats, outputs, macs = _capture(work, watch, batches)
+    stats, outputs, macs, bn_after = _capture(work, watch, batches, bn_after)
     while True:
         snapshot = {gi: len(r) for gi, r in cand.items()}
         unprobed = {gi: r for gi, r in cand.items() if r and gi not in probed}

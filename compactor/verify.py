@@ -12,7 +12,8 @@ from .errors import VerificationError
 
 __all__ = ["RELATIVE_TOLERANCE", "full_precision", "flatten_outputs", "max_abs_diff", "check", "make_batches"]
 
-#: compact and masked may differ by at most this times the output scale (fp32 summation order).
+#: compact and masked may differ by at most this times the output scale (fp32 summation order);
+#: for fp16 / bf16 outputs, 16 x the dtype's epsilon.
 RELATIVE_TOLERANCE = 1e-5
 
 
@@ -28,6 +29,7 @@ def full_precision() -> Iterator[None]:
 
 
 def flatten_outputs(out: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a model's output: a tensor, or (nested) tuples / lists / dicts of them; None is skipped."""
     if isinstance(out, torch.Tensor):
         yield out
     elif isinstance(out, dict):
@@ -36,6 +38,11 @@ def flatten_outputs(out: Any) -> Iterator[torch.Tensor]:
     elif isinstance(out, (list, tuple)):
         for o in out:
             yield from flatten_outputs(o)
+    elif out is not None:
+        raise VerificationError(
+            f"the model returns a {type(out).__name__}, which compactor cannot compare; return a tensor, "
+            "or a tuple / list / dict of tensors"
+        )
 
 
 def make_batches(example: tuple, extra: int, seed: int = 0) -> list[tuple]:
@@ -53,8 +60,13 @@ def make_batches(example: tuple, extra: int, seed: int = 0) -> list[tuple]:
                 scale = scale if math.isfinite(scale) and scale > 0 else 1.0
                 r = r * scale + float(x.detach().double().mean())
                 batch.append(r.to(dtype=x.dtype, device=x.device))
+            elif x.dtype == torch.bool:
+                batch.append((torch.rand(x.shape, generator=gen) < 0.5).to(device=x.device))
             else:
-                lo, hi = int(x.min()), int(x.max())
+                # Widen to include 0 and 1: an all-ones mask in the example must not stay all ones,
+                # or a channel it gates would look constant.
+                lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 1)
+                lo, hi = min(lo, 0), max(hi, 1)
                 batch.append(torch.randint(lo, hi + 1, x.shape, generator=gen).to(dtype=x.dtype, device=x.device))
         batches.append(tuple(batch))
     return batches
@@ -87,7 +99,9 @@ def check(reference: Sequence[Any], candidate: Sequence[Any], what: str = "maske
     ``reference`` and ``candidate`` are the outputs of the two models, one entry per batch.
     """
     diff, scale = max_abs_diff(reference, candidate)
-    tol = RELATIVE_TOLERANCE * max(scale, 1e-2)
+    eps = max((torch.finfo(t.dtype).eps for out in reference for t in flatten_outputs(out) if t.is_floating_point()),
+              default=0.0)
+    tol = max(RELATIVE_TOLERANCE, 16 * eps) * max(scale, 1e-2)  # fp16 / bf16 round far coarser than fp32
     if not diff <= tol:
         raise VerificationError(
             f"the compact model differs from the {what} model by up to {diff:.3g} (tolerance {tol:.3g}, "
