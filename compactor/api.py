@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -151,9 +153,8 @@ def _planned(model: nn.Module, decision: Decision) -> dict[str, tuple[str, tuple
         if folded is not None and folded.bias is not None and fold.absorbing_bn(name, modules, decision) is None \
                 and not isinstance(bias, torch.Tensor):
             n_bias = s[0]  # folding creates the bias
-
-        others = params - _prod(shape) - (bias.numel() if isinstance(bias, torch.Tensor) else 0)
-        out[name] = (op, tuple(s), _prod(s) + n_bias + max(others, 0))
+        others = params - math.prod(shape) - (bias.numel() if isinstance(bias, torch.Tensor) else 0)
+        out[name] = (op, tuple(s), math.prod(s) + n_bias + max(others, 0))
     return out
 
 
@@ -162,17 +163,10 @@ def _rows(before, after, macs_b: dict[str, int], decision: Decision) -> list[Lay
     for name, (op, shape_b, p_b) in before.items():
         _, shape_a, p_a = after[name]
         mb = macs_b.get(name, 0)
-        ma = int(round(mb * _prod(shape_a) / _prod(shape_b))) if mb else 0
+        ma = int(round(mb * math.prod(shape_a) / math.prod(shape_b))) if mb else 0
         rows.append(LayerRow(name, op, shape_b, shape_a, sorted(decision.remove_out.get(name, ())),
                              sorted(decision.remove_in.get(name, ())), decision.why.get(name, ""), p_b, p_a, mb, ma))
     return rows
-
-
-def _prod(shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _report(mode: str, decision: Decision, before, after, params_before: int, params_after: int,
