@@ -545,15 +545,16 @@ def _zeroed_outputs(work: nn.Module, zero_inputs: dict[str, set[int]], batches: 
 
 
 def _add_fold(fold: _Fold, module: nn.Module, local: list[int], values: torch.Tensor, source: str) -> None:
-    w = module.weight.detach().double()
-    index = torch.tensor(local, dtype=torch.long, device=w.device)
+    weight = module.weight.detach()
+    index = torch.tensor(local, dtype=torch.long, device=weight.device)
+    w = weight.index_select(1, index).double()  # only the removed columns, in float64
     v = values.to(w.device)
     fold.sources.append(source)
     if isinstance(module, nn.Linear):
-        delta = w.index_select(1, index) @ v
+        delta = w @ v
         fold.bias = delta if fold.bias is None else fold.bias + delta
         return
-    kernel = torch.einsum("oc...,c->o...", w.index_select(1, index), v)
+    kernel = torch.einsum("oc...,c->o...", w, v)
     zero_padded = module.padding_mode == "zeros" and (
         module.padding == "same" or (not isinstance(module.padding, str) and any(module.padding))
     )
