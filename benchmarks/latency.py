@@ -26,8 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import bench  # noqa: E402
 
-import torch  # noqa: E402
-
 SCENARIOS = {"lenet": ["seeds-50"], "resnet50": ["bottleneck-inner-50", "all-50"], "vit": ["mlp-50"]}
 SWEEP_KIND = {"lenet": "seeds", "resnet50": "bottleneck-inner", "vit": "mlp"}
 BIG = ("resnet50", "vit")
@@ -97,12 +95,8 @@ def run(args: argparse.Namespace, after_case: Optional[Callable[[bench.Prepared]
     t0 = time.perf_counter()
     # Untimed work (compact(), exports, checks) on 1 thread: on a busy machine OpenMP's barriers between
     # many small convs cost far more than they save. Timed backends set their own thread counts.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with bench.torch_threads(1):
         return _run(args, after_case, t0)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace, after_case: Optional[Callable[[bench.Prepared], None]], t0: float) -> dict:

@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import masks, timing
+from .timing import torch_threads
 from .api import compact
 from .verify import full_precision
 
@@ -415,17 +416,6 @@ def backend_threads(backend: str) -> int:
     return _cpu_threads()
 
 
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the body with ``torch.set_num_threads(n)``, restoring the previous count after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _ort_session(path: str, backend: str):
     ort = _ort()
     so = ort.SessionOptions()
@@ -508,7 +498,6 @@ def time_case(prep: Prepared, backend: str, batch: int, *, repeats: int = 20, va
             m = mods[v]
             fns[v] = (lambda m=m: m(x))
     else:
-        ort = _ort()
         for i, v in enumerate(names):
             say(i, steps, f"{label}: ONNX export + check {v}")
             path = prep.onnx_path(v)
@@ -531,7 +520,6 @@ def time_case(prep: Prepared, backend: str, batch: int, *, repeats: int = 20, va
                 feed = {feed_name: x_cpu.numpy()}
                 fns[v] = (lambda s=sess, f=feed: s.run(None, f))
             keep_alive.append(sess)
-        del ort
     for v in names:
         if v == "compact-drop" and v in prep.reports:
             r = prep.reports[v]

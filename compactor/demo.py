@@ -154,13 +154,8 @@ def run(out_dir: str = "compactor-demo", *, amount: float = 0.5, epochs: int = 8
 
     say("5/5 timing masked vs compact on the CPU (batch 1, interleaved, medians)")
     x1 = xte[:1]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            t = timing.measure({"masked": lambda: masked(x1), "compact": lambda: small(x1)}, repeats=40)
-    finally:
-        torch.set_num_threads(threads)
+    with timing.torch_threads(1), torch.inference_mode():
+        t = timing.measure({"masked": lambda: masked(x1), "compact": lambda: small(x1)}, repeats=40)
 
     say("")
     say(report.table())

@@ -34,7 +34,8 @@ class _BorderCorrected:
         """The removed channels' contribution for an input shaped like ``x``: (1, out, *spatial)."""
         return self._map(tuple(x.shape[2:]), x)
 
-    def _cached_map(self, x: torch.Tensor) -> torch.Tensor:
+    def _graph_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map inside a captured graph (tracing, ONNX export, scripting, torch.compile)."""
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             # Exported graphs get the map for the traced spatial size as a constant, so the
             # runtime folds it away instead of rebuilding it from the input's shape on every call.
@@ -44,9 +45,7 @@ class _BorderCorrected:
                 size = tuple(int(d) for d in x.shape[2:])
             with torch.no_grad():
                 return self._map(size, x)
-        if torch.jit.is_scripting() or torch.compiler.is_compiling():
-            return self.border_map(x)
-        return self._entry(x)[2]
+        return self.border_map(x)
 
     def _entry(self, x: torch.Tensor) -> tuple:
         """Cached per input size: (the interior constant, frame patches, full map)."""
@@ -72,10 +71,9 @@ class _BorderCorrected:
         h, w = rest.shape[2:]
         rows = rest.abs().amax(dim=(0, 1, 3)) > 0
         cols = rest.abs().amax(dim=(0, 1, 2)) > 0
-        top = _run_length(rows.tolist())
-        bottom = _run_length(rows.tolist()[::-1])
-        left = _run_length(cols.tolist())
-        right = _run_length(cols.tolist()[::-1])
+        rows, cols = rows.tolist(), cols.tolist()
+        top, bottom = _run_length(rows), _run_length(rows[::-1])
+        left, right = _run_length(cols), _run_length(cols[::-1])
         if top + bottom >= h or left + right >= w or bool(rest[:, :, top:h - bottom, left:w - right].any()):
             return None, None, full
         patches = []
@@ -89,7 +87,7 @@ class _BorderCorrected:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.jit.is_scripting() \
                 or torch.compiler.is_compiling():
-            return self._conv_forward(x, self.weight, self.bias) + self._cached_map(x)
+            return self._conv_forward(x, self.weight, self.bias) + self._graph_map(x)
         inner, patches, full = self._entry(x)
         if patches is None:  # 1-d / 3-d, or no plain interior: add the whole map
             return self._conv_forward(x, self.weight, self.bias).add_(full)

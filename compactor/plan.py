@@ -18,6 +18,7 @@ from torch import nn
 
 from . import graph
 from .errors import CompactionError
+from .verify import flatten_outputs
 
 __all__ = ["LayerRow", "GroupNote", "Report", "Decision", "decide", "count_macs", "count_params"]
 
@@ -217,8 +218,6 @@ def _capture(model: nn.Module, watch: dict[str, list[int]], batches: Sequence[tu
     finally:
         for h in hooks:
             h.remove()
-    from .verify import flatten_outputs
-
     returned = {id(t) for t in flatten_outputs(outputs[0])} if outputs else set()
     checked = {c: bn for c, bn in pairs.items() if handed.get(c) and id(conv_out.get(c)) not in returned}
     return stats, outputs, macs, checked
@@ -234,6 +233,12 @@ def _count(macs: dict[str, int], name: str, mod: nn.Module, out: torch.Tensor) -
             k *= d
         per = out.numel() // n * (mod.in_channels // mod.groups) * k
     macs[name] = macs.get(name, 0) + per
+
+
+def _filled(module: nn.Module, x: torch.Tensor, idxs: set[int], value: float) -> torch.Tensor:
+    """A copy of ``x`` with channels ``idxs`` (as ``module`` reads or writes them) set to ``value``."""
+    index = torch.tensor(sorted(idxs), dtype=torch.long, device=x.device)
+    return x.clone().index_fill_(1 if isinstance(module, _CONV) else x.dim() - 1, index, value)
 
 
 def _channel_view(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -320,18 +325,9 @@ def _probe(work: nn.Module, groups: list[graph.Group], cand: dict[int, set[int]]
                 return (torch.nan_to_num(x, nan=0.0),) + tuple(args[1:])
             return None
 
-        def post(mod, args, out, _idx):
-            out = out.clone()
-            index = torch.tensor(sorted(_idx), dtype=torch.long, device=out.device)
-            if isinstance(mod, _CONV):
-                out.index_fill_(1, index, float("nan"))
-            else:
-                out.index_fill_(out.dim() - 1, index, float("nan"))
-            return out
-
         readers = set(expect) | {n for n, m in modules.items() if isinstance(m, _CONV + (nn.Linear,))}
         hooks = _hook_inputs(work, readers, pre)
-        hooks += [modules[n].register_forward_hook(lambda m, a, o, _i=idx: post(m, a, o, _i))
+        hooks += [modules[n].register_forward_hook(lambda m, a, o, _i=idx: _filled(m, o, _i, float("nan")))
                   for n, idx in produce.items() if idx]
         try:
             with torch.no_grad():
@@ -339,9 +335,7 @@ def _probe(work: nn.Module, groups: list[graph.Group], cand: dict[int, set[int]]
         finally:
             for h in hooks:
                 h.remove()
-        from .verify import flatten_outputs
-
-        leaked = any(bool(torch.isnan(o).any()) for o in flatten_outputs(out) if o.is_floating_point())
+            leaked = any(bool(torch.isnan(o).any()) for o in flatten_outputs(out) if o.is_floating_point())
         return bad, leaked
 
     active = {gi: r for gi, r in cand.items() if r}
@@ -529,13 +523,8 @@ def _zeroed_outputs(work: nn.Module, zero_inputs: dict[str, set[int]], batches: 
     """Outputs of the masked model with removed channels zeroed where consumers read them ("drop" semantics)."""
     modules = dict(work.named_modules())
 
-    def hook(mod, args, _i):
-        x = args[0].clone()
-        index = torch.tensor(sorted(_i), dtype=torch.long, device=x.device)
-        x.index_fill_(1 if isinstance(mod, _CONV) else x.dim() - 1, index, 0.0)
-        return (x,) + tuple(args[1:])
-
-    hooks = [modules[n].register_forward_pre_hook(lambda m, a, _i=idx: hook(m, a, _i)) for n, idx in zero_inputs.items()]
+    hooks = [modules[n].register_forward_pre_hook(lambda m, a, _i=idx: (_filled(m, a[0], _i, 0.0),) + tuple(a[1:]))
+             for n, idx in zero_inputs.items()]
     try:
         with torch.no_grad():
             return [work(*b) for b in batches]

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 
-__all__ = ["Timing", "measure"]
+__all__ = ["Timing", "measure", "torch_threads"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +77,14 @@ def measure(
         m, lo, hi = _quantiles(xs)
         out[k] = Timing(m, lo, hi, repeats)
     return out
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the body with ``torch.set_num_threads(n)``, restoring the previous count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
