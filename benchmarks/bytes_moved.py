@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -190,7 +189,7 @@ def write(args: argparse.Namespace, res: dict) -> list[str]:
     if split:
         lo, hi = min(args.batches), max(args.batches)
         md += [f"## Fixed cost per forward and cost per sample (from batches {lo} and {hi})", "",
-               f"latency(b) ~ fixed + b x per-sample; fixed = what a forward costs whatever the batch "
+               "latency(b) ~ fixed + b x per-sample; fixed = what a forward costs whatever the batch "
                "(op dispatch, allocation, kernel set-up), per-sample = the part that scales with the work.", "",
                common.table(split, [
                    ("variant", lambda r: r["variant"]),

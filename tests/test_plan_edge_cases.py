@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import compactor
-from compactor import VerificationError
+
 
 
 def _dead_rows(module: nn.Module, rows: list[int]) -> None:

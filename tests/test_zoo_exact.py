@@ -10,7 +10,6 @@ from torch import nn
 from torch.nn.utils import prune
 
 import compactor
-from compactor import masks
 from compactor.testing import zoo
 
 # fp32: compact sums fewer terms, in another order, than masked.
