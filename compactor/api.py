@@ -12,6 +12,7 @@ from torch import nn
 from . import fold, masks
 from . import verify as _verify
 from .errors import CompactionError, NoPruningFoundError, VerificationError
+from .tensors import flatten_outputs, make_batches
 from .plan import Decision, LayerRow, Report, count_params, decide
 
 __all__ = ["compact", "plan"]
@@ -87,13 +88,13 @@ def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Opti
     pruned = masks.pruned_tensors(model)
     work = masks.bake(model).eval()
     _check_finite(work)
-    batches = _verify.make_batches(example, extra)
+    batches = make_batches(example, extra)
     try:
         decision = decide(work, batches, mode=mode, round_to=round_to)
     except CompactionError:
         raise
     except Exception as exc:
-        list(_verify.flatten_outputs(_run(work, example)))  # a rejected input or an output type, said clearly
+        list(flatten_outputs(_run(work, example)))  # a rejected input or an output type, said clearly
         raise CompactionError(
             f"could not trace {type(model).__name__} to find its channel dependencies: {_first_line(exc)}"
         ) from exc
@@ -299,10 +300,11 @@ def _compact(model: nn.Module, example_inputs: Inputs, verify: bool, mode: str, 
                 "may work around it)"
             ) from None
         what = "masked" if mode == "exact" else "masked (dropped constants zeroed)"
-        diff, tol = _verify.check(decision.reference_outputs, got, what)
+        c = _verify.check(decision.reference_outputs, got, what)
+        diff, tol = c.max_abs_diff, c.tolerance
         if mode == "exact":  # and against the user's own masked model, hooks and all
-            d2, t2 = _verify.check([_run_masked(model, example)], got[:1], what)
-            diff, tol = max(diff, d2), min(tol, t2)
+            c2 = _verify.check([_run_masked(model, example)], got[:1], what)
+            diff, tol = max(diff, c2.max_abs_diff), min(tol, c2.tolerance)
         report.max_abs_diff, report.tolerance = diff, tol
         report.verified_inputs = len(batches)
     compact_model.compaction_report = report

@@ -65,7 +65,7 @@ from torch import nn
 from . import masks
 from .errors import ExportError, LoadError
 from .layers import BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d
-from .verify import flatten_outputs
+from .tensors import flatten_outputs
 
 __all__ = [
     "FORMAT",

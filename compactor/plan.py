@@ -18,7 +18,7 @@ from torch import nn
 
 from . import graph
 from .errors import CompactionError
-from .verify import flatten_outputs
+from .tensors import flatten_outputs
 
 __all__ = ["LayerRow", "GroupNote", "Report", "Decision", "decide", "count_macs", "count_params"]
 

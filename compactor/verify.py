@@ -1,20 +1,38 @@
-"""Masked vs compact on real inputs; raise on mismatch."""
+"""Masked vs compact on real inputs; raise on mismatch. The package's one comparison and tolerance policy."""
 
 from __future__ import annotations
 
 import contextlib
-import math
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from .errors import VerificationError
+from .tensors import flatten_outputs
 
-__all__ = ["RELATIVE_TOLERANCE", "full_precision", "flatten_outputs", "max_abs_diff", "check", "make_batches"]
+__all__ = ["RELATIVE_TOLERANCE", "RUNTIME_RELATIVE_TOLERANCE", "Comparison", "full_precision", "max_abs_diff",
+           "tolerance", "compare", "check"]
 
 #: compact and masked may differ by at most this times the output scale (fp32 summation order);
 #: for fp16 / bf16 outputs, 16 x the dtype's epsilon.
 RELATIVE_TOLERANCE = 1e-5
+#: the same model in another runtime (onnxruntime, torch.export) may differ by this times the
+#: output scale: other kernels, other fusions, another summation order.
+RUNTIME_RELATIVE_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The largest difference between two models' outputs, and what it may be."""
+
+    max_abs_diff: float
+    scale: float  # the largest |reference|
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
 
 
 @contextlib.contextmanager
@@ -28,63 +46,24 @@ def full_precision() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
-def flatten_outputs(out: Any) -> Iterator[torch.Tensor]:
-    """The tensors in a model's output: a tensor, or (nested) tuples / lists / dicts of them; None is skipped."""
-    if isinstance(out, torch.Tensor):
-        yield out
-    elif isinstance(out, dict):
-        for k in sorted(out):
-            yield from flatten_outputs(out[k])
-    elif isinstance(out, (list, tuple)):
-        for o in out:
-            yield from flatten_outputs(o)
-    elif out is not None:
-        raise VerificationError(
-            f"the model returns a {type(out).__name__}, which compactor cannot compare; return a tensor, "
-            "or a tuple / list / dict of tensors"
-        )
-
-
-def make_batches(example: tuple, extra: int, seed: int = 0) -> list[tuple]:
-    """The example inputs, then ``extra`` random inputs of the same shapes and dtypes."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = [example]
-    for _ in range(extra):
-        batch = []
-        for x in example:
-            if not isinstance(x, torch.Tensor):
-                batch.append(x)
-            elif x.is_floating_point():
-                r = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-                scale = float(x.detach().double().std()) if x.numel() > 1 else 1.0
-                scale = scale if math.isfinite(scale) and scale > 0 else 1.0
-                r = r * scale + float(x.detach().double().mean())
-                batch.append(r.to(dtype=x.dtype, device=x.device))
-            elif x.dtype == torch.bool:
-                batch.append((torch.rand(x.shape, generator=gen) < 0.5).to(device=x.device))
-            else:
-                # Widen to include 0 and 1: an all-ones mask in the example must not stay all ones,
-                # or a channel it gates would look constant.
-                lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 1)
-                lo, hi = min(lo, 0), max(hi, 1)
-                batch.append(torch.randint(lo, hi + 1, x.shape, generator=gen).to(dtype=x.dtype, device=x.device))
-        batches.append(tuple(batch))
-    return batches
-
-
 def max_abs_diff(reference: Sequence[Any], candidate: Sequence[Any]) -> tuple[float, float]:
-    """Largest |candidate - reference| over all outputs of all batches, and the largest |reference|."""
+    """Largest |candidate - reference| over all outputs of all batches, and the largest |reference|.
+
+    Raises:
+        VerificationError: the outputs differ in count or shape.
+    """
     worst, scale = 0.0, 0.0
     for ref_out, got_out in zip(reference, candidate):
         ref = list(flatten_outputs(ref_out))
         got = list(flatten_outputs(got_out))
         if len(ref) != len(got):
-            raise VerificationError(f"the compact model returns {len(got)} tensors, the masked one {len(ref)}")
+            raise VerificationError(f"the compact model returns {len(got)} tensors, the reference {len(ref)}")
         for r, g in zip(ref, got):
             if r.shape != g.shape:
                 raise VerificationError(
-                    f"the compact model's output has shape {tuple(g.shape)}, the masked one {tuple(r.shape)}"
+                    f"the compact model's output has shape {tuple(g.shape)}, the reference {tuple(r.shape)}"
                 )
+            g = g.to(r.device)
             if r.is_floating_point():
                 worst = max(worst, float((g.double() - r.double()).abs().max()) if r.numel() else 0.0)
                 scale = max(scale, float(r.double().abs().max()) if r.numel() else 0.0)
@@ -93,18 +72,29 @@ def max_abs_diff(reference: Sequence[Any], candidate: Sequence[Any]) -> tuple[fl
     return worst, scale
 
 
-def check(reference: Sequence[Any], candidate: Sequence[Any], what: str = "masked") -> tuple[float, float]:
-    """Raise :class:`VerificationError` if the outputs differ beyond tolerance; return (diff, tolerance).
+def tolerance(reference: Sequence[Any], scale: float, rel: float = RELATIVE_TOLERANCE) -> float:
+    """The allowed difference: ``rel`` (at least 16 ulps of the outputs' dtype) times the output scale."""
+    eps = max((torch.finfo(t.dtype).eps for out in reference for t in flatten_outputs(out) if t.is_floating_point()),
+              default=0.0)
+    return max(rel, 16 * eps) * max(scale, 1e-2)  # fp16 / bf16 round far coarser than fp32
+
+
+def compare(reference: Sequence[Any], candidate: Sequence[Any], *, rel: float = RELATIVE_TOLERANCE) -> Comparison:
+    """Compare two models' outputs, one entry per batch; :attr:`Comparison.ok` says if they agree."""
+    diff, scale = max_abs_diff(reference, candidate)
+    return Comparison(diff, scale, tolerance(reference, scale, rel))
+
+
+def check(reference: Sequence[Any], candidate: Sequence[Any], what: str = "masked") -> Comparison:
+    """Raise :class:`VerificationError` if the outputs differ beyond tolerance; return the comparison.
 
     ``reference`` and ``candidate`` are the outputs of the two models, one entry per batch.
     """
-    diff, scale = max_abs_diff(reference, candidate)
-    eps = max((torch.finfo(t.dtype).eps for out in reference for t in flatten_outputs(out) if t.is_floating_point()),
-              default=0.0)
-    tol = max(RELATIVE_TOLERANCE, 16 * eps) * max(scale, 1e-2)  # fp16 / bf16 round far coarser than fp32
-    if not diff <= tol:
+    result = compare(reference, candidate)
+    if not result.ok:
         raise VerificationError(
-            f"the compact model differs from the {what} model by up to {diff:.3g} (tolerance {tol:.3g}, "
-            f"output scale {scale:.3g}); this is a bug in compactor: please report it with the model"
+            f"the compact model differs from the {what} model by up to {result.max_abs_diff:.3g} (tolerance "
+            f"{result.tolerance:.3g}, output scale {result.scale:.3g}); this is a bug in compactor: please report it "
+            "with the model"
         )
-    return diff, tol
+    return result
