@@ -4,13 +4,14 @@ from .api import compact, plan
 from .errors import CompactionError, ExportError, LoadError, MaskLoadError, NoPruningFoundError, VerificationError
 from .export import ExportReport, export_onnx, export_program, load, save, save_pickle
 from .masks import load_pruned
-from .plan import Report
+from .report import Report, report_of
 
 __all__ = [
     "compact",
     "plan",
     "load_pruned",
     "Report",
+    "report_of",
     "export_onnx",
     "ExportReport",
     "export_program",

@@ -1,40 +1,22 @@
-"""compact() and plan(): the pipeline masks -> graph -> plan -> fold/slice -> verify."""
+"""compact() and plan(): the pipeline masks -> graph -> planner -> fold -> report -> verify."""
 
 from __future__ import annotations
 
-import math
-
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from . import fold, masks
+from . import fold, masks, probe, report as _report
 from . import verify as _verify
 from .errors import CompactionError, NoPruningFoundError, VerificationError
-from .tensors import flatten_outputs, make_batches
-from .plan import Decision, LayerRow, Report, count_params, decide
+from .planner import Mode, make_plan
+from .report import Report
+from .tensors import Inputs, as_inputs, describe, first_line, flatten_outputs, make_batches
 
 __all__ = ["compact", "plan"]
 
-Inputs = Union[torch.Tensor, Sequence[Any]]
 _MODES = ("exact", "drop")
-
-
-def _as_tuple(example_inputs: Inputs) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)) and len(example_inputs) > 0:
-        return tuple(example_inputs)
-    raise TypeError(
-        f"example_inputs must be a tensor or a non-empty tuple of the model's positional inputs, "
-        f"got {type(example_inputs).__name__}"
-    )
-
-
-def _shapes(batch: tuple) -> str:
-    return ", ".join(f"of shape {tuple(x.shape)} ({str(x.dtype).replace('torch.', '')}, {x.device})"
-                     if isinstance(x, torch.Tensor) else type(x).__name__ for x in batch)
 
 
 def _check_finite(model: nn.Module) -> None:
@@ -47,18 +29,13 @@ def _check_finite(model: nn.Module) -> None:
                 )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _run(model: nn.Module, batch: tuple) -> Any:
     try:
         with torch.no_grad():
             return model(*batch)
     except Exception as exc:
         raise CompactionError(
-            f"{type(model).__name__} rejected the example input(s) {_shapes(batch)}: {_first_line(exc)}; "
+            f"{type(model).__name__} rejected the example input(s) {describe(batch)}: {first_line(exc)}; "
             "pass inputs of the shape, dtype and device its forward() expects (model.to(x.device) if they differ)"
         ) from None
 
@@ -84,27 +61,27 @@ def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Opti
         raise ValueError(f"round_to={round_to!r} should be a positive integer or None")
     if not isinstance(extra, int) or extra < 0:
         raise ValueError(f"random_inputs={extra!r} should be a non-negative integer")
-    example = _as_tuple(example_inputs)
+    example = as_inputs(example_inputs)
     pruned = masks.pruned_tensors(model)
     work = masks.bake(model).eval()
     _check_finite(work)
     batches = make_batches(example, extra)
     try:
-        decision = decide(work, batches, mode=mode, round_to=round_to)
+        the_plan, measured = make_plan(work, batches, mode=mode, round_to=round_to)
     except CompactionError:
         raise
     except Exception as exc:
         list(flatten_outputs(_run(work, example)))  # a rejected input or an output type, said clearly
         raise CompactionError(
-            f"could not trace {type(model).__name__} to find its channel dependencies: {_first_line(exc)}"
+            f"could not trace {type(model).__name__} to find its channel dependencies: {first_line(exc)}"
         ) from exc
-    if not pruned and not decision.any_masked:
+    if not pruned and not the_plan.any_masked:
         raise NoPruningFoundError(
             f"no pruning found in {type(model).__name__}: no layer carries torch.nn.utils.prune masks and none "
             "has all-zero output channels. Prune it first, e.g. prune.ln_structured(model.conv1, 'weight', "
             "amount=0.5, n=2, dim=0), or load a pruned state_dict with compactor.load_pruned(Model, path)"
         )
-    return example, batches, work, decision, [t.key for t in pruned]
+    return example, batches, work, the_plan, measured, [t.key for t in pruned]
 
 
 def _sparsity(model: nn.Module, keys: list[str]) -> dict[str, float]:
@@ -120,67 +97,7 @@ def _sparsity(model: nn.Module, keys: list[str]) -> dict[str, float]:
     return out
 
 
-_REPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-             nn.Embedding, nn.PReLU, nn.LayerNorm)
-
-
-def _layers(model: nn.Module) -> dict[str, tuple[str, tuple, int]]:
-    """Per reported layer: (op, weight shape, params)."""
-    layers = {}
-    for name, m in model.named_modules():
-        w = getattr(m, "weight", None)
-        if isinstance(m, _REPORTED) and isinstance(w, torch.Tensor):
-            layers[name] = (type(m).__name__, tuple(w.shape), sum(p.numel() for p in m.parameters(recurse=False)))
-    return layers
-
-
-def _planned(model: nn.Module, decision: Decision) -> dict[str, tuple[str, tuple, int]]:
-    """What :func:`_layers` would say of the compact model, derived from the plan alone."""
-    out = {}
-    modules = dict(model.named_modules())
-    for name, (op, shape, params) in _layers(model).items():
-        s = list(shape)
-        rm_out = len(decision.remove_out.get(name, ()))
-        rm_in = len(decision.remove_in.get(name, ()))
-        if op == "Embedding":
-            s[1] -= rm_out
-        else:
-            s[0] -= rm_out
-            if len(s) > 1 and getattr(modules[name], "groups", 1) == 1:
-                s[1] -= rm_in
-        bias = getattr(modules[name], "bias", None)
-        n_bias = bias.numel() - rm_out if isinstance(bias, torch.Tensor) else 0
-        folded = decision.folds.get(name)
-        if folded is not None and folded.bias is not None and fold.absorbing_bn(name, modules, decision) is None \
-                and not isinstance(bias, torch.Tensor):
-            n_bias = s[0]  # folding creates the bias
-        others = params - math.prod(shape) - (bias.numel() if isinstance(bias, torch.Tensor) else 0)
-        out[name] = (op, tuple(s), math.prod(s) + n_bias + max(others, 0))
-    return out
-
-
-def _rows(before, after, macs_b: dict[str, int], decision: Decision) -> list[LayerRow]:
-    rows = []
-    for name, (op, shape_b, p_b) in before.items():
-        _, shape_a, p_a = after[name]
-        mb = macs_b.get(name, 0)
-        ma = int(round(mb * math.prod(shape_a) / math.prod(shape_b))) if mb else 0
-        rows.append(LayerRow(name, op, shape_b, shape_a, sorted(decision.remove_out.get(name, ())),
-                             sorted(decision.remove_in.get(name, ())), decision.why.get(name, ""), p_b, p_a, mb, ma))
-    return rows
-
-
-def _report(mode: str, decision: Decision, before, after, params_before: int, params_after: int,
-            folded: list[str]) -> Report:
-    report = Report(mode=mode, groups=decision.notes, folded=folded)
-    report.layers = _rows(before, after, decision.macs, decision)
-    report.params_before, report.params_after = params_before, params_after
-    report.macs_before = sum(decision.macs.values())
-    report.macs_after = report.macs_before - sum(r.macs_before - r.macs_after for r in report.layers)
-    return report
-
-
-def plan(model: nn.Module, example_inputs: Inputs, *, mode: str = "exact", round_to: Optional[int] = None,
+def plan(model: nn.Module, example_inputs: Inputs, *, mode: Mode = "exact", round_to: Optional[int] = None,
          random_inputs: int = 2) -> Report:
     """Dry run: what :func:`compact` would remove, per layer, and why. Nothing is built or modified.
 
@@ -193,7 +110,7 @@ def plan(model: nn.Module, example_inputs: Inputs, *, mode: str = "exact", round
             (as in :func:`compact`; the same value gives the same plan).
 
     Returns:
-        A :class:`~compactor.plan.Report`; ``print(report)`` shows the table.
+        A :class:`~compactor.report.Report`; ``print(report)`` shows the table.
 
     Example:
         >>> import torch, compactor
@@ -204,27 +121,8 @@ def plan(model: nn.Module, example_inputs: Inputs, *, mode: str = "exact", round
         [0, 3]
     """
     with _verify.full_precision():
-        _, _, work, decision, _ = _prepare(model, example_inputs, mode, round_to, extra=random_inputs)
-    before, after = _layers(work), _planned(work, decision)
-    params_before = count_params(work)
-    params_after = params_before - sum(before[n][2] - after[n][2] for n in before)
-    return _report(mode, decision, before, after, params_before, params_after, _folded(work, decision))
-
-
-def _folded(work: nn.Module, decision: Decision) -> list[str]:
-    """What was folded where, in words; ``work`` as it is before folding."""
-    out = []
-    modules = dict(work.named_modules())
-    for name, f in decision.folds.items():
-        bn = fold.absorbing_bn(name, modules, decision)
-        where = f"into the mean of '{decision.bn_after[name]}'" if bn is not None else "into its bias"
-        how = []
-        if f.bias is not None:
-            how.append(where)
-        if f.border is not None:
-            how.append(f"{where}, plus an exact correction on the zero-padded border")
-        out.append(f"constants of removed channels from {', '.join(dict.fromkeys(f.sources))} -> '{name}' {' and '.join(how)}")
-    return out
+        _, _, work, the_plan, measured, _ = _prepare(model, example_inputs, mode, round_to, extra=random_inputs)
+    return _report.build(the_plan, _report.layout(work), fold.new_shapes(work, the_plan), measured.macs)
 
 
 def compact(
@@ -232,7 +130,7 @@ def compact(
     example_inputs: Inputs,
     *,
     verify: bool = True,
-    mode: str = "exact",
+    mode: Mode = "exact",
     round_to: Optional[int] = None,
     random_inputs: int = 2,
 ) -> nn.Module:
@@ -257,7 +155,8 @@ def compact(
 
     Returns:
         The compact model, in eval mode; ``.compaction_report`` holds the
-        :class:`~compactor.plan.Report` with the measured difference.
+        :class:`~compactor.report.Report` with the measured difference
+        (also :func:`compactor.report_of`).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -280,14 +179,16 @@ def compact(
         return _compact(model, example_inputs, verify, mode, round_to, random_inputs)
 
 
-def _compact(model: nn.Module, example_inputs: Inputs, verify: bool, mode: str, round_to: Optional[int],
+def _compact(model: nn.Module, example_inputs: Inputs, verify: bool, mode: Mode, round_to: Optional[int],
              random_inputs: int) -> nn.Module:
-    example, batches, work, decision, pruned = _prepare(model, example_inputs, mode, round_to, extra=random_inputs)
-    params_before = count_params(work)
-    before = _layers(work)
-    folded = _folded(work, decision)
-    compact_model = fold.apply(work, decision).eval()
-    report = _report(mode, decision, before, _layers(compact_model), params_before, count_params(compact_model), folded)
+    example, batches, work, the_plan, measured, pruned = _prepare(model, example_inputs, mode, round_to,
+                                                                   extra=random_inputs)
+    reference = measured.outputs
+    if mode == "drop" and the_plan.dropped:
+        reference = probe.zeroed_outputs(work, the_plan.dropped, batches)
+    before = _report.layout(work)
+    compact_model = fold.apply(work, the_plan).eval()
+    report = _report.build(the_plan, before, _report.layout(compact_model).shapes, measured.macs)
     report.sparsity = _sparsity(compact_model, pruned)
     if verify:
         try:
@@ -295,12 +196,12 @@ def _compact(model: nn.Module, example_inputs: Inputs, verify: bool, mode: str, 
                 got = [compact_model(*b) for b in batches]
         except Exception as exc:
             raise VerificationError(
-                f"the compact model failed to run on the example input(s): {_first_line(exc)}; this is a bug in "
+                f"the compact model failed to run on the example input(s): {first_line(exc)}; this is a bug in "
                 "compactor: please report it with the model (compact(..., mode='drop') or keeping the layer unpruned "
                 "may work around it)"
             ) from None
         what = "masked" if mode == "exact" else "masked (dropped constants zeroed)"
-        c = _verify.check(decision.reference_outputs, got, what)
+        c = _verify.check(reference, got, what)
         diff, tol = c.max_abs_diff, c.tolerance
         if mode == "exact":  # and against the user's own masked model, hooks and all
             c2 = _verify.check([_run_masked(model, example)], got[:1], what)

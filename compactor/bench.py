@@ -250,13 +250,13 @@ def _mha_slow_path() -> Iterator[None]:
 def count_macs_per_sample(model: nn.Module, x: torch.Tensor) -> int:
     """Multiply-accumulates per sample of every matmul, conv and attention op (torch's FlopCounterMode / 2).
 
-    Unlike :func:`compactor.plan.count_macs` (conv and Linear modules only) this also
+    Unlike :func:`compactor.probe.count_macs` (conv and Linear modules only) this also
     sees attention and ``nn.MultiheadAttention``'s projections.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
-        from .plan import count_macs  # module hooks: much faster, and the same count without attention
+        from .probe import count_macs  # module hooks: much faster, and the same count without attention
 
         return int(sum(count_macs(model, (x,)).values()))
     with _mha_slow_path(), torch.no_grad(), FlopCounterMode(display=False) as counter:

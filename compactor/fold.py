@@ -1,28 +1,127 @@
-"""Build the new, smaller layers: fold constants into consumers, slice tensors.
+"""Execute a plan: fold the constants of removed channels into their consumers, then slice every layer.
 
-Works in place on the planner's baked copy, which the caller owns.
+Asks no planning question: every decision is in the :class:`~compactor.planner.Plan`.
+:func:`new_shapes` gives the compact model's parameter shapes from the same slicing
+rules (:func:`_slicing`) that :func:`apply` executes, so a dry run predicts exactly
+what is built.
 """
 
 from __future__ import annotations
+
+from typing import Union
 
 import torch
 from torch import nn
 
 from .layers import with_border_correction
-from .plan import Decision
+from .planner import Cut, Fold, Plan
 
-__all__ = ["apply"]
+__all__ = ["apply", "new_shapes"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
+# tensor name -> ((dimension, removed indices), ...)
+Slicing = dict[str, tuple[tuple[int, tuple[int, ...]], ...]]
 
-def _keep(n: int, removed: set[int], device) -> torch.Tensor:
-    return torch.tensor([i for i in range(n) if i not in removed], dtype=torch.long, device=device)
+
+def _slicing(layer: Union[nn.Module, nn.Parameter], cut: Cut) -> Slicing:
+    """Which tensors of ``layer`` lose which indices along which dimensions ("" names a bare parameter)."""
+    out, inp = ((0, cut.out),), ((1, cut.inputs),)
+    if isinstance(layer, nn.Parameter):
+        return {"": ((cut.parameter_dim or 0, cut.out),)}
+    if isinstance(layer, _CONV):
+        # a grouped conv loses whole groups: its per-group input width (weight dim 1) stays
+        spec = {"weight": out + (inp if layer.groups == 1 else ()), "bias": out}
+        return {**spec, "border_kernel": out, "border_offset": out}
+    if isinstance(layer, nn.Linear):
+        return {"weight": out + inp, "bias": out}
+    if isinstance(layer, _BN):
+        return {"weight": out, "bias": out, "running_mean": out, "running_var": out}
+    if isinstance(layer, nn.PReLU):
+        return {"weight": out}
+    if isinstance(layer, nn.Embedding):
+        return {"weight": ((1, cut.out),)}
+    raise TypeError(f"cannot slice {type(layer).__name__} '{cut.name}'")  # the planner slices the types above only
 
 
-def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
-    return nn.Parameter(t.contiguous(), requires_grad=like.requires_grad)
+def _shape(shape: tuple[int, ...], dims: tuple[tuple[int, tuple[int, ...]], ...]) -> tuple[int, ...]:
+    s = list(shape)
+    for dim, removed in dims:
+        s[dim] -= len(removed)
+    return tuple(s)
+
+
+def _keep(n: int, removed: tuple[int, ...], device) -> torch.Tensor:
+    gone = set(removed)
+    return torch.tensor([i for i in range(n) if i not in gone], dtype=torch.long, device=device)
+
+
+def _sliced(t: torch.Tensor, dims: tuple[tuple[int, tuple[int, ...]], ...]) -> torch.Tensor:
+    t = t.detach()
+    for dim, removed in dims:
+        if removed:
+            t = t.index_select(dim, _keep(t.shape[dim], removed, t.device))
+    return t.contiguous()
+
+
+def _layers(model: nn.Module) -> dict[str, Union[nn.Module, nn.Parameter]]:
+    found: dict[str, Union[nn.Module, nn.Parameter]] = dict(model.named_modules())
+    found.update(model.named_parameters())
+    return found
+
+
+def new_shapes(model: nn.Module, plan: Plan) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter of the compact model, keyed like ``model.named_parameters(remove_duplicate=False)``.
+
+    ``model`` is the baked model the plan was made for; nothing is built or changed.
+    """
+    shapes = {k: tuple(p.shape) for k, p in model.named_parameters(remove_duplicate=False)}
+    layers = _layers(model)
+    for name, cut in plan.cuts.items():
+        for tname, dims in _slicing(layers[name], cut).items():
+            key = name if not tname else (f"{name}.{tname}" if name else tname)
+            if key in shapes:
+                shapes[key] = _shape(shapes[key], dims)
+    for f in plan.folds:
+        module = layers[f.layer]
+        key = f"{f.layer}.bias" if f.layer else "bias"
+        if f.target == "bias" and module.bias is None:
+            cut = plan.cuts.get(f.layer)
+            shapes[key] = (module.weight.shape[0] - (len(cut.out) if cut else 0),)  # folding creates the bias
+    return shapes
+
+
+def _set(owner: nn.Module, attr: str, value: torch.Tensor, like: torch.Tensor) -> None:
+    if isinstance(like, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value, requires_grad=like.requires_grad))
+    else:
+        setattr(owner, attr, value)
+
+
+def _slice(layer: nn.Module, cut: Cut) -> None:
+    for tname, dims in _slicing(layer, cut).items():
+        t = getattr(layer, tname, None)
+        if isinstance(t, torch.Tensor):
+            _set(layer, tname, _sliced(t, dims), t)
+    _sync_widths(layer, cut)
+
+
+def _sync_widths(layer: nn.Module, cut: Cut) -> None:
+    """Update the width attributes a layer's forward reads from its new tensors."""
+    if isinstance(layer, _CONV):
+        if layer.groups > 1:  # whole groups went
+            layer.groups -= len(cut.inputs) // (layer.in_channels // layer.groups)
+        layer.out_channels = layer.weight.shape[0]
+        layer.in_channels -= len(cut.inputs)
+    elif isinstance(layer, nn.Linear):
+        layer.out_features, layer.in_features = layer.weight.shape
+    elif isinstance(layer, _BN):
+        layer.num_features -= len(cut.out)
+    elif isinstance(layer, nn.PReLU):
+        layer.num_parameters = layer.weight.shape[0]
+    elif isinstance(layer, nn.Embedding):
+        layer.embedding_dim = layer.weight.shape[1]
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -39,97 +138,35 @@ def _fold_bias(module: nn.Module, delta: torch.Tensor) -> None:
         module.bias.data = (module.bias.detach().double() + delta.double()).to(module.bias.dtype)
 
 
-def absorbing_bn(name: str, modules: dict, decision: Decision):
-    """The BatchNorm that takes ``name``'s folded constants in its mean, or None (they go into a bias).
-
-    Only for a bias-free conv whose output feeds that BatchNorm alone: the conv then stays
-    bias-free (on a GPU a conv bias costs a whole extra pass over the output).
-    """
-    bn_name = decision.bn_after.get(name)
-    if bn_name is None or modules[name].bias is not None:
-        return None
-    bn = modules[bn_name]
-    return bn if getattr(bn, "running_mean", None) is not None else None
-
-
 def _shift_mean(bn: nn.Module, delta: torch.Tensor) -> None:
     """BN(y + delta) == BN'(y) with running_mean' = running_mean - delta (eval); training mode subtracts the batch mean anyway."""
     bn.running_mean.copy_((bn.running_mean.double() - delta.to(bn.running_mean.device).double()).to(bn.running_mean.dtype))
 
 
-def _slice(module: nn.Module, out_rm: set[int], in_rm: set[int]) -> None:
-    dev = module.weight.device if hasattr(module, "weight") and module.weight is not None else None
-    if isinstance(module, _CONV):
-        keep_out = _keep(module.out_channels, out_rm, dev)
-        w = module.weight.detach().index_select(0, keep_out)
-        if module.groups == 1:
-            w = w.index_select(1, _keep(module.in_channels, in_rm, dev))
-        else:  # the planner removes whole groups only: inputs and outputs of a group together
-            per_in = module.in_channels // module.groups
-            module.groups -= len(in_rm) // per_in
-        module.weight = _param(w, module.weight)
-        if module.bias is not None:
-            module.bias = _param(module.bias.detach().index_select(0, keep_out), module.bias)
-        if hasattr(module, "border_kernel"):
-            module.border_kernel = module.border_kernel.index_select(0, keep_out).contiguous()
-            module.border_offset = module.border_offset.index_select(0, keep_out).contiguous()
-        module.out_channels = len(keep_out)
-        module.in_channels -= len(in_rm)
-    elif isinstance(module, nn.Linear):
-        keep_out = _keep(module.out_features, out_rm, dev)
-        keep_in = _keep(module.in_features, in_rm, dev)
-        module.weight = _param(module.weight.detach().index_select(0, keep_out).index_select(1, keep_in), module.weight)
-        if module.bias is not None:
-            module.bias = _param(module.bias.detach().index_select(0, keep_out), module.bias)
-        module.out_features, module.in_features = len(keep_out), len(keep_in)
-    elif isinstance(module, _BN):
-        keep = _keep(module.num_features, out_rm, module.running_mean.device if module.running_mean is not None else dev)
-        if module.affine:
-            module.weight = _param(module.weight.detach().index_select(0, keep), module.weight)
-            module.bias = _param(module.bias.detach().index_select(0, keep), module.bias)
-        if module.running_mean is not None:
-            module.running_mean = module.running_mean.index_select(0, keep)
-            module.running_var = module.running_var.index_select(0, keep)
-        module.num_features = len(keep)
-    elif isinstance(module, nn.PReLU):
-        keep = _keep(module.num_parameters, out_rm, dev)
-        module.weight = _param(module.weight.detach().index_select(0, keep), module.weight)
-        module.num_parameters = len(keep)
-    elif isinstance(module, nn.Embedding):
-        keep = _keep(module.embedding_dim, out_rm, dev)
-        module.weight = _param(module.weight.detach().index_select(1, keep), module.weight)
-        module.embedding_dim = len(keep)
-    else:  # the planner only slices the types above
-        raise TypeError(f"cannot slice {type(module).__name__}")
+def _execute(work: nn.Module, modules: dict[str, nn.Module], f: Fold) -> None:
+    if f.target == "bias":
+        _fold_bias(modules[f.layer], f.values)
+    elif f.target == "bn_mean":
+        _shift_mean(modules[f.bn], f.values)
+    else:
+        if f.bn is not None:
+            _shift_mean(modules[f.bn], f.offset)
+        new = with_border_correction(modules[f.layer], f.values, f.offset)
+        _set_module(work, f.layer, new)
+        modules[f.layer] = new
 
 
-def apply(work: nn.Module, decision: Decision) -> nn.Module:
-    """Fold the decided constants, then slice every layer; returns ``work`` (modified)."""
+def apply(work: nn.Module, plan: Plan) -> nn.Module:
+    """Fold the planned constants, then slice every layer; returns ``work`` (modified in place)."""
     modules = dict(work.named_modules())
-    for name, fold in decision.folds.items():
-        module = modules[name]
-        bn = absorbing_bn(name, modules, decision)
-        into_bn = bn is not None
-        offset = None
-        if fold.bias is not None:
-            if into_bn:
-                _shift_mean(bn, fold.bias)
-            else:
-                _fold_bias(module, fold.bias)
-        if fold.border is not None:
-            if into_bn:
-                offset = fold.border.reshape(fold.border.shape[0], -1).sum(1)
-                _shift_mean(bn, offset)
-            new = with_border_correction(module, fold.border, offset)
-            _set_module(work, name, new)
-            modules[name] = new
-    for name in sorted(set(decision.remove_out) | set(decision.remove_in)):
-        _slice(modules[name], decision.remove_out.get(name, set()), decision.remove_in.get(name, set()))
+    for f in plan.folds:
+        _execute(work, modules, f)
     params = dict(work.named_parameters())
-    for name, (dim, removed) in decision.remove_param.items():
-        p = params[name]
-        keep = _keep(p.shape[dim], removed, p.device)
-        parent_name, _, attr = name.rpartition(".")
-        parent = work.get_submodule(parent_name) if parent_name else work
-        setattr(parent, attr, _param(p.detach().index_select(dim, keep), p))
+    for name, cut in plan.cuts.items():
+        if cut.parameter_dim is None:
+            _slice(modules[name], cut)
+        else:
+            p = params[name]
+            parent_name, _, attr = name.rpartition(".")
+            _set(work.get_submodule(parent_name) if parent_name else work, attr, _sliced(p, _slicing(p, cut)[""]), p)
     return work

@@ -1,0 +1,466 @@
+"""Which channels go, per coupled group, and where the constant of each removed channel goes.
+
+The planner works on a baked copy of the model (``masks.bake``): masks applied,
+hooks gone. A channel can go when every layer that computes it has an all-zero
+weight row for it (or every layer that reads it has an all-zero column). It then
+still carries a constant (its bias, passed through BatchNorm, activations and
+pooling); that constant is read off the baked model at the input of every layer
+that consumes the channel, checked to be constant over batch and positions, and
+folded into that consumer.
+
+The stages, each a function over one :class:`Ledger` of candidate channels:
+
+1. :func:`select` — candidates per group from the masks; notes for what cannot go;
+2. :func:`settle` — the NaN mapping probe, constancy, ``round_to`` and the
+   grouped-conv rule, repeated until nothing changes;
+3. :func:`place_folds` — where each removed channel's constant goes;
+4. :func:`cut_layers` — the indices every layer loses.
+
+:func:`make_plan` runs them and returns a frozen :class:`Plan`, the single source
+of truth for :mod:`compactor.fold` (which executes it) and :mod:`compactor.report`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import graph, probe
+from .errors import CompactionError
+
+__all__ = ["Mode", "Cut", "Fold", "GroupNote", "Plan", "Ledger", "make_plan", "select", "settle", "place_folds",
+           "cut_layers", "dead_rows", "zero_columns"]
+
+#: ``"exact"`` folds the constants of removed channels; ``"drop"`` discards them, as other tools do.
+Mode = Literal["exact", "drop"]
+
+_PRODUCERS = ("out", "dw", "gout")
+_READERS = ("in", "gin")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupNote:
+    """What happened to masked channels of one coupled group."""
+
+    layers: list[str]
+    channels: list[int]
+    status: Literal["removed", "kept", "partial"]
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cut:
+    """What one layer (or one bare ``nn.Parameter``) loses."""
+
+    name: str
+    out: tuple[int, ...] = ()  # output channels (a bare parameter: indices along ``dim``)
+    inputs: tuple[int, ...] = ()  # input channels
+    why: str = ""
+    parameter_dim: Optional[int] = None  # set for a bare nn.Parameter: the dimension its channels lie on
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Fold:
+    """One constant folded into the compact model.
+
+    ``target`` says where:
+
+    - ``"bias"``: ``values`` (out,) is added to ``layer``'s bias (created if it has none);
+    - ``"bn_mean"``: ``values`` (out,) is subtracted from the running mean of BatchNorm ``bn``,
+      which alone reads ``layer``'s output (``layer`` stays bias-free);
+    - ``"border"``: ``layer`` (a zero-padded conv) becomes border-corrected with kernel
+      ``values`` (out, *k); with ``bn`` set, the interior part ``offset`` (out,) goes into
+      that BatchNorm's mean and the correction adds only the rest.
+    """
+
+    layer: str
+    target: Literal["bias", "bn_mean", "border"]
+    values: torch.Tensor  # float64
+    bn: Optional[str] = None
+    offset: Optional[torch.Tensor] = None
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """Everything compaction will do, decided before anything is built."""
+
+    mode: Mode
+    round_to: Optional[int]
+    cuts: Mapping[str, Cut]  # per layer or bare parameter, by name
+    folds: tuple[Fold, ...]
+    notes: tuple[GroupNote, ...]
+    dropped: Mapping[str, tuple[int, ...]]  # mode="drop": consumer inputs whose constants are discarded
+    any_masked: bool  # some layer had a masked row or column (removed or not)
+
+
+@dataclass
+class Ledger:
+    """The planner's working state: candidate root channels per group and the notes so far."""
+
+    groups: list[graph.Group]
+    cand: dict[int, set[int]] = field(default_factory=dict)  # group index -> candidate root channels
+    silent: dict[int, set[int]] = field(default_factory=dict)  # roots no consumer reads: nothing to fold
+    notes: list[GroupNote] = field(default_factory=list)
+    any_masked: bool = False
+
+    def note(self, gi: int, roots: set[int], status: str, reason: str) -> None:
+        self.notes.append(GroupNote(layers=self.groups[gi].layers(), channels=sorted(roots), status=status,
+                                    reason=reason))
+
+    def keep(self, gi: int, roots: set[int], reason: str) -> None:
+        """Take ``roots`` out of group ``gi``'s candidates, noting why."""
+        roots = roots & self.cand[gi]
+        if roots:
+            self.note(gi, roots, "kept", reason)
+            self.cand[gi] -= roots
+
+    def sizes(self) -> dict[int, int]:
+        return {gi: len(r) for gi, r in self.cand.items()}
+
+    def accepted(self) -> list[tuple[int, set[int]]]:
+        return [(gi, r) for gi, r in self.cand.items() if r]
+
+
+# --------------------------------------------------------------------------- reading masks
+
+
+def dead_rows(module: Any) -> torch.Tensor:
+    """Boolean per output channel: True where the layer's weights for it are all zero."""
+    if isinstance(module, nn.Embedding):
+        return module.weight.detach().eq(0).all(0)
+    w = module.weight.detach()
+    return torch.count_nonzero(w.reshape(w.shape[0], -1), dim=1) == 0
+
+
+def zero_columns(module: Any) -> torch.Tensor:
+    """Boolean per input channel of a conv (groups=1) / linear: True where no output reads it."""
+    w = module.weight.detach()
+    return ~w.reshape(w.shape[0], w.shape[1], -1).any(2).any(0)
+
+
+def _local(item: graph.Item, roots: set[int]) -> list[int]:
+    return [i for i, r in zip(item.idxs, item.root_idxs) if r in roots]
+
+
+def _roots_where(item: graph.Item, flags: torch.Tensor) -> set[int]:
+    """Roots all of whose local indices in ``item`` are flagged."""
+    ok: dict[int, bool] = {}
+    flag = flags.tolist()
+    for i, r in zip(item.idxs, item.root_idxs):
+        ok[r] = ok.get(r, True) and flag[i]
+    return {r for r, v in ok.items() if v}
+
+
+def _tied_layers(model: nn.Module) -> set[str]:
+    """Modules that share a parameter with another module."""
+    owners: dict[int, set[str]] = {}
+    for mname, m in model.named_modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(mname)
+    return {n for names in owners.values() if len(names) > 1 for n in names}
+
+
+# --------------------------------------------------------------------------- stage 1: select
+
+
+def select(groups: list[graph.Group], tied: set[str]) -> Ledger:
+    """Candidates per group: roots masked in every producer, or unread by every consumer.
+
+    Notes what is masked only in part of a group, and keeps (with a note) groups that
+    reach the model's output, hold tied weights or pass a blocked operation.
+
+    Raises:
+        CompactionError: the masks would remove every output channel of a layer.
+    """
+    ledger = Ledger(groups)
+    for gi, g in enumerate(groups):
+        producers = [it for it in g.items if it.role in _PRODUCERS]
+        readers = [it for it in g.items if it.role in _READERS]
+        if not producers:
+            continue
+        dead_sets = [_roots_where(it, dead_rows(it.module)) for it in producers]
+        every = set.intersection(*dead_sets)
+        some = set.union(*dead_sets)
+        unread: set[int] = set()
+        if readers and all(it.role == "in" for it in readers):
+            unread_sets = [_roots_where(it, zero_columns(it.module)) for it in readers]
+            unread = set.intersection(*unread_sets)
+            some |= set.union(*unread_sets)
+        if not some:
+            continue
+        ledger.any_masked = True
+        removable = every | unread
+        if some - removable:
+            ledger.note(gi, some - removable, "partial",
+                        "masked in some but not all of the layers that compute or read them; kept")
+        if not removable:
+            continue
+        reason = _blocker(g, tied)
+        if reason:
+            ledger.note(gi, removable, "kept", reason)
+            continue
+        if len(removable) == g.size:
+            names = ", ".join(sorted({it.name for it in producers}))
+            raise CompactionError(
+                f"layer '{names}': the masks remove all {g.size} of its output channels, which would leave "
+                "a zero-width layer; prune a smaller amount of this layer (or remove it from the model)"
+            )
+        ledger.cand[gi] = removable
+        ledger.silent[gi] = unread
+    return ledger
+
+
+def _blocker(g: graph.Group, tied: set[str]) -> str:
+    """Why no channel of group ``g`` can go at all, or ''."""
+    if g.reaches_output:
+        return "these channels are the model's output"
+    shared = sorted({it.name for it in g.items if it.name in tied})
+    if shared:
+        return f"{', '.join(shared)}: weights tied with another layer; slicing would untie them"
+    blocked = [it for it in g.items if it.role == "blocked"]
+    if blocked:
+        return "; ".join(sorted({f"{it.name}: {it.reason}" for it in blocked}))
+    return ""
+
+
+# --------------------------------------------------------------------------- stage 2: settle
+
+
+def restrict_grouped(ledger: Ledger) -> None:
+    """A grouped conv loses a whole group of inputs only together with that group's outputs (and vice versa)."""
+    groups, cand = ledger.groups, ledger.cand
+    before = {gi: set(r) for gi, r in cand.items()}
+    changed = True
+    while changed:
+        changed = False
+        convs: dict[str, nn.Module] = {}
+        ins: dict[str, set[int]] = {}
+        outs: dict[str, set[int]] = {}
+        for gi, g in enumerate(groups):
+            for it in g.items:
+                if it.role in ("gin", "gout"):
+                    convs[it.name] = it.module
+                    local = set(_local(it, cand.get(gi, set())))
+                    (ins if it.role == "gin" else outs).setdefault(it.name, set()).update(local)
+        for name, conv in convs.items():
+            cin, cout = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+            whole = {b for b in range(conv.groups)
+                     if set(range(b * cin, (b + 1) * cin)) <= ins.get(name, set())
+                     and set(range(b * cout, (b + 1) * cout)) <= outs.get(name, set())}
+            for gi, g in enumerate(groups):
+                if gi not in cand:
+                    continue
+                for it in g.items:
+                    if it.name != name or it.role not in ("gin", "gout"):
+                        continue
+                    per = cin if it.role == "gin" else cout
+                    bad = {r for i, r in zip(it.idxs, it.root_idxs) if r in cand[gi] and i // per not in whole}
+                    if bad:
+                        cand[gi] -= bad
+                        changed = True
+    for gi in before:
+        if before[gi] - cand[gi]:
+            names = sorted({it.name for it in groups[gi].items if it.role in ("gin", "gout")})
+            ledger.note(gi, before[gi] - cand[gi], "kept",
+                        f"grouped conv {', '.join(names)}: only whole groups (inputs and outputs) can go")
+
+
+def check_mapping(ledger: Ledger, work: nn.Module, batch: tuple, probed: set[int]) -> None:
+    """Keep the channels of every group (not yet probed) whose traced mapping does not hold on the model."""
+    active = {gi: r for gi, r in ledger.cand.items() if r and gi not in probed}
+    if not active:
+        return
+    good = set(active)
+    if any(_probe_fails(ledger.groups, work, active, batch)):
+        good = {gi for gi, roots in active.items()  # find the culprits one group at a time
+                if not any(_probe_fails(ledger.groups, work, {gi: roots}, batch))}
+    for gi in active:
+        probed.add(gi)
+        if gi not in good:
+            ledger.keep(gi, set(ledger.cand[gi]), "the traced channel mapping did not hold when checked on the "
+                                                  "model (e.g. a channel shuffle or a reshape that moves channels)")
+
+
+def _probe_fails(groups: list[graph.Group], work: nn.Module, active: dict[int, set[int]],
+                 batch: tuple) -> tuple[bool, bool]:
+    produce: dict[str, set[int]] = {}
+    expect: dict[str, set[int]] = {}
+    for gi, roots in active.items():
+        for it in groups[gi].items:
+            if it.role in _PRODUCERS:
+                produce.setdefault(it.name, set()).update(_local(it, roots))
+            if it.role in _READERS or it.role == "dw":
+                expect.setdefault(it.name, set()).update(_local(it, roots))
+    bad, leaked = probe.nan_probe(work, produce, expect, batch)
+    return bool(bad), leaked
+
+
+def _folded_inputs(ledger: Ledger, gi: int, rset: set[int]) -> list[tuple[graph.Item, list[int]]]:
+    """(consumer item, its local input channels) that carry a constant to fold, for group ``gi``."""
+    out = []
+    for it in ledger.groups[gi].items:
+        if it.role == "in":
+            local = _local(it, rset - ledger.silent[gi])
+            if local:
+                out.append((it, local))
+    return out
+
+
+def check_constant(ledger: Ledger, stats: Mapping[str, probe.ChannelStats]) -> None:
+    """Keep channels that are not constant where a consumer reads them (nothing could be folded)."""
+    for gi, rset in ledger.cand.items():
+        for it, local in _folded_inputs(ledger, gi, rset):
+            _, varying = stats[it.name].query(local)
+            if varying:
+                roots = {r for i, r in zip(it.idxs, it.root_idxs) if i in set(varying)}
+                ledger.keep(gi, roots, f"not constant where '{it.name}' reads them (e.g. gated by another "
+                                       "tensor, or pooled over zero padding)")
+
+
+def round_widths(ledger: Ledger, round_to: int) -> None:
+    """Keep the highest-numbered candidates of each group until its width is a multiple of ``round_to``."""
+    for gi, roots in ledger.cand.items():
+        size = ledger.groups[gi].size
+        keep = size - len(roots)
+        extra = min(len(roots), min(size, -(-keep // round_to) * round_to) - keep)
+        if extra > 0:
+            ledger.keep(gi, set(sorted(roots)[-extra:]), f"round_to={round_to}: widths kept at a multiple")
+
+
+def settle(ledger: Ledger, work: nn.Module, batch: tuple, stats: Mapping[str, probe.ChannelStats], *,
+           mode: Mode, round_to: Optional[int]) -> None:
+    """Apply the checks until none of them takes another channel out."""
+    restrict_grouped(ledger)
+    probed: set[int] = set()
+    while True:
+        before = ledger.sizes()
+        check_mapping(ledger, work, batch, probed)
+        if mode == "exact":
+            check_constant(ledger, stats)
+        if round_to:
+            round_widths(ledger, round_to)
+        restrict_grouped(ledger)
+        if ledger.sizes() == before:
+            return
+
+
+# --------------------------------------------------------------------------- stage 3: folds
+
+
+def _zero_padded(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.padding_mode == "zeros" and (
+        module.padding == "same" or (not isinstance(module.padding, str) and any(module.padding)))
+
+
+def place_folds(ledger: Ledger, modules: Mapping[str, nn.Module], stats: Mapping[str, probe.ChannelStats],
+                bn_pairs: Mapping[str, str], mode: Mode) -> tuple[tuple[Fold, ...], dict[str, tuple[int, ...]]]:
+    """The folds of the accepted channels (exact mode), or the consumer inputs dropped (drop mode)."""
+    sums: dict[str, dict[str, Any]] = {}  # consumer -> {"bias": (out,), "border": (out, *k), "sources": [...]}
+    dropped: dict[str, set[int]] = {}
+    for gi, rset in ledger.accepted():
+        for it, local in _folded_inputs(ledger, gi, rset):
+            if mode == "drop":
+                dropped.setdefault(it.name, set()).update(local)
+                continue
+            values, _ = stats[it.name].query(local)
+            acc = sums.setdefault(it.name, {"bias": None, "border": None, "sources": []})
+            acc["sources"].append(ledger.groups[gi].root)
+            module = modules[it.name]
+            w = module.weight.detach().index_select(1, torch.tensor(local, dtype=torch.long,
+                                                                    device=module.weight.device)).double()
+            v = values.to(w.device)
+            if isinstance(module, nn.Linear):
+                key, delta = "bias", w @ v
+            else:
+                kernel = torch.einsum("oc...,c->o...", w, v)
+                key, delta = ("border", kernel) if _zero_padded(module) else ("bias", kernel.flatten(1).sum(1))
+            acc[key] = delta if acc[key] is None else acc[key] + delta
+    folds: list[Fold] = []
+    for name, acc in sums.items():
+        bn = _absorbing_bn(name, modules, bn_pairs)
+        sources = tuple(dict.fromkeys(acc["sources"]))
+        if acc["bias"] is not None:
+            folds.append(Fold(layer=name, target="bn_mean" if bn else "bias", values=acc["bias"], bn=bn,
+                              sources=sources))
+        if acc["border"] is not None:
+            kernel = acc["border"]
+            offset = kernel.flatten(1).sum(1) if bn else None
+            folds.append(Fold(layer=name, target="border", values=kernel, bn=bn, offset=offset, sources=sources))
+    return tuple(folds), {n: tuple(sorted(i)) for n, i in dropped.items()}
+
+
+def _absorbing_bn(name: str, modules: Mapping[str, nn.Module], bn_pairs: Mapping[str, str]) -> Optional[str]:
+    """The BatchNorm that takes ``name``'s folded constants in its mean, or None (they go into a bias).
+
+    Only for a bias-free conv whose output feeds that BatchNorm alone (checked on the
+    model by :func:`probe.measure`): the conv then stays bias-free (on a GPU a conv bias
+    costs a whole extra pass over the output).
+    """
+    bn = bn_pairs.get(name)
+    if bn is None or modules[name].bias is not None or getattr(modules[bn], "running_mean", None) is None:
+        return None
+    return bn
+
+
+# --------------------------------------------------------------------------- stage 4: cuts
+
+
+def cut_layers(ledger: Ledger) -> dict[str, Cut]:
+    """The indices each layer and bare parameter loses; notes every accepted group as removed."""
+    out: dict[str, set[int]] = {}
+    ins: dict[str, set[int]] = {}
+    why: dict[str, str] = {}
+    pdim: dict[str, int] = {}
+    for gi, rset in ledger.accepted():
+        g = ledger.groups[gi]
+        ledger.note(gi, rset, "removed", "masked in every layer that computes or reads them")
+        for it in g.items:
+            local = set(_local(it, rset))
+            if it.role in _PRODUCERS:
+                out.setdefault(it.name, set()).update(local)
+                why.setdefault(it.name, "weight rows all zero")
+            if it.role in ("dw", "in", "gin"):
+                ins.setdefault(it.name, set()).update(local)
+                if it.role == "in":
+                    why.setdefault(it.name, f"follows {g.root}")
+            elif it.role == "slice":
+                out.setdefault(it.name, set()).update(local)
+                why.setdefault(it.name, f"follows {g.root}")
+                if isinstance(it.module, nn.Parameter):
+                    pdim[it.name] = it.dim
+    return {name: Cut(name=name, out=tuple(sorted(out.get(name, ()))), inputs=tuple(sorted(ins.get(name, ()))),
+                      why=why.get(name, ""), parameter_dim=pdim.get(name))
+            for name in sorted(set(out) | set(ins))}
+
+
+# --------------------------------------------------------------------------- all stages
+
+
+def make_plan(work: nn.Module, batches: Sequence[tuple], *, mode: Mode = "exact",
+              round_to: Optional[int] = None) -> tuple[Plan, probe.Measurements]:
+    """Plan the compaction of ``work`` (a baked copy in eval mode).
+
+    Returns the plan and what the instrumented forwards measured (outputs of the baked
+    model per batch, MACs per layer).
+    """
+    groups, bn_pairs = graph.trace(work, batches[0])
+    ledger = select(groups, _tied_layers(work))
+    watch: dict[str, list[int]] = {}
+    if mode == "exact":
+        for gi, rset in ledger.cand.items():
+            for it, local in _folded_inputs(ledger, gi, rset):
+                watch.setdefault(it.name, []).extend(local)
+    measured = probe.measure(work, watch, batches, bn_pairs)
+    settle(ledger, work, batches[0], measured.stats, mode=mode, round_to=round_to)
+    modules = dict(work.named_modules())
+    folds, dropped = place_folds(ledger, modules, measured.stats, measured.bn_pairs, mode)
+    cuts = cut_layers(ledger)
+    plan = Plan(mode=mode, round_to=round_to, cuts=MappingProxyType(cuts), folds=folds, notes=tuple(ledger.notes),
+                dropped=MappingProxyType(dropped), any_masked=ledger.any_masked)
+    return plan, measured

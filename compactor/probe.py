@@ -1,0 +1,184 @@
+"""The instrumented forwards the planner needs: channel constancy, the NaN mapping probe, MACs, reference outputs.
+
+Every function here runs the (baked) model with temporary hooks and removes them
+before returning; none changes the model. Measurements are returned, never stored
+in the plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .tensors import flatten_outputs
+
+__all__ = ["ChannelStats", "Measurements", "measure", "nan_probe", "zeroed_outputs", "count_macs", "channel_view"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def channel_view(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Put the channel axis ``module`` reads first, everything else flattened after it."""
+    if isinstance(module, _CONV):
+        return x.transpose(0, 1).reshape(x.shape[1], -1)
+    return x.reshape(-1, x.shape[-1]).t()
+
+
+def _filled(module: nn.Module, x: torch.Tensor, idxs: set[int], value: float) -> torch.Tensor:
+    """A copy of ``x`` with channels ``idxs`` (as ``module`` reads or writes them) set to ``value``."""
+    index = torch.tensor(sorted(idxs), dtype=torch.long, device=x.device)
+    return x.clone().index_fill_(1 if isinstance(module, _CONV) else x.dim() - 1, index, value)
+
+
+@dataclass
+class ChannelStats:
+    """Per watched input channel of one consumer: its first value and whether it ever varied."""
+
+    idxs: list[int]
+    first: Optional[torch.Tensor] = None
+    varying: Optional[torch.Tensor] = None
+
+    def update(self, module: nn.Module, x: torch.Tensor) -> None:
+        index = torch.tensor(self.idxs, dtype=torch.long, device=x.device)
+        v = channel_view(module, x.detach()).index_select(0, index).double()
+        if self.first is None:
+            self.first = v[:, 0].clone()
+            self.varying = torch.zeros(len(self.idxs), dtype=torch.bool, device=x.device)
+        dev = (v - self.first[:, None]).abs().amax(1)
+        # a few ulps of the activation's dtype: pooling may round a constant differently at borders
+        ulp = torch.finfo(x.dtype).eps if x.is_floating_point() else 0.0
+        self.varying |= dev > 16 * ulp * self.first.abs()
+
+    def query(self, local: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+        """The values of channels ``local`` (float64) and those of them that varied."""
+        pos = {c: i for i, c in enumerate(self.idxs)}
+        sel = torch.tensor([pos[c] for c in local], dtype=torch.long, device=self.first.device)
+        varying = [c for c, v in zip(local, self.varying.index_select(0, sel).tolist()) if v]
+        return self.first.index_select(0, sel), varying
+
+
+@dataclass
+class Measurements:
+    """What one instrumented pass over the batches saw."""
+
+    stats: dict[str, ChannelStats] = field(default_factory=dict)  # per watched consumer
+    outputs: list = field(default_factory=list)  # the model's outputs, one per batch
+    macs: dict[str, int] = field(default_factory=dict)  # per conv / linear, per sample
+    bn_pairs: dict[str, str] = field(default_factory=dict)  # conv -> the BatchNorm that alone reads its output
+
+
+def _count(macs: dict[str, int], name: str, mod: nn.Module, out: torch.Tensor) -> None:
+    n = out.shape[0] if out.dim() > 1 else 1
+    if isinstance(mod, nn.Linear):
+        per = out.numel() // n * mod.in_features
+    else:
+        k = 1
+        for d in mod.kernel_size:
+            k *= d
+        per = out.numel() // n * (mod.in_channels // mod.groups) * k
+    macs[name] = macs.get(name, 0) + per
+
+
+def measure(model: nn.Module, watch: Mapping[str, Sequence[int]], batches: Sequence[tuple],
+            bn_pairs: Optional[Mapping[str, str]] = None) -> Measurements:
+    """One forward per batch, recording:
+
+    - for each consumer in ``watch``, the listed input channels (first value, varied or not);
+    - the outputs;
+    - MACs per conv / linear (first batch);
+    - which traced conv -> BatchNorm pairs really hand the BN the conv's output and nothing else.
+    """
+    stats = {n: ChannelStats(sorted(set(idxs))) for n, idxs in watch.items() if idxs}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_pre_hook(lambda mod, args, _s=st: _s.update(mod, args[0]))
+             for n, st in stats.items()]
+    macs: dict[str, int] = {}
+    first = [True]
+    for name, m in modules.items():
+        if isinstance(m, (nn.Linear,) + _CONV):
+            hooks.append(m.register_forward_hook(
+                lambda mod, args, out, _n=name: _count(macs, _n, mod, out) if first[0] else None))
+    pairs = dict(bn_pairs or {})
+    conv_out: dict[str, Any] = {}
+    handed: dict[str, bool] = {}
+    for conv, bn in pairs.items():
+        hooks.append(modules[conv].register_forward_hook(
+            lambda mod, args, out, _c=conv: conv_out.__setitem__(_c, out) if first[0] else None))
+        hooks.append(modules[bn].register_forward_pre_hook(
+            lambda mod, args, _c=conv: handed.__setitem__(_c, handed.get(_c, True) and args[0] is conv_out.get(_c))
+            if first[0] else None))
+    outputs = []
+    try:
+        with torch.no_grad():
+            for b in batches:
+                outputs.append(model(*b))
+                first[0] = False
+    finally:
+        for h in hooks:
+            h.remove()
+    returned = {id(t) for t in flatten_outputs(outputs[0])} if outputs else set()
+    checked = {c: bn for c, bn in pairs.items() if handed.get(c) and id(conv_out.get(c)) not in returned}
+    return Measurements(stats, outputs, macs, checked)
+
+
+def count_macs(model: nn.Module, inputs: tuple) -> dict[str, int]:
+    """Multiply-accumulates per conv / linear layer for one forward of ``inputs``, per sample."""
+    return measure(model, {}, [inputs]).macs
+
+
+def _hook_inputs(model: nn.Module, names: set[str], fn: Callable) -> list:
+    modules = dict(model.named_modules())
+    return [modules[n].register_forward_pre_hook(lambda mod, args, _n=n: fn(_n, mod, args)) for n in names]
+
+
+def nan_probe(model: nn.Module, produce: Mapping[str, set[int]], expect: Mapping[str, set[int]],
+              batch: tuple) -> tuple[set[str], bool]:
+    """Run ``model`` once with output channels ``produce[layer]`` set to NaN.
+
+    Every conv / linear (and every layer in ``expect``) must then see NaN on exactly the
+    input channels ``expect[layer]``; NaN is cleared at each reader's input before it
+    mixes. Returns the layers where the NaN pattern differed, and whether NaN reached
+    the model's outputs.
+    """
+    modules = dict(model.named_modules())
+    bad: set[str] = set()
+
+    def pre(name, mod, args):
+        x = args[0]
+        v = channel_view(mod, x)
+        nan = set(torch.nonzero(torch.isnan(v).any(1)).flatten().tolist())
+        if nan != expect.get(name, set()):
+            bad.add(name)
+        if nan:
+            return (torch.nan_to_num(x, nan=0.0),) + tuple(args[1:])
+        return None
+
+    readers = set(expect) | {n for n, m in modules.items() if isinstance(m, _CONV + (nn.Linear,))}
+    hooks = _hook_inputs(model, readers, pre)
+    hooks += [modules[n].register_forward_hook(lambda m, a, o, _i=idx: _filled(m, o, _i, float("nan")))
+              for n, idx in produce.items() if idx]
+    out = None
+    try:
+        with torch.no_grad():
+            out = model(*batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    leaked = any(bool(torch.isnan(o).any()) for o in flatten_outputs(out) if o.is_floating_point())
+    return bad, leaked
+
+
+def zeroed_outputs(model: nn.Module, zero_inputs: Mapping[str, Sequence[int]], batches: Sequence[tuple]) -> list:
+    """Outputs of ``model`` with the listed input channels of each consumer zeroed ("drop" semantics)."""
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_pre_hook(
+        lambda m, a, _i=set(idx): (_filled(m, a[0], _i, 0.0),) + tuple(a[1:])) for n, idx in zero_inputs.items()]
+    try:
+        with torch.no_grad():
+            return [model(*b) for b in batches]
+    finally:
+        for h in hooks:
+            h.remove()

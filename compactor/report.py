@@ -1,0 +1,198 @@
+"""What a compaction did (or, as a dry run, will do), built in one place from the plan and the shapes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .planner import GroupNote, Plan
+
+__all__ = ["LayerRow", "GroupNote", "Report", "Layout", "layout", "build", "report_of"]
+
+_REPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+             nn.Embedding, nn.PReLU, nn.LayerNorm)
+
+
+@dataclass
+class LayerRow:
+    """One layer of the report: shapes, channels removed and why, params and MACs."""
+
+    name: str
+    op: str
+    shape_before: tuple[int, ...]
+    shape_after: tuple[int, ...]
+    removed_out: list[int]
+    removed_in: list[int]
+    why: str
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+
+
+@dataclass
+class Report:
+    """What ``compact`` / ``plan`` did, printable as a table."""
+
+    mode: str
+    layers: list[LayerRow] = field(default_factory=list)
+    groups: list[GroupNote] = field(default_factory=list)
+    folded: list[str] = field(default_factory=list)
+    sparsity: dict[str, float] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    max_abs_diff: Optional[float] = None
+    tolerance: Optional[float] = None
+    verified_inputs: int = 0
+
+    def table(self) -> str:
+        head = ("layer", "op", "shape before", "shape after", "removed", "params", "MACs", "why")
+        rows = [head]
+        for r in self.layers:
+            removed = []
+            if r.removed_out:
+                removed.append(f"out {len(r.removed_out)}")
+            if r.removed_in:
+                removed.append(f"in {len(r.removed_in)}")
+            rows.append((
+                r.name, r.op, "x".join(map(str, r.shape_before)), "x".join(map(str, r.shape_after)),
+                ", ".join(removed) or "-", f"{r.params_before:,} -> {r.params_after:,}",
+                f"{r.macs_before:,} -> {r.macs_after:,}", r.why or "-",
+            ))
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        out = [self.table(), ""]
+        pr = self.params_after / self.params_before if self.params_before else 1.0
+        mr = self.macs_after / self.macs_before if self.macs_before else 1.0
+        out.append(f"params {self.params_before:,} -> {self.params_after:,} ({pr:.1%}); "
+                   f"MACs {self.macs_before:,} -> {self.macs_after:,} ({mr:.1%}); mode={self.mode}")
+        for g in self.groups:
+            if g.status != "removed":
+                chans = _short(g.channels)
+                out.append(f"{g.status}: {', '.join(g.layers)} channels {chans}: {g.reason}")
+        for f in self.folded:
+            out.append(f"folded: {f}")
+        for key, frac in self.sparsity.items():
+            out.append(f"sparsity left: {key} is {frac:.1%} zeros inside the kept channels "
+                       "(unstructured masks remove only whole rows)")
+        if self.max_abs_diff is not None:
+            out.append(f"verified on {self.verified_inputs} input(s): max |compact - masked| = "
+                       f"{self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})")
+        return "\n".join(out)
+
+
+def _short(idxs: Sequence[int], limit: int = 12) -> str:
+    idxs = list(idxs)
+    s = ",".join(map(str, idxs[:limit]))
+    return f"[{s}{',…' if len(idxs) > limit else ''}]"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a report needs of a model: its reported layers (name -> op) and every parameter's shape."""
+
+    layers: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]  # keyed like model.named_parameters(remove_duplicate=False)
+    aliases: frozenset[str]  # keys naming a parameter already listed under another key (tied weights)
+
+    def params(self, shapes: Optional[Mapping[str, tuple[int, ...]]] = None) -> int:
+        """Parameters of this model (or of ``shapes``, keyed alike), each shared tensor counted once."""
+        return sum(math.prod(s) for k, s in (self.shapes if shapes is None else shapes).items()
+                   if k not in self.aliases)
+
+
+def layout(model: nn.Module) -> Layout:
+    """The :class:`Layout` of ``model``; its ``shapes`` are what :func:`compactor.fold.new_shapes` predicts."""
+    layers = {name: type(m).__name__ for name, m in model.named_modules()
+              if isinstance(m, _REPORTED) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    first = {k for k, _ in model.named_parameters()}
+    shapes = {k: tuple(p.shape) for k, p in model.named_parameters(remove_duplicate=False)}
+    return Layout(layers, shapes, frozenset(shapes) - first)
+
+
+def _key(layer: str, tensor: str) -> str:
+    return f"{layer}.{tensor}" if layer else tensor
+
+
+def _own_params(shapes: Mapping[str, tuple[int, ...]], layer: str) -> int:
+    prefix = f"{layer}." if layer else ""
+    return sum(math.prod(s) for k, s in shapes.items() if k.startswith(prefix) and "." not in k[len(prefix):])
+
+
+def _rows(plan: Plan, before: Layout, after: Mapping[str, tuple[int, ...]],
+          macs: Mapping[str, int]) -> list[LayerRow]:
+    rows = [_row(name, op, _key(name, "weight"), before.shapes, after, macs, plan) for name, op in before.layers.items()]
+    for name, cut in plan.cuts.items():
+        if cut.parameter_dim is not None:  # a bare nn.Parameter sliced along (a layer scale)
+            rows.append(_row(name, "Parameter", name, before.shapes, after, macs, plan))
+    return rows
+
+
+def _row(name: str, op: str, key: str, before, after, macs, plan: Plan) -> LayerRow:
+    shape_b, shape_a = before[key], after[key]
+    own = op != "Parameter"
+    p_b = _own_params(before, name) if own else math.prod(shape_b)
+    p_a = _own_params(after, name) if own else math.prod(shape_a)
+    mb = macs.get(name, 0)
+    ma = int(round(mb * math.prod(shape_a) / math.prod(shape_b))) if mb else 0
+    cut = plan.cuts.get(name)
+    return LayerRow(name, op, shape_b, shape_a, list(cut.out) if cut else [], list(cut.inputs) if cut else [],
+                    cut.why if cut else "", p_b, p_a, mb, ma)
+
+
+def _folded(plan: Plan) -> list[str]:
+    """What was folded where, in words."""
+    out = []
+    by_layer: dict[str, list] = {}
+    for f in plan.folds:
+        by_layer.setdefault(f.layer, []).append(f)
+    for name, folds in by_layer.items():
+        bn = next((f.bn for f in folds if f.bn), None)
+        where = f"into the mean of '{bn}'" if bn else "into its bias"
+        how = []
+        if any(f.target in ("bias", "bn_mean") for f in folds):
+            how.append(where)
+        if any(f.target == "border" for f in folds):
+            how.append(f"{where}, plus an exact correction on the zero-padded border")
+        sources = dict.fromkeys(s for f in folds for s in f.sources)
+        out.append(f"constants of removed channels from {', '.join(sources)} -> '{name}' {' and '.join(how)}")
+    return out
+
+
+def build(plan: Plan, before: Layout, after: Mapping[str, tuple[int, ...]], macs: Mapping[str, int]) -> Report:
+    """The report of ``plan``: ``before`` is the baked model's :func:`layout` before compaction.
+
+    ``after`` holds the compact model's parameter shapes: measured on the built model
+    (``layout(compact_model).shapes``) by ``compact()``, predicted by ``fold.new_shapes``
+    in ``plan()``.
+    """
+    rows = _rows(plan, before, after, macs)
+    macs_before = sum(macs.values())
+    return Report(
+        mode=plan.mode, layers=rows, groups=list(plan.notes), folded=_folded(plan),
+        params_before=before.params(), params_after=before.params(after),
+        macs_before=macs_before, macs_after=macs_before - sum(r.macs_before - r.macs_after for r in rows),
+    )
+
+
+def report_of(model: nn.Module) -> Report:
+    """The :class:`Report` of a model returned by :func:`compactor.compact`.
+
+    Raises:
+        TypeError: ``model`` was not made by ``compact()`` (or lost its report, e.g. by a reload).
+    """
+    report = model.__dict__.get("compaction_report") if isinstance(model, nn.Module) else None
+    if not isinstance(report, Report):
+        raise TypeError(f"{type(model).__name__} carries no compaction report: report_of() takes a model returned "
+                        "by compactor.compact(); compactor.plan(model, inputs) reports on a masked model")
+    return report
