@@ -78,7 +78,8 @@ def _random_masks(draw):
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(_random_masks())
 def test_random_masks_over_the_zoo_stay_exact(case):
-    """Random masks along dim 0, dim 1 or unstructured, on random layers: compact == masked."""
+    """Random masks along dim 0, dim 1 or unstructured, on random layers: compact == masked, and plan()
+    predicts the layer shapes and parameter count that compact() builds."""
     name, kind, seed, amount = case
     model, x = zoo.build(name)
     gen = torch.Generator().manual_seed(seed)
@@ -107,7 +108,14 @@ def test_random_masks_over_the_zoo_stay_exact(case):
         assert "zero-width" in str(exc)  # a random mask may empty a layer: that must be refused
         return
     _check(name, model, small)
-    assert small.compaction_report.params_after <= small.compaction_report.params_before
+    built = compactor.report_of(small)
+    assert built.params_after <= built.params_before
+    # the dry run predicts exactly what was built: every layer's shape and parameters, the totals
+    planned = compactor.plan(model, x)
+    assert [(r.name, r.shape_after, r.params_after, r.macs_after) for r in planned.layers] == \
+        [(r.name, r.shape_after, r.params_after, r.macs_after) for r in built.layers]
+    assert planned.params_after == built.params_after == sum(p.numel() for p in small.parameters())
+    assert planned.macs_after == built.macs_after
 
 
 def test_grouped_conv_loses_whole_groups_only():
