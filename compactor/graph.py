@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 import torch_pruning as tp
 from torch_pruning import ops as tp_ops
+from torch_pruning._helpers import _HybridIndex
+from torch_pruning.dependency import index_mapping, shape_infer
 
 __all__ = ["Item", "Group", "trace"]
 
@@ -47,6 +49,9 @@ _CHANNELWISE_GRAD_FNS = {
     "ConstantPadNd", "ReflectionPad1D", "ReflectionPad2D", "ReflectionPad3D",
     "ReplicationPad1D", "ReplicationPad2D", "ReplicationPad3D",
 }
+
+# BatchNorm computed by a module that also applies an activation (timm's BatchNormAct2d): per channel.
+_PER_CHANNEL_NORMS = {"NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm"}
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -74,11 +79,12 @@ class Group:
     size: int
     items: list[Item] = field(default_factory=list)
     reaches_output: bool = False
+    unclear: str = ""  # why the traced mapping of this group is not understood (then nothing in it goes)
 
     def layers(self) -> list[str]:
         seen: list[str] = []
         for it in self.items:
-            if it.role in ("out", "dw", "in", "slice") and it.name not in seen:
+            if it.role in ("out", "dw", "gout", "in", "gin", "slice") and it.name not in seen:
                 seen.append(it.name)
         return seen
 
@@ -125,7 +131,8 @@ def _classify(node, handler, DG) -> tuple[str, str, str, int]:
         return "pass", t.name.lower(), "", 0
     if t == O.ELEMENTWISE:
         op = _grad_fn_name(node)
-        if op in _CHANNELWISE_GRAD_FNS:
+        if op in _CHANNELWISE_GRAD_FNS or (op in _PER_CHANNEL_NORMS and any(
+                o.type == O.BN and isinstance(o.module, _BN) for o in node.outputs)):
             return "pass", op, "", 0
         if op in ("Slice", "Select"):
             return "blocked", op, f"a fixed '{op.lower()}' of the tensor keeps these channels", 0
@@ -139,35 +146,167 @@ def _classify(node, handler, DG) -> tuple[str, str, str, int]:
     return "blocked", op, f"{op} {what}", 0
 
 
+_PAIR_BUDGET = 250_000  # (index, root) pairs one group may reach before its mapping counts as not understood
+
+
+def _build(model: nn.Module, example_inputs: Sequence) -> tuple[Any, dict[Any, str]]:
+    """torch-pruning's ``build_dependency``, one step at a time: a node whose index mapping
+    cannot be worked out is recorded (node -> why) instead of failing the whole trace."""
+    DG = tp.DependencyGraph()
+    DG.verbose = False
+    DG.model = model
+    DG._module2name = {m: n for n, m in model.named_modules()}
+    DG.ignored_params = []
+    DG._param_to_name, DG.unwrapped_parameters = DG._detect_unwrapped_parameters(None)
+    DG.module2node = DG._trace(model, tuple(example_inputs), None, output_transform=None)
+    DG._build_dependency(DG.module2node)
+    broken: dict[Any, str] = {}
+    try:
+        shape_infer.init_shape_information(DG)
+    except Exception as exc:  # a split whose sizes cannot be read: its mappings stay unknown
+        broken.update({n: f"channel sizes not understood ({type(exc).__name__})" for n in DG.module2node.values()
+                       if n.type == tp_ops.OPTYPE.SPLIT})
+    updates = {tp_ops.OPTYPE.CONCAT: index_mapping.update_concat_index_mapping,
+               tp_ops.OPTYPE.SPLIT: index_mapping.update_split_index_mapping,
+               tp_ops.OPTYPE.RESHAPE: index_mapping.update_reshape_index_mapping,
+               tp_ops.OPTYPE.UNBIND: index_mapping.update_unbind_index_mapping,
+               tp_ops.OPTYPE.EXPAND: index_mapping.update_expand_index_mapping,
+               tp_ops.OPTYPE.SLICE: index_mapping.update_slice_index_mapping}
+    for node in DG.module2node.values():
+        update = updates.get(node.type)
+        if update is not None and node not in broken:
+            try:
+                update(DG, node)
+            except Exception as exc:
+                broken[node] = f"channel mapping not understood ({type(exc).__name__}: {exc})"
+    return DG, broken
+
+
+def _closure(DG: Any, module: nn.Module, fn: Any, n: int) -> Optional[dict[tuple, tuple[Any, set]]]:
+    """Every (node, handler) that pruning output channels ``0..n-1`` of ``module`` reaches, with the
+    (index, root index) pairs it reaches them at; None past the budget.
+
+    torch-pruning's ``get_pruning_group`` re-walks a node each time it arrives with another
+    index list, which explodes on expand / repeat and windowed reshapes; this walks each
+    (node, handler, index, root) once. Index mappings act index by index, so walking only
+    the new pairs reaches the same closure.
+    """
+    root = DG.module2node[module]
+    start = tp.Dependency(fn, fn, source=root, target=root)
+    first = [_HybridIndex(idx=i, root_idx=i) for i in range(n)]
+    reached: dict[tuple, tuple[Any, set]] = {(root, fn): (start, {(i, i) for i in range(n)})}
+    stack = [(start, first)]
+    total = n
+    while stack:
+        dep, idxs = stack.pop()
+        for nxt in dep.target.dependencies:
+            if not nxt.is_triggered_by(dep.handler):
+                continue
+            new = idxs
+            for mapping in nxt.index_mapping:
+                if mapping is not None:
+                    new = mapping(new)
+            if not new:
+                continue
+            _, seen = reached.setdefault((nxt.target, nxt.handler), (nxt, set()))
+            fresh = []
+            for h in new:
+                if (h.idx, h.root_idx) not in seen:
+                    seen.add((h.idx, h.root_idx))
+                    fresh.append(h)
+            if fresh:
+                total += len(fresh)
+                if total > _PAIR_BUDGET:
+                    return None
+                stack.append((nxt, fresh))
+    return reached
+
+
+def _width(DG: Any, node: Any, handler: Any) -> Optional[int]:
+    """How many channels the tensor an item indexes has, or None if unknown."""
+    try:
+        if DG.is_out_channel_pruning_fn(handler):
+            return DG.get_out_channels(node)
+        return DG.get_in_channels(node)
+    except Exception:
+        return None
+
+
+def _near(node: Any, names: dict, direction: str, limit: int = 64) -> Optional[str]:
+    """The name of the nearest module-backed node upstream ("inputs") or downstream ("outputs")."""
+    todo, seen = list(getattr(node, direction)), set()
+    while todo and len(seen) < limit:
+        n = todo.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.module in names:
+            return names[n.module]
+        todo.extend(getattr(n, direction))
+    return None
+
+
+def _where(node: Any, names: dict) -> str:
+    """An operation inside the model in the user's terms: "'cumsum' in 'blocks.0.attn'"."""
+    up, down = _near(node, names, "inputs"), _near(node, names, "outputs")
+    op = _op_words(_grad_fn_name(node)) if node.type == tp_ops.OPTYPE.ELEMENTWISE else node.type.name.lower()
+    if up and down:
+        common = []
+        for a, b in zip(up.split("."), down.split(".")):
+            if a != b:
+                break
+            common.append(a)
+        if common:
+            return f"'{op}' in '{'.'.join(common)}'"
+        return f"'{op}' between '{up}' and '{down}'"
+    return f"'{op}' after '{up}'" if up else (f"'{op}' before '{down}'" if down else f"'{op}'")
+
+
+def _op_words(name: str) -> str:
+    if name.startswith("ScaledDotProduct"):
+        return "scaled_dot_product_attention"
+    out = []
+    for ch in name:
+        if ch.isupper() and out and not out[-1].isupper():
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)
+
+
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple[list[Group], dict[str, str]]:
     """Trace ``model`` (a copy the caller owns: tracing switches it to eval) and list its channel groups.
 
     Every conv, linear and embedding output starts a group; a layer already
-    covered by an earlier group does not start another. Also returns, for each conv
-    whose output feeds one BatchNorm and nothing else, that BatchNorm's name.
+    covered by an earlier (understood) group does not start another. An item whose
+    traced indices do not fit its tensor, or that maps one channel to two roots, is
+    "blocked" (its group is kept and reported), never an error. Also returns, for each
+    conv whose output feeds one BatchNorm and nothing else, that BatchNorm's name.
     """
-    DG = tp.DependencyGraph()
     with warnings.catch_warnings(), torch.enable_grad():
         warnings.simplefilter("ignore")
-        DG.build_dependency(model, example_inputs=tuple(example_inputs), verbose=False)
+        DG, broken = _build(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
     names.update({p: n for n, p in model.named_parameters()})
     groups = []
     roots = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)
+    visited: set = set()
+    ignored = set(DG.IGNORED_LAYERS_IN_TRACING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for g in DG.get_all_groups(root_module_types=roots):
-            first = g[0]
-            root_module = first.dep.target.module
-            group = Group(root=names.get(root_module, first.dep.target.name), size=len(first.idxs))
-            for it in g:
-                node, handler = it.dep.target, it.dep.handler
-                role, op, reason, dim = _classify(node, handler, DG)
-                name = names.get(node.module, node.name)
-                if not node.outputs and role != "in":
-                    group.reaches_output = True
-                group.items.append(Item(name, node.module, role, list(it.idxs), list(it.root_idxs), op, reason, dim))
+        for m in list(DG.module2node):
+            if not isinstance(m, roots) or m in visited or m in ignored:
+                continue
+            pruner = DG.get_pruner_of_module(m)
+            n = pruner.get_out_channels(m) if pruner is not None else None
+            if not n:
+                continue
+            fn = pruner.prune_out_channels
+            if isinstance(m, _CONV) and m.groups == m.out_channels and m.out_channels > 1:
+                fn = tp.function.prune_depthwise_conv_out_channels  # as torch-pruning does for a depthwise root
+            group = _group(DG, m, fn, n, names, broken)
             groups.append(group)
+            if not group.unclear:  # else its layers may still start groups of their own
+                visited.update(it.module for it in group.items if it.role in ("out", "dw", "gout"))
     bn_after = {}
     O = tp_ops.OPTYPE
     for module, node in DG.module2node.items():
@@ -176,3 +315,37 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple[lis
             if nxt.type == O.BN and isinstance(nxt.module, _BN) and [i.module for i in nxt.inputs] == [module]:
                 bn_after[names[module]] = names[nxt.module]
     return groups, bn_after
+
+
+_NOT_UNDERSTOOD = "the traced channel mapping"
+
+
+def _group(DG: Any, module: nn.Module, fn: Any, n: int, names: dict, broken: dict) -> Group:
+    group = Group(root=names.get(module, DG.module2node[module].name), size=n)
+    reached = _closure(DG, module, fn, n)
+    if reached is None:
+        group.unclear = (f"{_NOT_UNDERSTOOD} from '{group.root}' reaches too many channels to follow (e.g. a "
+                         "repeat / expand of heads, or windows reshaped into the batch); kept")
+        return group
+    for (node, handler), (dep, pairs) in reached.items():
+        if isinstance(node.module, nn.Parameter) and any(node.module is p for p in DG.ignored_params):
+            continue
+        pairs = sorted(pairs, key=lambda p: (p[0], -1 if p[1] is None else p[1]))
+        idxs, root_idxs = [p[0] for p in pairs], [p[1] for p in pairs]
+        role, op, reason, dim = _classify(node, handler, DG)
+        name = names.get(node.module) or _where(node, names)
+        width = _width(DG, node, handler) if role not in ("pass", "blocked") else None
+        unclear = ""
+        if node in broken:
+            unclear = f"{name}: {broken[node]}"
+        elif None in root_idxs or len(set(idxs)) != len(idxs):
+            unclear = f"{_NOT_UNDERSTOOD} through {name} is ambiguous (a channel with two sources)"
+        elif width is not None and idxs and (idxs[0] < 0 or idxs[-1] >= width):
+            unclear = f"{_NOT_UNDERSTOOD} does not fit {name} (channel {idxs[-1]} of {width})"
+        if unclear:
+            role, reason = "blocked", unclear
+            group.unclear = group.unclear or f"{unclear}; kept"
+        if not node.outputs and role != "in":
+            group.reaches_output = True
+        group.items.append(Item(name, node.module, role, idxs, root_idxs, op, reason, dim))
+    return group

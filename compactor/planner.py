@@ -180,6 +180,9 @@ def select(groups: list[graph.Group], tied: set[str]) -> Ledger:
     """
     ledger = Ledger(groups)
     for gi, g in enumerate(groups):
+        if g.unclear:
+            _note_unclear(ledger, g)
+            continue
         producers = [it for it in g.items if it.role in _PRODUCERS]
         readers = [it for it in g.items if it.role in _READERS]
         if not producers:
@@ -214,6 +217,17 @@ def select(groups: list[graph.Group], tied: set[str]) -> Ledger:
         ledger.cand[gi] = removable
         ledger.silent[gi] = unread
     return ledger
+
+
+def _note_unclear(ledger: Ledger, g: graph.Group) -> None:
+    """A group whose traced mapping is not understood keeps everything; say so if its root is masked."""
+    root = next((it.module for it in g.items if it.name == g.root and isinstance(it.module, nn.Module)), None)
+    if root is None or not hasattr(root, "weight"):
+        return
+    dead = torch.nonzero(dead_rows(root)).flatten().tolist()
+    if dead:
+        ledger.any_masked = True
+        ledger.notes.append(GroupNote(layers=[g.root], channels=dead, status="kept", reason=g.unclear))
 
 
 def _blocker(g: graph.Group, tied: set[str]) -> str:
@@ -420,11 +434,12 @@ def cut_layers(ledger: Ledger) -> dict[str, Cut]:
     for gi, rset in ledger.accepted():
         g = ledger.groups[gi]
         ledger.note(gi, rset, "removed", "masked in every layer that computes or reads them")
+        made = "no layer reads them (weight columns all zero)" if rset <= ledger.silent[gi] else "weight rows all zero"
         for it in g.items:
             local = set(_local(it, rset))
             if it.role in _PRODUCERS:
                 out.setdefault(it.name, set()).update(local)
-                why.setdefault(it.name, "weight rows all zero")
+                why.setdefault(it.name, made)
             if it.role in ("dw", "in", "gin"):
                 ins.setdefault(it.name, set()).update(local)
                 if it.role == "in":

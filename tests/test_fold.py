@@ -1,0 +1,218 @@
+"""fold.apply / fold.new_shapes: hand-worked fold values, where they land, and the shapes a plan predicts."""
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+import compactor
+from compactor import fold, masks, planner, tensors
+from compactor.layers import BorderCorrectedConv2d
+
+EXACT = dict(rtol=0.0, atol=0.0)
+
+
+def _dead_rows(module: nn.Module, rows: list[int]) -> None:
+    mask = torch.ones_like(module.weight)
+    mask[rows] = 0
+    prune.custom_from_mask(module, "weight", mask)
+
+
+def _plan(model: nn.Module, x: torch.Tensor):
+    work = masks.bake(model).eval()
+    plan, _ = planner.make_plan(work, tensors.make_batches((x,), 2))
+    return work, plan
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _shapes(model: nn.Module) -> dict:
+    return {k: tuple(p.shape) for k, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _assert_compact_equals_masked(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    small = compactor.compact(model, x)
+    torch.testing.assert_close(small(x), model(x))
+    assert _params(small) < _params(masks.bake(model))
+    return small
+
+
+def _linear_pair() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        m[0].bias[1] = 0.7
+    _dead_rows(m[0], [1])
+    return m
+
+
+def test_linear_bias_fold_is_w2_column_times_relu_of_b1():
+    """Row 1 of Linear(4,3) masked, b1[1]=0.7: Fold(bias) into the second layer with values W2[:, 1] * relu(0.7)."""
+    m = _linear_pair()
+    x = torch.randn(3, 4)
+    work, plan = _plan(m, x)
+    [f] = plan.folds
+    assert (f.layer, f.target, f.bn, f.sources) == ("2", "bias", None, ("0",))
+    relu_b = torch.relu(torch.tensor(0.7)).double()  # 0.7 in float32, through ReLU
+    expected = m[2].weight.detach()[:, 1].double() * relu_b
+    assert f.values.dtype == torch.float64
+    torch.testing.assert_close(f.values, expected, **EXACT)
+
+    b2 = m[2].bias.detach().clone()
+    fold.apply(work, plan)
+    torch.testing.assert_close(work[2].bias.detach(), b2 + m[2].weight.detach()[:, 1] * torch.relu(torch.tensor(0.7)))
+    assert work[2].weight.shape == (2, 2) and work[0].weight.shape == (2, 4)
+    _assert_compact_equals_masked(m, x)
+
+
+def test_new_shapes_predicts_the_applied_models_parameters():
+    """new_shapes(work, plan), computed before apply, equals the shapes of the parameters apply() builds."""
+    m = _linear_pair()
+    work, plan = _plan(m, torch.randn(3, 4))
+    predicted = fold.new_shapes(work, plan)
+    assert predicted == {"0.weight": (2, 4), "0.bias": (2,), "2.weight": (2, 2), "2.bias": (2,)}
+    assert _shapes(work) == {"0.weight": (3, 4), "0.bias": (3,), "2.weight": (2, 3), "2.bias": (2,)}  # untouched
+    assert _shapes(fold.apply(work, plan)) == predicted
+
+
+def test_fold_into_a_bias_free_linear_creates_its_bias():
+    """The consumer Linear(3, 2, bias=False) gets a bias equal to the fold; new_shapes predicts '2.bias': (2,)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2, bias=False)).eval()
+    with torch.no_grad():
+        m[0].bias[1] = 0.7
+    _dead_rows(m[0], [1])
+    x = torch.randn(3, 4)
+    work, plan = _plan(m, x)
+    predicted = fold.new_shapes(work, plan)
+    assert predicted["2.bias"] == (2,) and "2.bias" not in _shapes(work)
+    built = fold.apply(work, plan)
+    assert _shapes(built) == predicted
+    expected = m[2].weight.detach()[:, 1] * torch.relu(torch.tensor(0.7))
+    torch.testing.assert_close(built[2].bias.detach(), expected)
+    assert isinstance(built[2].bias, nn.Parameter)
+    _assert_compact_equals_masked(m, x)
+
+
+def test_new_shapes_of_a_created_bias_on_a_layer_that_is_also_cut():
+    """Bias-free middle Linear(5, 4) loses its own row 2 and takes a fold: the created bias is 3 wide, not 4."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 4, bias=False), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        m[0].bias[1] = 0.6
+    _dead_rows(m[0], [1])
+    _dead_rows(m[2], [2])
+    x = torch.randn(3, 4)
+    work, plan = _plan(m, x)
+    predicted = fold.new_shapes(work, plan)
+    assert predicted["2.weight"] == (3, 4) and predicted["2.bias"] == (3,)
+    assert _shapes(fold.apply(work, plan)) == predicted
+    _assert_compact_equals_masked(m, x)
+
+
+def _conv_bn(padding: int) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=padding, bias=False),
+                      nn.BatchNorm2d(2)).eval()
+    with torch.no_grad():
+        m[0].bias[1] = 0.5
+        m[3].running_mean.copy_(torch.tensor([0.2, -0.1]))
+        m[3].running_var.copy_(torch.tensor([1.5, 0.8]))
+    _dead_rows(m[0], [1])
+    return m
+
+
+def test_bias_free_conv_feeding_a_batchnorm_alone_folds_into_its_running_mean():
+    """conv0 row 1 masked (constant 0.5) -> bias-free conv2 -> bn3 alone: Fold(bn_mean, bn='3'), mean -= 0.5 * sum W[:, 1]."""
+    m = _conv_bn(padding=0)
+    x = torch.randn(2, 3, 6, 6)
+    work, plan = _plan(m, x)
+    [f] = plan.folds
+    assert (f.layer, f.target, f.bn) == ("2", "bn_mean", "3")
+    expected = 0.5 * m[2].weight.detach()[:, 1].double().sum((1, 2))
+    torch.testing.assert_close(f.values, expected, rtol=1e-12, atol=0.0)
+    mean = m[3].running_mean.clone()
+    fold.apply(work, plan)
+    torch.testing.assert_close(work[3].running_mean, (mean.double() - f.values).float(), **EXACT)
+    assert work[2].bias is None  # the conv stays bias-free
+    small = _assert_compact_equals_masked(m, x)
+    assert small[2].bias is None and small[2].in_channels == 3
+
+
+def _padded(bias_free: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1, bias=not bias_free)).eval()
+    with torch.no_grad():
+        m[0].bias[1], m[0].bias[2] = 0.5, 0.3
+    _dead_rows(m[0], [1, 2])
+    return m
+
+
+def test_zero_padded_consumer_gets_a_border_kernel_sum_of_v_c_times_w_c():
+    """Channels 1, 2 (constants 0.5, 0.3) feed a padding=1 conv: Fold(border) kernel = 0.5 W[:, 1] + 0.3 W[:, 2]."""
+    m = _padded()
+    x = torch.randn(2, 3, 6, 6)
+    work, plan = _plan(m, x)
+    [f] = plan.folds
+    assert (f.layer, f.target, f.bn, f.offset) == ("2", "border", None, None)
+    w = m[2].weight.detach().double()
+    v1, v2 = torch.tensor(0.5).double(), torch.tensor(0.3).float().double()  # the float32 constants
+    assert f.values.shape == (2, 3, 3)
+    assert abs(float(f.values[1, 0, 2]) - float(v1 * w[1, 1, 0, 2] + v2 * w[1, 2, 0, 2])) < 1e-15
+    torch.testing.assert_close(f.values, v1 * w[:, 1] + v2 * w[:, 2], rtol=1e-12, atol=0.0)
+
+    built = fold.apply(work, plan)
+    assert type(built[2]) is BorderCorrectedConv2d
+    assert built[2].border_kernel.shape == (2, 1, 3, 3) and built[2].in_channels == 2
+    # at the top-left output the kernel overlaps the padding on its first row and column: only W[..., 1:, 1:] counts
+    border = built[2].border_map(torch.zeros(1, 2, 6, 6))
+    corner = (v1 * w[:, 1, 1:, 1:] + v2 * w[:, 2, 1:, 1:]).sum((1, 2))
+    inside = f.values.sum((1, 2))
+    torch.testing.assert_close(border[0, :, 0, 0].double(), corner, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(border[0, :, 3, 3].double(), inside, rtol=1e-6, atol=1e-7)
+    small = _assert_compact_equals_masked(m, x)
+    assert type(small[2]) is BorderCorrectedConv2d
+
+
+def test_border_fold_with_a_batchnorm_puts_the_interior_in_its_mean():
+    """Bias-free padded conv -> BN alone: Fold(border, bn='3') with offset = kernel sum, subtracted from the BN mean."""
+    m = _conv_bn(padding=1)
+    x = torch.randn(2, 3, 6, 6)
+    work, plan = _plan(m, x)
+    [f] = plan.folds
+    assert (f.layer, f.target, f.bn) == ("2", "border", "3")
+    torch.testing.assert_close(f.values, 0.5 * m[2].weight.detach()[:, 1].double(), rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(f.offset, f.values.sum((1, 2)), **EXACT)
+    mean = m[3].running_mean.clone()
+    built = fold.apply(work, plan)
+    torch.testing.assert_close(built[3].running_mean, (mean.double() - f.offset).float(), **EXACT)
+    assert type(built[2]) is BorderCorrectedConv2d and built[2].bias is None
+    _assert_compact_equals_masked(m, x)
+
+
+def test_folds_from_two_groups_into_one_consumer_add_up():
+    """Two producers concatenated into one Linear: one Fold whose values sum both removed columns' contributions."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.c(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))
+
+    torch.manual_seed(0)
+    m = Two().eval()
+    with torch.no_grad():
+        m.a.bias[0], m.b.bias[2] = 0.25, 0.75
+    _dead_rows(m.a, [0])
+    _dead_rows(m.b, [2])
+    x = torch.randn(3, 4)
+    work, plan = _plan(m, x)
+    [f] = plan.folds
+    assert f.layer == "c" and f.target == "bias" and set(f.sources) == {"a", "b"}
+    w = m.c.weight.detach().double()
+    torch.testing.assert_close(f.values, 0.25 * w[:, 0] + 0.75 * w[:, 5], rtol=1e-12, atol=0.0)
+    assert plan.cuts["c"].inputs == (0, 5)
+    _assert_compact_equals_masked(m, x)

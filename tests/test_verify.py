@@ -1,0 +1,109 @@
+"""verify: compare / check / tolerance on hand values, and full_precision's flag handling."""
+
+import pytest
+import torch
+
+from compactor import verify
+from compactor.errors import VerificationError
+
+EPS32 = torch.finfo(torch.float32).eps  # 2**-23
+EPS16 = torch.finfo(torch.float16).eps  # 2**-10
+
+
+def test_compare_reports_largest_difference_scale_and_tolerance():
+    """ref [1, -3], got [1, -2.5]: diff 0.5, scale 3, tolerance max(1e-5, 16 eps32) * 3 = 3e-5; not ok."""
+    c = verify.compare([torch.tensor([1.0, -3.0])], [torch.tensor([1.0, -2.5])])
+    assert c.max_abs_diff == 0.5 and c.scale == 3.0
+    assert 16 * EPS32 < 1e-5
+    assert c.tolerance == pytest.approx(1e-5 * 3.0, rel=1e-12)
+    assert not c.ok
+
+
+def test_compare_takes_the_max_over_batches_and_outputs():
+    """Two batches, each (tensor, [tensor]): diff is the largest over all (0.25), scale the largest |ref| (8)."""
+    ref = [(torch.tensor([1.0]), [torch.tensor([2.0, -8.0])]), (torch.tensor([4.0]), [torch.tensor([0.0, 0.0])])]
+    got = [(torch.tensor([1.0]), [torch.tensor([2.0, -8.125])]), (torch.tensor([4.25]), [torch.tensor([0.0, 0.0])])]
+    c = verify.compare(ref, got)
+    assert (c.max_abs_diff, c.scale) == (0.25, 8.0)
+    assert c.tolerance == pytest.approx(8e-5, rel=1e-12)
+
+
+def test_tolerance_floors_the_scale_at_1e_2():
+    """Outputs of size 1e-3: tolerance is 1e-5 * 1e-2 = 1e-7, not 1e-5 * 1e-3; a 5e-8 difference is ok."""
+    c = verify.compare([torch.tensor([1e-3])], [torch.tensor([1e-3 + 5e-8])])
+    assert c.scale == pytest.approx(1e-3, rel=1e-6)
+    assert c.tolerance == pytest.approx(1e-7, rel=1e-12)
+    assert c.ok
+
+
+def test_equal_outputs_are_ok_with_zero_difference():
+    """Identical outputs: diff 0.0 and ok; an all-zero reference still gets tolerance 1e-5 * 1e-2."""
+    c = verify.compare([torch.zeros(3)], [torch.zeros(3)])
+    assert (c.max_abs_diff, c.scale, c.ok) == (0.0, 0.0, True)
+    assert c.tolerance == pytest.approx(1e-7, rel=1e-12)
+
+
+def test_fp16_outputs_get_16_eps_of_fp16():
+    """fp16 ref of scale 2: tolerance 16 * 2**-10 * 2 = 0.03125, so a difference of 1/64 passes."""
+    ref = [torch.tensor([2.0, 1.0], dtype=torch.float16)]
+    c = verify.compare(ref, [torch.tensor([2.0, 1.015625], dtype=torch.float16)])
+    assert c.tolerance == 16 * EPS16 * 2.0 == 0.03125
+    assert c.max_abs_diff == 0.015625 and c.ok
+    assert verify.tolerance(ref, 2.0) == 0.03125
+
+
+def test_rel_raises_the_tolerance_but_not_below_16_eps():
+    """rel=1e-4 at scale 1: tolerance 1e-4; rel=0 still leaves 16 eps32 * 1."""
+    ref = [torch.tensor([1.0])]
+    assert verify.compare(ref, ref, rel=1e-4).tolerance == pytest.approx(1e-4, rel=1e-12)
+    assert verify.tolerance(ref, 1.0, rel=0.0) == 16 * EPS32
+
+
+def test_unequal_integer_outputs_differ_by_inf():
+    """Integer outputs are compared for equality: [1, 2] vs [1, 3] gives inf (never ok), equal gives 0."""
+    a, b = torch.tensor([1, 2]), torch.tensor([1, 3])
+    c = verify.compare([a], [b])
+    assert c.max_abs_diff == float("inf") and not c.ok
+    assert verify.compare([a], [a.clone()]).max_abs_diff == 0.0
+
+
+def test_shape_mismatch_raises_naming_both_shapes():
+    """(2, 3) vs (2, 4): VerificationError naming the compact shape (2, 4) and the reference (2, 3)."""
+    with pytest.raises(VerificationError, match=r"has shape \(2, 4\), the reference \(2, 3\)"):
+        verify.compare([torch.zeros(2, 3)], [torch.zeros(2, 4)])
+
+
+def test_output_count_mismatch_raises_naming_both_counts():
+    """One tensor vs a tuple of two: VerificationError 'returns 2 tensors, the reference 1'."""
+    with pytest.raises(VerificationError, match="returns 2 tensors, the reference 1"):
+        verify.compare([torch.zeros(2)], [(torch.zeros(2), torch.zeros(2))])
+
+
+def test_check_raises_with_the_difference_and_returns_the_comparison_when_ok():
+    """check(): off by 0.5 raises 'differs from the masked model by up to 0.5'; within 3e-5 returns it."""
+    ref = [torch.tensor([1.0, -3.0])]
+    with pytest.raises(VerificationError, match="differs from the masked model by up to 0.5"):
+        verify.check(ref, [torch.tensor([1.0, -2.5])])
+    with pytest.raises(VerificationError, match="differs from the onnx model"):
+        verify.check(ref, [torch.tensor([1.0, -2.5])], "onnx")
+    c = verify.check(ref, [torch.tensor([1.0, -3.0 + 2**-16])])  # 1.5e-5, exact in float32, under 3e-5
+    assert isinstance(c, verify.Comparison) and c.ok
+    assert (c.max_abs_diff, c.scale) == (2**-16, 3.0)
+
+
+def test_full_precision_turns_tf32_off_and_restores_the_flags():
+    """Inside full_precision both TF32 flags are False; afterwards (also after an exception) they are as before."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+        with verify.full_precision():
+            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+        with pytest.raises(RuntimeError, match="inside"):
+            with verify.full_precision():
+                raise RuntimeError("inside")
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, False)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
