@@ -182,9 +182,9 @@ def _build(model: nn.Module, example_inputs: Sequence) -> tuple[Any, dict[Any, s
     return DG, broken
 
 
-def _closure(DG: Any, module: nn.Module, fn: Any, n: int) -> Optional[dict[tuple, tuple[Any, set]]]:
+def _closure(DG: Any, module: nn.Module, fn: Any, n: int, names: dict) -> tuple[dict[tuple, tuple[Any, set]], str]:
     """Every (node, handler) that pruning output channels ``0..n-1`` of ``module`` reaches, with the
-    (index, root index) pairs it reaches them at; None past the budget.
+    (index, root index) pairs it reaches them at; and why the walk stopped short, or ''.
 
     torch-pruning's ``get_pruning_group`` re-walks a node each time it arrives with another
     index list, which explodes on expand / repeat and windowed reshapes; this walks each
@@ -203,9 +203,13 @@ def _closure(DG: Any, module: nn.Module, fn: Any, n: int) -> Optional[dict[tuple
             if not nxt.is_triggered_by(dep.handler):
                 continue
             new = idxs
-            for mapping in nxt.index_mapping:
-                if mapping is not None:
-                    new = mapping(new)
+            try:
+                for mapping in nxt.index_mapping:
+                    if mapping is not None:
+                        new = mapping(new)
+            except Exception as exc:  # a mapping built from shapes it misread
+                where = names.get(nxt.target.module) or _where(nxt.target, names)
+                return reached, f"{_NOT_UNDERSTOOD} through {where} failed ({type(exc).__name__})"
             if not new:
                 continue
             _, seen = reached.setdefault((nxt.target, nxt.handler), (nxt, set()))
@@ -217,9 +221,10 @@ def _closure(DG: Any, module: nn.Module, fn: Any, n: int) -> Optional[dict[tuple
             if fresh:
                 total += len(fresh)
                 if total > _PAIR_BUDGET:
-                    return None
+                    return reached, (f"{_NOT_UNDERSTOOD} reaches too many channels to follow (e.g. a repeat / "
+                                     "expand of heads, or windows reshaped into the batch)")
                 stack.append((nxt, fresh))
-    return reached
+    return reached, ""
 
 
 def _width(DG: Any, node: Any, handler: Any) -> Optional[int]:
@@ -322,10 +327,12 @@ _NOT_UNDERSTOOD = "the traced channel mapping"
 
 def _group(DG: Any, module: nn.Module, fn: Any, n: int, names: dict, broken: dict) -> Group:
     group = Group(root=names.get(module, DG.module2node[module].name), size=n)
-    reached = _closure(DG, module, fn, n)
-    if reached is None:
-        group.unclear = (f"{_NOT_UNDERSTOOD} from '{group.root}' reaches too many channels to follow (e.g. a "
-                         "repeat / expand of heads, or windows reshaped into the batch); kept")
+    reached, problem = _closure(DG, module, fn, n, names)
+    if problem:
+        root = DG.module2node[module]
+        group.unclear = f"{problem}; kept"
+        group.items.append(Item(group.root, module, "blocked", list(range(n)), list(range(n)),
+                                _classify(root, fn, DG)[1], problem))
         return group
     for (node, handler), (dep, pairs) in reached.items():
         if isinstance(node.module, nn.Parameter) and any(node.module is p for p in DG.ignored_params):

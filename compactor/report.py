@@ -131,14 +131,26 @@ def _own_params(shapes: Mapping[str, tuple[int, ...]], layer: str) -> int:
 
 def _rows(plan: Plan, before: Layout, after: Mapping[str, tuple[int, ...]],
           macs: Mapping[str, int]) -> list[LayerRow]:
-    rows = [_row(name, op, _key(name, "weight"), before.shapes, after, macs, plan) for name, op in before.layers.items()]
+    kept = _kept_reasons(plan)
+    rows = [_row(name, op, _key(name, "weight"), before.shapes, after, macs, plan, kept)
+            for name, op in before.layers.items()]
     for name, cut in plan.cuts.items():
         if cut.parameter_dim is not None:  # a bare nn.Parameter sliced along (a layer scale)
-            rows.append(_row(name, "Parameter", name, before.shapes, after, macs, plan))
+            rows.append(_row(name, "Parameter", name, before.shapes, after, macs, plan, kept))
     return rows
 
 
-def _row(name: str, op: str, key: str, before, after, macs, plan: Plan) -> LayerRow:
+def _kept_reasons(plan: Plan) -> dict[str, str]:
+    """Per layer, why masked channels of it were kept (the first note that names it)."""
+    out: dict[str, str] = {}
+    for note in plan.notes:
+        if note.status != "removed":
+            for layer in note.layers:
+                out.setdefault(layer, f"{len(note.channels)} {note.status}: {note.reason}")
+    return out
+
+
+def _row(name: str, op: str, key: str, before, after, macs, plan: Plan, kept: Mapping[str, str]) -> LayerRow:
     shape_b, shape_a = before[key], after[key]
     own = op != "Parameter"
     p_b = _own_params(before, name) if own else math.prod(shape_b)
@@ -146,8 +158,9 @@ def _row(name: str, op: str, key: str, before, after, macs, plan: Plan) -> Layer
     mb = macs.get(name, 0)
     ma = int(round(mb * math.prod(shape_a) / math.prod(shape_b))) if mb else 0
     cut = plan.cuts.get(name)
+    why = "; ".join(w for w in (cut.why if cut else "", kept.get(name, "")) if w)
     return LayerRow(name, op, shape_b, shape_a, list(cut.out) if cut else [], list(cut.inputs) if cut else [],
-                    cut.why if cut else "", p_b, p_a, mb, ma)
+                    why, p_b, p_a, mb, ma)
 
 
 def _folded(plan: Plan) -> list[str]:
