@@ -211,7 +211,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _compact(args: argparse.Namespace) -> int:
     from . import api
-    from .export import export_onnx, save
+    from .export import export_onnx
+    from .saving import save
 
     if args.round_to is not None and args.round_to < 1:
         raise UserError(f"--round-to {args.round_to} should be a positive integer")
@@ -235,7 +236,6 @@ def _compact(args: argparse.Namespace) -> int:
     print("")
     print(f"wrote {args.out} ({_size(args.out)}; load it with compactor.load({args.out!r}, {args.model.split(':')[1]}))")
     if onnx_report is not None:
-        onnx_report.path = args.onnx
         print(f"wrote {_onnx_line(onnx_report, args.onnx)}")
     return 0
 
@@ -259,7 +259,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_onnx, load
+    from .export import export_onnx
+    from .saving import load
 
     outputs = _Outputs(args.force)
     outputs.check("--onnx", args.onnx, [args.weights])

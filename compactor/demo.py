@@ -114,7 +114,9 @@ def run(out_dir: str = "compactor-demo", *, amount: float = 0.5, epochs: int = 8
         stream: TextIO = sys.stdout) -> DemoResult:
     """Run the whole main job and print a short report; artifacts go to ``out_dir``."""
     from . import api, masks, timing
-    from .export import atomic_save, export_onnx, save
+    from .export import export_onnx
+    from .files import atomic_save
+    from .saving import save
 
     def say(msg: str, end: str = "\n") -> None:
         print(msg, end=end, file=stream, flush=True)
