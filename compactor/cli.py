@@ -234,7 +234,7 @@ def _compact(args: argparse.Namespace) -> int:
                                       exporter=args.exporter)
     print(small.compaction_report)
     print("")
-    print(f"wrote {args.out} ({_size(args.out)}; load it with compactor.load({args.out!r}, {args.model.split(':')[1]}))")
+    print(f"wrote {args.out} ({_size(args.out)}; load it with compactor.load({args.model.split(':')[1]}, {args.out!r}))")
     if onnx_report is not None:
         print(f"wrote {_onnx_line(onnx_report, args.onnx)}")
     return 0
@@ -265,7 +265,7 @@ def _export(args: argparse.Namespace) -> int:
     outputs = _Outputs(args.force)
     outputs.check("--onnx", args.onnx, [args.weights])
     example = _example(args)
-    model = load(args.weights, _model_factory(args.model))
+    model = load(_model_factory(args.model), args.weights)
     with outputs:
         report = export_onnx(model, example, outputs.temp(args.onnx), force=True,
                              dynamic_batch=not args.no_dynamic_batch, opset=args.opset, exporter=args.exporter)

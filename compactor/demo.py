@@ -172,7 +172,7 @@ def run(out_dir: str = "compactor-demo", *, amount: float = 0.5, epochs: int = 8
         f"-> {tm.median / tc.median:.2f}x faster")
     say(f"ONNX: {onnx_path}, {onnx_report.size_bytes / 1000:.1f} kB; onnxruntime vs PyTorch max |diff| "
         f"{onnx_report.max_abs_diff:.1e} at batch sizes {', '.join(map(str, onnx_report.batch_sizes))}")
-    say(f"artifacts: {pruned_path}, {compact_path} (compactor.load(path, LeNet)), {onnx_path}  "
+    say(f"artifacts: {pruned_path}, {compact_path} (compactor.load(LeNet, path)), {onnx_path}  "
         f"({time.perf_counter() - t0:.1f} s in all)")
     return DemoResult(acc_dense, acc_masked, acc_compact, report.params_before, report.params_after,
                       report.macs_before, report.macs_after, report.max_abs_diff, tm.median, tc.median, out_dir)

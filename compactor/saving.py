@@ -160,7 +160,7 @@ def save(model: nn.Module, path: files.PathLike, *, force: bool = False) -> str:
         >>> small = compactor.compact(net, torch.randn(3, 4))
         >>> path = compactor.save(small, os.path.join(tempfile.mkdtemp(), "small.pt"))
         >>> arch = lambda: torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
-        >>> again = compactor.load(path, arch)
+        >>> again = compactor.load(arch, path)
         >>> again[0].out_features, again[2].in_features
         (3, 3)
         >>> x = torch.randn(5, 4)
@@ -289,6 +289,11 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def _swapped(first: Any, second: Any) -> bool:
+    """``load(path, Model)``: the argument order compactor.load had before it became model-first."""
+    return isinstance(first, (str, os.PathLike)) and (isinstance(second, nn.Module) or callable(second))
+
+
 def _replace_layers(target: nn.Module, layers: Mapping[str, Mapping[str, Any]], state: Mapping[str, torch.Tensor],
                     saved_from: str) -> None:
     """Swap every manifest layer of ``target`` for a fresh one at the saved shape (shared layers stay shared)."""
@@ -338,19 +343,19 @@ def _resize_bare_tensors(target: nn.Module, layers: Mapping[str, Any], state: Ma
             owner._buffers[attr] = torch.zeros(tensor.shape, dtype=owner._buffers[attr].dtype)
 
 
-def load(path: files.PathLike, model_or_factory: ModelOrFactory) -> nn.Module:
+def load(model_or_factory: ModelOrFactory, path: files.PathLike) -> nn.Module:
     """Rebuild a model written by :func:`save` inside its original architecture.
 
-    Every layer in the file's manifest replaces the architecture's layer of the
-    same name with a fresh one of the saved (smaller) shape -- a
-    ``BorderCorrectedConv`` where the manifest says so -- then the weights load
-    strictly. The file is read with ``torch.load(weights_only=True)``: nothing in
-    it is executed.
+    Model first, like safetensors' ``load_model(model, filename)``. Every layer in
+    the file's manifest replaces the architecture's layer of the same name with a
+    fresh one of the saved (smaller) shape -- a ``BorderCorrectedConv`` where the
+    manifest says so -- then the weights load strictly. The file is read with
+    ``torch.load(weights_only=True)``: nothing in it is executed.
 
     Args:
-        path: a file written by :func:`compactor.save`.
         model_or_factory: the original (dense) architecture: an instance (copied,
             never modified) or a class / zero-argument callable returning one.
+        path: a file written by :func:`compactor.save`.
 
     Returns:
         The compact model, in eval mode.
@@ -359,10 +364,16 @@ def load(path: files.PathLike, model_or_factory: ModelOrFactory) -> nn.Module:
         LoadError: missing, truncated or foreign file; a manifest layer the
             architecture lacks or holds as another kind of layer; state_dict keys
             or shapes that do not fit.
-        TypeError: ``model_or_factory`` is neither a module nor a callable returning one.
+        TypeError: the arguments are in the old order ``load(path, model)``, or
+            ``model_or_factory`` is neither a module nor a callable returning one.
 
     Example: see :func:`save`.
     """
+    if _swapped(model_or_factory, path):
+        raise TypeError(
+            f"load(model_or_factory, path) takes the model first; you passed the path {os.fspath(model_or_factory)!r} "
+            f"first: swap them, e.g. compactor.load(Model, {os.fspath(model_or_factory)!r})"
+        )
     path = os.fspath(path)
     obj = _read(path)
     layers: Mapping[str, Mapping[str, Any]] = obj["manifest"]["layers"]

@@ -216,7 +216,7 @@ def test_zoo_onnx_parity(name, tmp_path):
         np.testing.assert_allclose(got, torch_run(model, *xs), rtol=ORT_RTOL, atol=ORT_ATOL)
 
     # The same model through save -> load into the zoo's dense architecture: identical.
-    loaded = compactor.load(compactor.save(model, tmp_path / f"{name}.pt"), zoo.get(name).build)
+    loaded = compactor.load(zoo.get(name).build, compactor.save(model, tmp_path / f"{name}.pt"))
     assert [type(m) for m in loaded.modules()][1:] == [type(m) for m in model.modules()][1:]
     plain = masks.bake(model)  # no-op copy, unless compact() failed and the masks are still on
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}

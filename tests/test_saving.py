@@ -18,10 +18,10 @@ from small_models import ARCH, COMPACTED, Border, Depthwise, border_compact, dep
 
 @pytest.mark.parametrize("name", list(COMPACTED))
 def test_save_load_same_outputs_and_compact_shapes(name, tmp_path):
-    """save -> load(path, Class) rebuilds the compact layers: same state_dict shapes, same outputs."""
+    """save -> load(Class, path) rebuilds the compact layers: same state_dict shapes, same outputs."""
     small, _, x = COMPACTED[name]()
     path = compactor.save(small, tmp_path / "small.pt")
-    loaded = compactor.load(path, ARCH[name])
+    loaded = compactor.load(ARCH[name], path)
     assert not loaded.training
     want = {k: tuple(v.shape) for k, v in small.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in loaded.state_dict().items()} == want
@@ -46,12 +46,12 @@ def test_saved_file_is_plain_data(tmp_path):
 
 
 def test_load_from_instance_leaves_it_unchanged(tmp_path):
-    """load(path, instance) copies the instance: its layers, weights and flags stay dense and untouched."""
+    """load(instance, path) copies the instance: its layers, weights and flags stay dense and untouched."""
     small, _, x = lenet_compact()
     path = compactor.save(small, tmp_path / "lenet.pt")
     dense = LeNet()
     before = snapshot(dense)
-    loaded = compactor.load(path, dense)
+    loaded = compactor.load(dense, path)
     assert_unchanged(dense, before)
     assert dense.conv1.out_channels == 6 and loaded.conv1.out_channels == 3
     with torch.no_grad():
@@ -61,7 +61,7 @@ def test_load_from_instance_leaves_it_unchanged(tmp_path):
 def test_load_from_zero_arg_callable(tmp_path):
     small, _, x = depthwise_compact()
     path = compactor.save(small, tmp_path / "dw.pt")
-    loaded = compactor.load(path, lambda: Depthwise())
+    loaded = compactor.load(lambda: Depthwise(), path)
     assert loaded.dw.groups == small.dw.groups < 8
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
@@ -77,7 +77,7 @@ def test_save_bakes_live_masks(tmp_path):
     assert not any(k.endswith("_mask") for k in torch.load(path, weights_only=True)["state_dict"])
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
-        torch.testing.assert_close(compactor.load(path, LeNet)(x), masked(x), rtol=0, atol=0)
+        torch.testing.assert_close(compactor.load(LeNet, path)(x), masked(x), rtol=0, atol=0)
 
 
 def test_save_never_overwrites_without_force(tmp_path):
@@ -96,7 +96,7 @@ def test_save_pickle_is_explicit(tmp_path):
     small, _, x = lenet_compact()
     path = compactor.save_pickle(small, tmp_path / "pickled.pt")
     with pytest.raises(LoadError, match="pickled Python objects.*weights_only=False"):
-        compactor.load(path, LeNet)
+        compactor.load(LeNet, path)
     again = torch.load(path, weights_only=False)
     with torch.no_grad():
         torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
@@ -177,10 +177,17 @@ def test_load_errors_name_the_problem(case, pattern, border_file, tmp_path):
         path = border_file
         arch = {"lacks_layer": NoConv2, "wrong_kind": Conv2IsLinear, "extra_keys": WithExtra}[case]
     with pytest.raises(LoadError, match=pattern):
-        compactor.load(path, arch)
+        compactor.load(arch, path)
 
 
 def test_load_rejects_a_non_module_factory(border_file):
     with pytest.raises(TypeError, match="returned int"):
-        compactor.load(border_file, lambda: 3)
+        compactor.load(lambda: 3, border_file)
 
+
+def test_load_in_the_old_order_says_to_swap(border_file):
+    """load(path, Model) -- the order before load became model-first -- is a TypeError that says to swap them."""
+    with pytest.raises(TypeError, match=r"takes the model first.*swap them"):
+        compactor.load(border_file, Border)
+    with pytest.raises(TypeError, match=r"swap them"):
+        compactor.load(border_file, Border())

@@ -133,7 +133,7 @@ def test_compact_end_to_end(user, capsys):
     assert sorted(p for p in os.listdir(folder) if p != "__pycache__") == sorted(
         [f"{name}.py", "pruned_model.pth", "lenet_small.pt", "lenet_small.onnx"])
 
-    small = compactor.load("lenet_small.pt", module.LeNet)
+    small = compactor.load(module.LeNet, "lenet_small.pt")
     assert (small.conv1.out_channels, small.fc1.in_features, small.fc2.out_features) == (3, 200, 42)
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
