@@ -146,8 +146,8 @@ def _ratio(rows: list[dict], batch: int, key: str, a: str = "masked", b: str = "
 
 
 def write(args: argparse.Namespace, res: dict) -> list[str]:
-    machine = bench.machine_info()
-    device = bench.device_slug(False)
+    machine = common.machine_info()
+    device = common.device_slug(False)
     folder = common.out_dir(args.out, device)
     settings = {"model": "lenet", "scenario": res["scenario"], "batches": "-".join(map(str, args.batches)),
                 "threads": 1, "repeats": args.repeats}

@@ -1,13 +1,15 @@
 """Shared by the scripts in benchmarks/: result folders, JSON, markdown tables, plots, targets.
 
 The cases themselves (models, pruning scenarios, variants, checks, timing) live in
-:mod:`compactor.bench`, which ``compactor bench`` also calls; this module only writes.
+:mod:`compactor.bench`, which ``compactor bench`` also calls; this module describes the
+machine and writes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import sys
 import tempfile
@@ -19,9 +21,72 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, ROOT)
 
+import torch  # noqa: E402
+
 from compactor import bench  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_cores() -> int:
+    return bench.backend_threads("torch-cpu")  # every CPU this process may use
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model and cores, torch / onnx / onnxruntime versions, threads, GPU name if any."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_cores": _cpu_cores(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "onnxruntime": getattr(ort, "__version__", None),
+        "ort_providers": ort.get_available_providers() if ort else [],
+        "gpu": None,
+    }
+    try:
+        import onnx
+
+        info["onnx"] = onnx.__version__
+    except ImportError:
+        info["onnx"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        info["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
+        info["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    return info
+
+
+def _slug(s: str) -> str:
+    s = re.sub(r"\(r\)|\(tm\)|cpu @.*|processor|\d+-core", "", s.lower())
+    return re.sub(r"[^a-z0-9]+", "-", s).strip("-")[:40] or "unknown"
+
+
+def device_slug(cuda: bool = False) -> str:
+    """``cpu-<cpu name>-<cores>c`` or ``cuda-<gpu name>``, lower-case letters, digits and dashes."""
+    if cuda and torch.cuda.is_available():
+        return "cuda-" + _slug(torch.cuda.get_device_name(0))
+    return f"cpu-{_slug(_cpu_model())}-{_cpu_cores()}c"
 
 
 # --------------------------------------------------------------------------- arguments and folders

@@ -213,8 +213,8 @@ def _label(r: dict) -> str:
 
 
 def write(args: argparse.Namespace, rows: list[dict], elapsed: float) -> list[str]:
-    machine = bench.machine_info()
-    device = bench.device_slug(False)
+    machine = common.machine_info()
+    device = common.device_slug(False)
     folder = common.out_dir(args.out, device)
     settings = {"width": args.width, "depths": "-".join(map(str, args.depths)), "depth": args.depth,
                 "widths": "-".join(map(str, args.widths)), "full": args.full, "resnet": args.resnet,

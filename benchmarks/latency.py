@@ -165,7 +165,7 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 
 def write(args: argparse.Namespace, result: dict) -> list[str]:
-    machine = bench.machine_info()
+    machine = common.machine_info()
     settings = settings_of(args)
     name = common.tag("latency", "smoke" if args.smoke else None, "-".join(args.models),
                       "b" + "-".join(map(str, args.batches)), "B" + "-".join(map(str, args.big_batches)),
@@ -176,7 +176,7 @@ def write(args: argparse.Namespace, result: dict) -> list[str]:
         sweep = [r for r in result["sweep_rows"] if ("cuda" in r["backend"]) == cuda]
         if not rows and not sweep:
             continue
-        device = bench.device_slug(cuda)
+        device = common.device_slug(cuda)
         folder = common.out_dir(args.out, device)
         for r in rows + sweep:
             r["device"] = device

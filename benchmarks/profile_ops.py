@@ -177,8 +177,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def write(args: argparse.Namespace, rows: list[dict]) -> list[str]:
-    machine = bench.machine_info()
-    device = bench.device_slug(False)
+    machine = common.machine_info()
+    device = common.device_slug(False)
     folder = common.out_dir(args.out, device)
     settings = {"model": args.model, "scenarios": ",".join(args.scenarios), "batch": args.batch,
                 "backends": ",".join(args.backends), "runs": args.runs, "smoke": args.smoke}

@@ -272,13 +272,13 @@ def _analysis(targets: list[dict], prof: list[dict], bm: Optional[dict]) -> list
 
 def write_readmes(args, lat: dict, prof: list[dict], bm: dict, cost: list[dict], files: list[str], elapsed: float,
                   machine: Optional[dict] = None) -> list[str]:
-    machine = machine or bench.machine_info()
+    machine = machine or common.machine_info()
     written = []
     for cuda in (False, True):
         rows = [r for r in lat["rows"] if ("cuda" in r["backend"]) == cuda]
         if not rows:
             continue
-        device = bench.device_slug(cuda)
+        device = common.device_slug(cuda)
         folder = common.out_dir(args.out, device)
         targets = common.evaluate_targets(rows)
         md = [f"# Benchmark results: {device}", "",
@@ -290,7 +290,7 @@ def write_readmes(args, lat: dict, prof: list[dict], bm: dict, cost: list[dict],
                  f"Made by `python benchmarks/run_all.py{' --smoke' if args.smoke else ''}` in {elapsed / 60:.1f} min ")
               + f"({time.strftime('%Y-%m-%d %H:%M')}). Every latency is a median over interleaved repeats after "
               "warm-up; IQR/median is the spread. Every compact model was checked against the masked one "
-              f"(torch.testing.assert_close, atol {bench.CHECK_RTOL:g} x output scale) and every ONNX file against "
+              f"(compactor.verify.compare, tolerance {bench.CHECK_RTOL:g} x output scale) and every ONNX file against "
               "torch before timing.", "",
               "Efficiency = (dense latency / compact latency) / (dense MACs / compact MACs): 1.0 means the "
               "latency fell exactly as much as the arithmetic.", "",

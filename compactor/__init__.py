@@ -2,7 +2,8 @@
 
 from .api import compact, plan
 from .errors import CompactionError, ExportError, LoadError, MaskLoadError, NoPruningFoundError, VerificationError
-from .export import ExportReport, export_onnx, export_program, load, save, save_pickle
+from .export import ExportReport, export_onnx, export_program
+from .saving import load, save, save_pickle
 from .masks import load_pruned
 from .report import Report, report_of
 

@@ -5,7 +5,7 @@ One case is (model, scenario, backend, batch). :func:`prepare` builds every vari
 ``torch.nn.utils.prune`` hooks), ``masked-baked`` (``prune.remove``: same shapes, zeros
 inside), ``compact`` (``mode="exact"``), ``compact-drop`` (``mode="drop"``) and
 ``compact-round8`` (``round_to=8``) - and :func:`time_case` first checks them (compact
-against masked with ``torch.testing.assert_close``, ONNX against torch) and then times
+against masked, ONNX against torch, with :func:`compactor.verify.compare`) and then times
 them interleaved with :func:`compactor.timing.measure`, one row per variant.
 :func:`run_case` does both for one case and is what ``compactor bench`` calls;
 ``benchmarks/`` drives sweeps of it. Nothing here imports matplotlib.
@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import re
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -35,9 +35,11 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import masks, timing
-from .timing import torch_threads
+from . import export, masks, timing, verify
 from .api import compact
+from .errors import ExportError, VerificationError
+from .tensors import first_line, random_like
+from .timing import torch_threads
 from .verify import full_precision
 
 __all__ = [
@@ -60,8 +62,6 @@ __all__ = [
     "torch_threads",
     "backend_threads",
     "export_onnx",
-    "machine_info",
-    "device_slug",
     "progress_bar",
 ]
 
@@ -74,7 +74,7 @@ BACKENDS = ("torch-cpu-1t", "torch-cpu", "ort-cpu-1t", "ort-cpu", "torch-cuda", 
 #: and backends differ from the ones compact() verified on.
 CHECK_RTOL = 1e-4
 #: onnxruntime vs torch (same variant): fused / reordered fp32 kernels, relative to the output scale.
-ONNX_RTOL = 1e-4
+ONNX_RTOL = verify.RUNTIME_RELATIVE_TOLERANCE
 
 Progress = Optional[Callable[[int, int, str], None]]
 
@@ -271,8 +271,7 @@ def _params(model: nn.Module) -> int:
 
 def make_inputs(shape: tuple[int, ...], batch: int, seed: int = 1234) -> torch.Tensor:
     """Deterministic N(0, 1) inputs of ``(batch, *shape)``; the same batch size gives the same tensor."""
-    gen = torch.Generator().manual_seed(seed + batch)
-    return torch.randn((batch, *shape), generator=gen)
+    return random_like((torch.zeros((1, *shape)),), batch=batch, seed=seed + batch)[0]
 
 
 @dataclass
@@ -311,26 +310,25 @@ class Prepared:
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> str:
     """ONNX export, opset 17, dynamic batch axis; returns which exporter wrote ``path``.
 
-    Uses :func:`compactor.export.export_onnx` (which also checks onnxruntime against
-    torch) when it exists, else ``torch.onnx.export(..., dynamo=False, opset_version=17)``.
+    Uses :func:`compactor.export_onnx` (which also checks onnxruntime against torch);
+    if that fails, falls back to ``torch.onnx.export(..., dynamo=False, opset_version=17)``,
+    which checks nothing: :func:`time_case` compares every ONNX model's outputs with
+    torch's before timing it, whichever path wrote the file.
     """
-    from . import export as _export
-
-    fn = getattr(_export, "export_onnx", None)
-    if fn is not None:
-        try:
-            report = fn(model, example, path, opset=17, force=True)
-            return f"compactor.export_onnx ({getattr(report, 'exporter', '?')})"
-        except TypeError:  # a signature this module does not know: fall back
-            pass
+    try:
+        report = export.export_onnx(model, example, path, opset=17, force=True)
+        return f"compactor.export_onnx ({report.exporter})"
+    except ExportError as exc:
+        reason = first_line(exc)
     model = model.eval()
-    with torch.no_grad(), open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+    with torch.no_grad(), open(os.devnull, "w") as null, contextlib.redirect_stdout(null), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's deprecation and TracerWarnings
         torch.onnx.export(
             model, (example,), path, dynamo=False, opset_version=17, do_constant_folding=True,
             input_names=["input"], output_names=["output"],
             dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
         )
-    return "torch.onnx.export (dynamo=False)"
+    return f"torch.onnx.export (dynamo=False; compactor.export_onnx failed: {reason})"
 
 
 def prepare(model_name: str, scenario: Optional[str] = None, *, small: bool = False,
@@ -427,17 +425,16 @@ def _ort_session(path: str, backend: str):
     return ort.InferenceSession(path, so, providers=providers)
 
 
-def _diff(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
-    return float((got - ref).abs().max()), float(ref.abs().max())
-
-
-def _assert_close(got: torch.Tensor, ref: torch.Tensor, rtol: float, what: str) -> tuple[float, float]:
-    diff, scale = _diff(got, ref)
-    tol = rtol * max(scale, 1e-2)
-    torch.testing.assert_close(got.detach().double().cpu(), ref.detach().double().cpu(), rtol=0.0, atol=tol,
-                               msg=lambda m: f"{what}: max |diff| {diff:.3g} > tolerance {tol:.3g}\n{m}")
-    return diff, tol
+def _assert_agree(got: torch.Tensor, ref: torch.Tensor, rel: float, what: str) -> tuple[float, float]:
+    """(max |got - ref|, tolerance) by :func:`compactor.verify.compare`; AssertionError when they differ."""
+    try:
+        result = verify.compare([ref], [got], rel=rel)
+    except VerificationError as exc:  # another shape
+        raise AssertionError(f"{what}: {first_line(exc)}") from None
+    if not result.ok:
+        raise AssertionError(f"{what}: max |diff| {result.max_abs_diff:.3g} > tolerance {result.tolerance:.3g} "
+                             f"(output scale {result.scale:.3g})")
+    return result.max_abs_diff, result.tolerance
 
 
 _CHECKED_AGAINST = {
@@ -453,9 +450,10 @@ def time_case(prep: Prepared, backend: str, batch: int, *, repeats: int = 20, va
     """Check, then time every variant of ``prep`` on ``backend`` at ``batch``, interleaved.
 
     Before timing: compact / compact-round8 / masked-baked against masked
-    (``torch.testing.assert_close``, atol = ``CHECK_RTOL`` x output scale) on this
+    (:func:`compactor.verify.compare`, ``CHECK_RTOL`` x output scale) on this
     backend's device at this batch; for onnxruntime also each ONNX model against its
-    torch original (``ONNX_RTOL``). Returns one row per variant (see ``benchmarks/README.md``).
+    torch original (``ONNX_RTOL``), whichever path exported it (see :func:`export_onnx`).
+    Returns one row per variant (see ``benchmarks/README.md``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} should be one of {', '.join(BACKENDS)}")
@@ -488,7 +486,7 @@ def time_case(prep: Prepared, backend: str, batch: int, *, repeats: int = 20, va
         if "masked" in outs:
             for v in names:
                 if v in ("compact", "compact-round8", "masked-baked"):
-                    diff, tol = _assert_close(outs[v], outs["masked"], CHECK_RTOL, f"{label}: {v} vs masked")
+                    diff, tol = _assert_agree(outs[v], outs["masked"], CHECK_RTOL, f"{label}: {v} vs masked")
                     checks[v] = {"check_ref": "masked", "check_max_abs_diff": diff, "check_tolerance": tol}
         if backend == "torch-cuda-compile":
             for i, v in enumerate(names):
@@ -505,9 +503,9 @@ def time_case(prep: Prepared, backend: str, batch: int, *, repeats: int = 20, va
             sess = _ort_session(path, backend)
             feed_name = sess.get_inputs()[0].name
             got = torch.from_numpy(sess.run(None, {feed_name: x_cpu.numpy()})[0])
-            onnx_check[v] = _assert_close(got, cpu_out[v], ONNX_RTOL, f"{label}: ONNX {v} vs torch")
+            onnx_check[v] = _assert_agree(got, cpu_out[v], ONNX_RTOL, f"{label}: ONNX {v} vs torch")
             if v in ("compact", "compact-round8", "masked-baked"):
-                diff, tol = _assert_close(got, cpu_out["masked"], CHECK_RTOL + ONNX_RTOL, f"{label}: ONNX {v} vs masked")
+                diff, tol = _assert_agree(got, cpu_out["masked"], CHECK_RTOL + ONNX_RTOL, f"{label}: ONNX {v} vs masked")
                 checks[v] = {"check_ref": "masked", "check_max_abs_diff": diff, "check_tolerance": tol}
             if cuda:
                 xt = x_cpu.to("cuda")
@@ -631,57 +629,3 @@ def run_case(model_name: str, scenario: Optional[str], backend: str, batch: int,
             _CACHE.pop(next(iter(_CACHE)))
         prep = _CACHE[key] = prepare(model_name, scenario, small=small, variants=wanted, progress=progress)
     return time_case(prep, backend, batch, repeats=repeats, progress=progress)
-
-
-# --------------------------------------------------------------------------- machine
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model and cores, torch / onnxruntime versions, threads, GPU name if any."""
-    ort = _ort()
-    info: dict[str, Any] = {
-        "cpu": _cpu_model(),
-        "cpu_cores": _cpu_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "onnxruntime": getattr(ort, "__version__", None),
-        "ort_providers": ort.get_available_providers() if ort else [],
-        "gpu": None,
-    }
-    try:
-        import onnx
-
-        info["onnx"] = onnx.__version__
-    except ImportError:
-        info["onnx"] = None
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-        info["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
-        info["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
-    return info
-
-
-def _slug(s: str) -> str:
-    s = re.sub(r"\(r\)|\(tm\)|cpu @.*|processor|\d+-core", "", s.lower())
-    return re.sub(r"[^a-z0-9]+", "-", s).strip("-")[:40] or "unknown"
-
-
-def device_slug(cuda: bool = False) -> str:
-    """``cpu-<cpu name>-<cores>c`` or ``cuda-<gpu name>``, lower-case letters, digits and dashes."""
-    if cuda and torch.cuda.is_available():
-        return "cuda-" + _slug(torch.cuda.get_device_name(0))
-    return f"cpu-{_slug(_cpu_model())}-{_cpu_threads()}c"

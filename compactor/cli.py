@@ -1,6 +1,7 @@
 """The command line: thin, parses arguments, calls the library, prints.
 
-User errors print one line and exit 2; a traceback means a bug. Output files are
+User errors print one line and exit 2; a bug (e.g. a ``VerificationError``: the compact
+model differs from the masked one) prints its traceback and exits 1. Output files are
 checked before any work starts (an existing file needs ``--force``), written to
 temporary files next to their targets, and renamed into place only when every
 step succeeded: a failed command leaves nothing behind.
@@ -13,9 +14,11 @@ import importlib
 import os
 import sys
 import tempfile
+import traceback
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
-from .errors import CompactionError, MaskLoadError
+from .errors import CompactionError, MaskLoadError, VerificationError
+from .tensors import first_line
 
 __all__ = ["main", "build_parser"]
 
@@ -32,11 +35,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --------------------------------------------------------------------------- argument helpers
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _model_factory(spec: str) -> Callable[[], Any]:
@@ -56,9 +54,9 @@ def _model_factory(spec: str) -> Callable[[], Any]:
                 f"--model: no module named '{exc.name}' in {cwd} or on PYTHONPATH; run compactor from the folder "
                 f"that holds {module_name.split('.')[0]}, or add that folder to PYTHONPATH"
             ) from None
-        raise UserError(f"--model: importing '{module_name}' failed: {_first_line(exc)}; install what it needs") from None
+        raise UserError(f"--model: importing '{module_name}' failed: {first_line(exc)}; install what it needs") from None
     except Exception as exc:
-        raise UserError(f"--model: importing '{module_name}' raised {type(exc).__name__}: {_first_line(exc)}; "
+        raise UserError(f"--model: importing '{module_name}' raised {type(exc).__name__}: {first_line(exc)}; "
                         "fix that module") from None
     obj: Any = module
     for part in attr.split("."):
@@ -81,7 +79,7 @@ def _model_factory(spec: str) -> Callable[[], Any]:
         try:
             model = obj()
         except Exception as exc:
-            raise UserError(f"--model: calling {spec}() raised {type(exc).__name__}: {_first_line(exc)}; --model "
+            raise UserError(f"--model: calling {spec}() raised {type(exc).__name__}: {first_line(exc)}; --model "
                             "must name a class or function that builds the model with no arguments") from None
         if not isinstance(model, nn.Module):
             raise UserError(f"--model: {spec}() returned a {type(model).__name__}, not a torch.nn.Module")
@@ -101,11 +99,11 @@ def _input_shape(text: str) -> tuple[int, ...]:
 def _example(args: argparse.Namespace) -> Any:
     import torch
 
-    shape = _input_shape(args.input_shape)
-    gen = torch.Generator().manual_seed(0)
-    if args.input_dtype == "int64":
-        return torch.randint(0, 2, shape, generator=gen)
-    return torch.randn(shape, generator=gen, dtype=getattr(torch, args.input_dtype))
+    from .tensors import random_like
+
+    # A zeros template: random_like draws N(0, 1) floats, and 0 / 1 integers (0 widened to include 1).
+    template = torch.zeros(_input_shape(args.input_shape), dtype=getattr(torch, args.input_dtype))
+    return random_like((template,), seed=0)[0]
 
 
 def _size(path: str) -> str:
@@ -211,7 +209,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _compact(args: argparse.Namespace) -> int:
     from . import api
-    from .export import export_onnx, save
+    from .export import export_onnx
+    from .saving import save
 
     if args.round_to is not None and args.round_to < 1:
         raise UserError(f"--round-to {args.round_to} should be a positive integer")
@@ -233,9 +232,8 @@ def _compact(args: argparse.Namespace) -> int:
                                       exporter=args.exporter)
     print(small.compaction_report)
     print("")
-    print(f"wrote {args.out} ({_size(args.out)}; load it with compactor.load({args.out!r}, {args.model.split(':')[1]}))")
+    print(f"wrote {args.out} ({_size(args.out)}; load it with compactor.load({args.model.split(':')[1]}, {args.out!r}))")
     if onnx_report is not None:
-        onnx_report.path = args.onnx
         print(f"wrote {_onnx_line(onnx_report, args.onnx)}")
     return 0
 
@@ -259,12 +257,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_onnx, load
+    from .export import export_onnx
+    from .saving import load
 
     outputs = _Outputs(args.force)
     outputs.check("--onnx", args.onnx, [args.weights])
     example = _example(args)
-    model = load(args.weights, _model_factory(args.model))
+    model = load(_model_factory(args.model), args.weights)
     with outputs:
         report = export_onnx(model, example, outputs.temp(args.onnx), force=True,
                              dynamic_batch=not args.no_dynamic_batch, opset=args.opset, exporter=args.exporter)
@@ -400,6 +399,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except VerificationError:  # compact and masked disagree: a bug in compactor, not the user's to fix
+        traceback.print_exc(file=sys.stderr)
+        print(f"compactor {args.command}: this is a bug in compactor: please report it with the traceback above, "
+              "the model and this command line", file=sys.stderr)
+        return 1
     except (UserError, CompactionError, FileExistsError, FileNotFoundError) as exc:
         message = " ".join(str(exc).split())
         print(f"compactor {args.command}: error: {message}", file=sys.stderr)

@@ -114,7 +114,9 @@ def run(out_dir: str = "compactor-demo", *, amount: float = 0.5, epochs: int = 8
         stream: TextIO = sys.stdout) -> DemoResult:
     """Run the whole main job and print a short report; artifacts go to ``out_dir``."""
     from . import api, masks, timing
-    from .export import atomic_save, export_onnx, save
+    from .export import export_onnx
+    from .files import atomic_save
+    from .saving import save
 
     def say(msg: str, end: str = "\n") -> None:
         print(msg, end=end, file=stream, flush=True)
@@ -170,7 +172,7 @@ def run(out_dir: str = "compactor-demo", *, amount: float = 0.5, epochs: int = 8
         f"-> {tm.median / tc.median:.2f}x faster")
     say(f"ONNX: {onnx_path}, {onnx_report.size_bytes / 1000:.1f} kB; onnxruntime vs PyTorch max |diff| "
         f"{onnx_report.max_abs_diff:.1e} at batch sizes {', '.join(map(str, onnx_report.batch_sizes))}")
-    say(f"artifacts: {pruned_path}, {compact_path} (compactor.load(path, LeNet)), {onnx_path}  "
+    say(f"artifacts: {pruned_path}, {compact_path} (compactor.load(LeNet, path)), {onnx_path}  "
         f"({time.perf_counter() - t0:.1f} s in all)")
     return DemoResult(acc_dense, acc_masked, acc_compact, report.params_before, report.params_after,
                       report.macs_before, report.macs_after, report.max_abs_diff, tm.median, tc.median, out_dir)

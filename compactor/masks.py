@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Union
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from . import files
 from .errors import MaskLoadError
 
 __all__ = ["PrunedTensor", "pruned_tensors", "clone", "bake", "load_pruned"]
@@ -118,26 +118,10 @@ def _read_state_dict(source: StateSource) -> Mapping[str, torch.Tensor]:
     if isinstance(source, Mapping):
         return source
     path = os.fspath(source)
-    if not os.path.exists(path):
-        raise MaskLoadError(f"weights file '{path}' does not exist; check the path")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):
-            raise MaskLoadError(
-                f"weights file '{path}' holds pickled Python objects (a whole model saved with torch.save(model)?), "
-                "which compactor never unpickles; save the weights instead: torch.save(model.state_dict(), path)"
-            ) from None
-        raise MaskLoadError(
-            f"weights file '{path}' could not be read (unpickling failed); it may be truncated or damaged: "
-            "save it again with torch.save(model.state_dict(), path)"
-        ) from None
-    except Exception as exc:  # torch raises many types for corrupt / truncated files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MaskLoadError(
-            f"weights file '{path}' could not be read ({first}); it may be truncated or not a "
-            "torch.save file. Save it again with torch.save(model.state_dict(), path)"
-        ) from None
+    obj = files.read_weights(
+        path, error=MaskLoadError, name=f"weights file '{path}'", written_by="torch.save(model.state_dict(), path)",
+        pickled=" (a whole model saved with torch.save(model)?), which compactor never unpickles; save the weights "
+                "instead: torch.save(model.state_dict(), path)")
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -219,24 +203,8 @@ def load_pruned(
                 prune.remove(module, tname)
         prune.custom_from_mask(module, tname, mask.to(current.device))
 
-    expected = target.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
-        raise MaskLoadError(
-            f"the state_dict does not match {type(target).__name__}: {'; '.join(parts)}; "
-            "pass the model class the file was saved from"
-        )
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise MaskLoadError(
-                f"key '{k}' has shape {tuple(v.shape)} but the model expects {tuple(expected[k].shape)}; "
-                "the file was saved from a model with different layer sizes"
-            )
+    files.check_keys(target.state_dict(), state, error=MaskLoadError, model=type(target).__name__,
+                     source="the state_dict", fix="pass the model class the file was saved from",
+                     shape_fix="the file was saved from a model with different layer sizes")
     target.load_state_dict(state, strict=True)
     return target

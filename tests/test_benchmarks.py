@@ -7,6 +7,7 @@ ONNX-vs-torch checks within their written-down tolerances.
 
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import os
@@ -16,7 +17,8 @@ import sys
 import pytest
 import torch
 
-from compactor import bench
+from compactor import bench, export
+from compactor.errors import ExportError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,6 +78,39 @@ def test_run_case_reports_progress_and_rows():
     assert masked["speedup_vs_masked"] == 1.0 and rows[0]["efficiency"] == 1.0
     assert rows[2]["check_max_abs_diff"] <= rows[2]["check_tolerance"]
     assert seen and seen[-1][0] == seen[-1][1]
+
+
+def test_onnx_fallback_is_still_checked_before_timing(monkeypatch):
+    """When compactor.export_onnx fails, bench falls back to a bare torch.onnx.export that checks
+    nothing; time_case still compares onnxruntime with torch before timing: a faithful fallback
+    file gives a checked row, one whose fc3 bias is off by 0.1 raises before anything is timed."""
+    if "ort-cpu-1t" not in bench.available_backends():
+        pytest.skip("onnxruntime is not installed")
+
+    def export_fails(*args, **kwargs):
+        raise ExportError("both exporters failed (simulated)")
+
+    monkeypatch.setattr(export, "export_onnx", export_fails)
+    prep = bench.prepare("lenet", "seeds-50", variants=("compact",))
+    (row,) = bench.time_case(prep, "ort-cpu-1t", 2, repeats=1, variants=["compact"])
+    assert prep.exporter == ("torch.onnx.export (dynamo=False; compactor.export_onnx failed: both exporters failed "
+                             "(simulated))")
+    assert 0 <= row["onnx_max_abs_diff"] <= row["onnx_tolerance"]
+    assert row["check_ref"] == "masked" and row["check_max_abs_diff"] <= row["check_tolerance"]
+
+    real_export = torch.onnx.export
+
+    def export_shifted(model, *args, **kwargs):
+        wrong = copy.deepcopy(model)
+        with torch.no_grad():
+            wrong.fc3.bias += 0.1
+        return real_export(wrong, *args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export_shifted)
+    monkeypatch.setattr(bench.timing, "measure", lambda *a, **k: pytest.fail("timed an unchecked ONNX model"))
+    prep.onnx.clear()  # export again, through the shifted fallback
+    with pytest.raises(AssertionError, match=r"ONNX compact vs torch: max \|diff\| 0\.1 > tolerance"):
+        bench.time_case(prep, "ort-cpu-1t", 2, repeats=1, variants=["compact"])
 
 
 def test_run_case_rejects_bad_arguments():

@@ -1,4 +1,4 @@
-"""compactor/export.py: ONNX export with onnxruntime parity, torch.export programs, save / load.
+"""compactor/export.py: ONNX export with onnxruntime parity, and torch.export programs.
 
 Every test compares outputs (onnxruntime or the reloaded model against PyTorch) with
 written tolerances; none only runs a forward.
@@ -6,7 +6,6 @@ written tolerances; none only runs a forward.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import numpy as np
@@ -14,16 +13,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
 import compactor
 from compactor import masks
 from compactor.demo import LeNet, prune_like_the_seeds
-from compactor.errors import CompactionError, ExportError, LoadError
+from compactor.errors import CompactionError, ExportError
 from compactor.layers import BorderCorrectedConv2d
 from helpers import assert_unchanged, snapshot
+from small_models import COMPACTED, Attention, border_compact, lenet_compact
 
 # onnxruntime vs PyTorch, fp32: different kernels and summation orders, nothing more.
 ORT_RTOL, ORT_ATOL = 1e-4, 1e-5
@@ -36,129 +35,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# --------------------------------------------------------------------------- test models
-
-
-class ResBN(nn.Module):
-    """conv+BN+ReLU, then conv+BN added to its input (residual), mean-pool, Linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(y)) + y)
-        return self.fc(y.mean((2, 3)))
-
-
-class Depthwise(nn.Module):
-    """pointwise conv -> depthwise 3x3 (groups=8) + BN -> pointwise -> pooled Linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pw1 = nn.Conv2d(3, 8, 1)
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.bn = nn.BatchNorm2d(8)
-        self.pw2 = nn.Conv2d(8, 6, 1)
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.dw(F.relu(self.pw1(x)))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.pw2(x), 1), 1))
-
-
-class Attention(nn.Module):
-    """Linear embedding, nn.MultiheadAttention (batch_first), residual LayerNorm, mean over tokens."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Linear(8, 16)
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-        self.ln = nn.LayerNorm(16)
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.emb(x)
-        a, _ = self.attn(h, h, h, need_weights=False)
-        return self.head(self.ln(h + a)).mean(1)
-
-
-class Border(nn.Module):
-    """conv1 feeds a padding=1 conv2: pruning conv1 leaves a border-corrected conv2."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        return self.fc(x.mean((2, 3)))
-
-
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-    return model
-
-
-@functools.lru_cache(maxsize=None)
-def lenet_compact():
-    torch.manual_seed(0)
-    masked = prune_like_the_seeds(LeNet().eval())
-    x = torch.randn(2, 1, 28, 28)
-    return compactor.compact(masked, x), masked, x
-
-
-@functools.lru_cache(maxsize=None)
-def resbn_compact():
-    torch.manual_seed(0)
-    masked = _randomize_bn(ResBN()).eval()
-    rows = torch.ones(8, 1, 1, 1)
-    rows[[0, 3, 5]] = 0  # the residual ties conv1's and conv2's channels: mask the same ones in both
-    prune.custom_from_mask(masked.conv1, "weight", rows.expand_as(masked.conv1.weight))
-    prune.custom_from_mask(masked.conv2, "weight", rows.expand_as(masked.conv2.weight))
-    x = torch.randn(2, 3, 16, 16)
-    return compactor.compact(masked, x), masked, x
-
-
-@functools.lru_cache(maxsize=None)
-def depthwise_compact():
-    torch.manual_seed(0)
-    masked = _randomize_bn(Depthwise()).eval()
-    rows = torch.ones(8, 1, 1, 1)
-    rows[[1, 4, 6]] = 0  # the depthwise conv ties its channels to pw1's: mask the same ones in both
-    prune.custom_from_mask(masked.pw1, "weight", rows.expand_as(masked.pw1.weight))
-    prune.custom_from_mask(masked.dw, "weight", rows.expand_as(masked.dw.weight))
-    x = torch.randn(2, 3, 16, 16)
-    return compactor.compact(masked, x), masked, x
-
-
-@functools.lru_cache(maxsize=None)
-def border_compact():
-    torch.manual_seed(0)
-    masked = Border().eval()
-    prune.ln_structured(masked.conv1, "weight", 0.5, n=2, dim=0)
-    x = torch.randn(2, 3, 16, 16)
-    return compactor.compact(masked, x), masked, x
-
-
-# Cached: every test only reads these models (export and save copy them; none is modified).
-COMPACTED = {"lenet": lenet_compact, "resbn": resbn_compact, "depthwise": depthwise_compact, "border": border_compact}
-ARCH = {"lenet": LeNet, "resbn": ResBN, "depthwise": Depthwise, "border": Border}
 
 
 def _one_thread() -> ort.SessionOptions:
@@ -340,7 +216,7 @@ def test_zoo_onnx_parity(name, tmp_path):
         np.testing.assert_allclose(got, torch_run(model, *xs), rtol=ORT_RTOL, atol=ORT_ATOL)
 
     # The same model through save -> load into the zoo's dense architecture: identical.
-    loaded = compactor.load(compactor.save(model, tmp_path / f"{name}.pt"), zoo.get(name).build)
+    loaded = compactor.load(zoo.get(name).build, compactor.save(model, tmp_path / f"{name}.pt"))
     assert [type(m) for m in loaded.modules()][1:] == [type(m) for m in model.modules()][1:]
     plain = masks.bake(model)  # no-op copy, unless compact() failed and the masks are still on
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
@@ -360,178 +236,6 @@ def test_export_program_roundtrip(tmp_path):
         xb = torch.randn(batch, 3, 16, 16)
         with torch.no_grad():
             torch.testing.assert_close(reloaded(xb), small(xb), rtol=1e-5, atol=1e-6)
-
-
-# --------------------------------------------------------------------------- save / load
-
-
-@pytest.mark.parametrize("name", list(COMPACTED))
-def test_save_load_same_outputs_and_compact_shapes(name, tmp_path):
-    """save -> load(path, Class) rebuilds the compact layers: same state_dict shapes, same outputs."""
-    small, _, x = COMPACTED[name]()
-    path = compactor.save(small, tmp_path / "small.pt")
-    loaded = compactor.load(path, ARCH[name])
-    assert not loaded.training
-    want = {k: tuple(v.shape) for k, v in small.state_dict().items()}
-    assert {k: tuple(v.shape) for k, v in loaded.state_dict().items()} == want
-    assert [type(m) for m in loaded.modules()][1:] == [type(m) for m in small.modules()][1:]
-    xb = torch.randn((3,) + tuple(x.shape[1:]))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(xb), small(xb), rtol=0, atol=0)
-
-
-def test_saved_file_is_plain_data(tmp_path):
-    """The file loads with weights_only=True and holds the format tag, the manifest and the weights."""
-    small, _, _ = border_compact()
-    path = compactor.save(small, tmp_path / "b.pt")
-    obj = torch.load(path, weights_only=True)
-    assert obj["format"] == "compactor/1"
-    conv2 = obj["manifest"]["layers"]["conv2"]
-    assert conv2["class"] == "BorderCorrectedConv2d"
-    assert (conv2["in_channels"], conv2["out_channels"], conv2["kernel_size"], conv2["padding"]) == (4, 8, [3, 3], [1, 1])
-    assert obj["manifest"]["layers"]["conv1"]["out_channels"] == 4
-    assert tuple(obj["state_dict"]["conv2.border_kernel"].shape) == (8, 1, 3, 3)
-    assert obj["report"]["params_after"] == small.compaction_report.params_after
-
-
-def test_load_from_instance_leaves_it_unchanged(tmp_path):
-    """load(path, instance) copies the instance: its layers, weights and flags stay dense and untouched."""
-    small, _, x = lenet_compact()
-    path = compactor.save(small, tmp_path / "lenet.pt")
-    dense = LeNet()
-    before = snapshot(dense)
-    loaded = compactor.load(path, dense)
-    assert_unchanged(dense, before)
-    assert dense.conv1.out_channels == 6 and loaded.conv1.out_channels == 3
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
-
-
-def test_load_from_zero_arg_callable(tmp_path):
-    small, _, x = depthwise_compact()
-    path = compactor.save(small, tmp_path / "dw.pt")
-    loaded = compactor.load(path, lambda: Depthwise())
-    assert loaded.dw.groups == small.dw.groups < 8
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
-
-
-def test_save_bakes_live_masks(tmp_path):
-    """Saving a masked model writes what it computes (masks made permanent), model untouched."""
-    torch.manual_seed(0)
-    masked = prune_like_the_seeds(LeNet().eval())
-    before = snapshot(masked)
-    path = compactor.save(masked, tmp_path / "masked.pt")
-    assert_unchanged(masked, before)
-    assert not any(k.endswith("_mask") for k in torch.load(path, weights_only=True)["state_dict"])
-    x = torch.randn(2, 1, 28, 28)
-    with torch.no_grad():
-        torch.testing.assert_close(compactor.load(path, LeNet)(x), masked(x), rtol=0, atol=0)
-
-
-def test_save_never_overwrites_without_force(tmp_path):
-    path = tmp_path / "m.pt"
-    path.write_bytes(b"keep me")
-    small, _, _ = lenet_compact()
-    with pytest.raises(FileExistsError, match="force"):
-        compactor.save(small, path)
-    assert path.read_bytes() == b"keep me"
-    compactor.save(small, path, force=True)
-    assert torch.load(path, weights_only=True)["format"] == "compactor/1"
-
-
-def test_save_pickle_is_explicit(tmp_path):
-    """save_pickle writes the module object; load refuses it (no unpickling), torch.load(weights_only=False) reads it."""
-    small, _, x = lenet_compact()
-    path = compactor.save_pickle(small, tmp_path / "pickled.pt")
-    with pytest.raises(LoadError, match="pickled Python objects.*weights_only=False"):
-        compactor.load(path, LeNet)
-    again = torch.load(path, weights_only=False)
-    with torch.no_grad():
-        torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
-
-
-class NoConv2(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 4)
-
-
-class Conv2IsLinear(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Linear(8, 8)
-        self.fc = nn.Linear(8, 4)
-
-
-class WithExtra(Border):
-    def __init__(self) -> None:
-        super().__init__()
-        self.extra = nn.Linear(2, 2)
-
-
-@pytest.fixture(scope="module")
-def border_file(tmp_path_factory):
-    small, _, _ = border_compact()
-    return compactor.save(small, tmp_path_factory.mktemp("border") / "border.pt")
-
-
-def _rewrite(src: str, dst, edit) -> str:
-    obj = torch.load(src, weights_only=True)
-    edit(obj)
-    torch.save(obj, dst)
-    return str(dst)
-
-
-@pytest.mark.parametrize("case, pattern", [
-    ("missing", r"'.*nope\.pt' does not exist; check the path"),
-    ("folder", r"is a folder"),
-    ("truncated", r"could not be read .*truncated"),
-    ("garbage", r"could not be read"),
-    ("state_dict", r"plain state_dict, not a compactor file; .*load_pruned"),
-    ("other_object", r"not a compactor file"),
-    ("newer", r"format 'compactor/2'.*upgrade compactor"),
-    ("damaged", r"damaged"),
-    ("lacks_layer", r"layer 'conv2' \(BorderCorrectedConv2d\) that NoConv2 lacks"),
-    ("wrong_kind", r"layer 'conv2' is a BorderCorrectedConv2d in the file but a Linear in Conv2IsLinear"),
-    ("extra_keys", r"WithExtra has extra\.weight, extra\.bias that the file lacks"),
-    ("missing_key", r"Border has fc\.bias that the file lacks"),
-])
-def test_load_errors_name_the_problem(case, pattern, border_file, tmp_path):
-    """Each bad file or architecture raises LoadError naming the file / key / layer and the fix."""
-    arch = Border
-    path = str(tmp_path / "f.pt")
-    data = open(border_file, "rb").read()
-    if case == "missing":
-        path = str(tmp_path / "nope.pt")
-    elif case == "folder":
-        path = str(tmp_path)
-    elif case == "truncated":
-        open(path, "wb").write(data[: len(data) // 2])
-    elif case == "garbage":
-        open(path, "wb").write(b"\x00not a torch file" * 10)
-    elif case == "state_dict":
-        torch.save(Border().state_dict(), path)
-    elif case == "other_object":
-        torch.save([1, 2, 3], path)
-    elif case == "newer":
-        _rewrite(border_file, path, lambda o: o.update(format="compactor/2"))
-    elif case == "damaged":
-        _rewrite(border_file, path, lambda o: o.update(manifest=[]))
-    elif case == "missing_key":
-        _rewrite(border_file, path, lambda o: o["state_dict"].pop("fc.bias"))
-    else:
-        path = border_file
-        arch = {"lacks_layer": NoConv2, "wrong_kind": Conv2IsLinear, "extra_keys": WithExtra}[case]
-    with pytest.raises(LoadError, match=pattern):
-        compactor.load(path, arch)
-
-
-def test_load_rejects_a_non_module_factory(border_file):
-    with pytest.raises(TypeError, match="returned int"):
-        compactor.load(border_file, lambda: 3)
 
 
 def test_written_files_get_ordinary_permissions(tmp_path):

@@ -133,7 +133,7 @@ def test_compact_end_to_end(user, capsys):
     assert sorted(p for p in os.listdir(folder) if p != "__pycache__") == sorted(
         [f"{name}.py", "pruned_model.pth", "lenet_small.pt", "lenet_small.onnx"])
 
-    small = compactor.load("lenet_small.pt", module.LeNet)
+    small = compactor.load(module.LeNet, "lenet_small.pt")
     assert (small.conv1.out_channels, small.fc1.in_features, small.fc2.out_features) == (3, 200, 42)
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
@@ -253,6 +253,27 @@ def test_existing_outputs_are_refused_up_front(user, capsys):
     assert main(_compact_args(name) + ["--force"]) == 0
     assert torch.load(folder / "small.pt", weights_only=True)["format"] == "compactor/1"
     assert (folder / "small.onnx").read_bytes() != b"precious too"
+
+
+def test_verification_error_is_reported_as_a_bug(user, capsys, monkeypatch):
+    """A VerificationError (compact differs from masked: compactor's bug, not the user's) prints the
+    full traceback and asks for a report, exit code 1 -- not the one-line exit-2 user error -- and
+    writes nothing."""
+    from compactor import api
+    from compactor.errors import VerificationError
+
+    def compact_disagrees(*args, **kwargs):
+        raise VerificationError("the compact model differs from the masked model by up to 0.5 (simulated)")
+
+    monkeypatch.setattr(api, "compact", compact_disagrees)
+    name, _, _, folder = user
+    code = main(_compact_args(name))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback (most recent call last)" in err and "in compact_disagrees" in err
+    assert "VerificationError: the compact model differs from the masked model by up to 0.5 (simulated)" in err
+    assert "this is a bug in compactor: please report it" in err.splitlines()[-1]
+    assert not (folder / "small.pt").exists() and not (folder / "small.onnx").exists()
 
 
 def test_output_equal_to_input_is_refused(user, capsys):

@@ -1,0 +1,390 @@
+"""The compactor file format: a compact model's weights plus a manifest of its layer shapes.
+
+:func:`save` writes ``{"format": "compactor/1", "manifest": ..., "state_dict": ...}``,
+readable with ``torch.load(path, weights_only=True)``: no pickled code, so :func:`load`
+never runs anything from the file. The manifest lists the constructor arguments of every
+Conv / Linear / BatchNorm / Embedding / PReLU / LayerNorm (and which convs are
+border-corrected), so :func:`load` rebuilds the smaller layers inside the original
+architecture. :func:`save_pickle` writes a full pickle for those who ask.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from . import files, masks
+from .errors import LoadError
+from .layers import BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d
+
+__all__ = ["FORMAT", "save", "save_pickle", "load"]
+
+#: The ``format`` tag :func:`save` writes and :func:`load` accepts.
+FORMAT = "compactor/1"
+
+ModelOrFactory = Union[nn.Module, Callable[[], nn.Module]]
+
+
+# --------------------------------------------------------------------------- the manifest
+
+_BORDER = {"BorderCorrectedConv1d": BorderCorrectedConv1d, "BorderCorrectedConv2d": BorderCorrectedConv2d,
+           "BorderCorrectedConv3d": BorderCorrectedConv3d}
+# Most specific first: a BorderCorrectedConv2d is also a Conv2d.
+_LAYERS: dict[str, type] = {
+    **_BORDER,
+    "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d, "Linear": nn.Linear,
+    "BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d, "BatchNorm3d": nn.BatchNorm3d,
+    "Embedding": nn.Embedding, "PReLU": nn.PReLU, "LayerNorm": nn.LayerNorm,
+}
+_BASE = {"BorderCorrectedConv1d": nn.Conv1d, "BorderCorrectedConv2d": nn.Conv2d, "BorderCorrectedConv3d": nn.Conv3d}
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _kind(module: nn.Module) -> Optional[str]:
+    for name, cls in _LAYERS.items():
+        if isinstance(module, cls):
+            return name
+    return None
+
+
+def _dtype_name(module: nn.Module) -> Optional[str]:
+    w = getattr(module, "weight", None)
+    return str(w.dtype).replace("torch.", "") if isinstance(w, torch.Tensor) else None
+
+
+def _describe(module: nn.Module, kind: str) -> dict[str, Any]:
+    """The constructor arguments that rebuild ``module`` at its current (compact) shape."""
+    m: Any = module
+    entry: dict[str, Any] = {"class": kind, "type": f"{type(m).__module__}.{type(m).__qualname__}",
+                             "dtype": _dtype_name(m)}
+    if isinstance(m, _CONV):
+        entry.update(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
+                     stride=list(m.stride), padding=m.padding if isinstance(m.padding, str) else list(m.padding),
+                     dilation=list(m.dilation), groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
+        if kind in _BORDER:
+            entry["border_kernel"] = list(m.border_kernel.shape)
+    elif isinstance(m, nn.Linear):
+        entry.update(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
+    elif isinstance(m, _BN):
+        entry.update(num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
+                     track_running_stats=m.track_running_stats)
+    elif isinstance(m, nn.Embedding):
+        entry.update(num_embeddings=m.num_embeddings, embedding_dim=m.embedding_dim, padding_idx=m.padding_idx,
+                     max_norm=m.max_norm, norm_type=m.norm_type, scale_grad_by_freq=m.scale_grad_by_freq,
+                     sparse=m.sparse)
+    elif isinstance(m, nn.PReLU):
+        entry.update(num_parameters=m.num_parameters)
+    elif isinstance(m, nn.LayerNorm):
+        entry.update(normalized_shape=list(m.normalized_shape), eps=m.eps, elementwise_affine=m.elementwise_affine,
+                     bias=getattr(m, "bias", None) is not None)
+    return entry
+
+
+def _constructor_args(entry: Mapping[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    e = entry
+    kind = e["class"]
+    base = _BASE.get(kind, _LAYERS[kind])
+    kw: dict[str, Any] = {}
+    if e.get("dtype"):
+        kw["dtype"] = getattr(torch, e["dtype"])
+    if issubclass(base, _CONV):
+        padding = e["padding"] if isinstance(e["padding"], str) else tuple(e["padding"])
+        return (e["in_channels"], e["out_channels"], tuple(e["kernel_size"])), dict(
+            kw, stride=tuple(e["stride"]), padding=padding, dilation=tuple(e["dilation"]), groups=e["groups"],
+            bias=e["bias"], padding_mode=e["padding_mode"])
+    if base is nn.Linear:
+        return (e["in_features"], e["out_features"]), dict(kw, bias=e["bias"])
+    if issubclass(base, _BN):
+        return (e["num_features"],), dict(kw, eps=e["eps"], momentum=e["momentum"], affine=e["affine"],
+                                          track_running_stats=e["track_running_stats"])
+    if base is nn.Embedding:
+        return (e["num_embeddings"], e["embedding_dim"]), dict(
+            kw, padding_idx=e["padding_idx"], max_norm=e["max_norm"], norm_type=e["norm_type"],
+            scale_grad_by_freq=e["scale_grad_by_freq"], sparse=e["sparse"])
+    if base is nn.PReLU:
+        return (), dict(kw, num_parameters=e["num_parameters"])
+    if base is nn.LayerNorm:
+        return (tuple(e["normalized_shape"]),), dict(kw, eps=e["eps"], elementwise_affine=e["elementwise_affine"],
+                                                     bias=e["bias"])
+    raise LoadError(f"unknown layer class {kind!r} in the manifest")  # pragma: no cover - _LAYERS guards it
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _report_summary(model: nn.Module) -> Optional[dict[str, Any]]:
+    r = getattr(model, "compaction_report", None)
+    if r is None:
+        return None
+    keys = ("mode", "params_before", "params_after", "macs_before", "macs_after", "max_abs_diff", "tolerance",
+            "verified_inputs")
+    out: dict[str, Any] = {}
+    for k in keys:
+        v = getattr(r, k, None)
+        out[k] = v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
+def save(model: nn.Module, path: files.PathLike, *, force: bool = False) -> str:
+    """Write ``model``'s weights and a manifest of its layer shapes to one ``torch.load(weights_only=True)`` file.
+
+    The file holds ``{"format": "compactor/1", "manifest": {"layers": {name: {...}}},
+    "state_dict": {...}, ...}``: only tensors, numbers and strings, no pickled code.
+    Read it back with :func:`load` and the original architecture. Live
+    ``torch.nn.utils.prune`` masks are made permanent in what is written (the
+    model itself is not modified). For a full pickle of the module object, see
+    :func:`save_pickle`.
+
+    Args:
+        model: usually the result of :func:`compactor.compact`.
+        path: the file to write (atomically).
+        force: replace an existing file.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        FileExistsError: ``path`` exists and ``force`` is false.
+
+    Example:
+        >>> import os, tempfile, torch, compactor
+        >>> from torch.nn.utils import prune
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+        >>> _ = prune.ln_structured(net[0], "weight", amount=0.5, n=2, dim=0)
+        >>> small = compactor.compact(net, torch.randn(3, 4))
+        >>> path = compactor.save(small, os.path.join(tempfile.mkdtemp(), "small.pt"))
+        >>> arch = lambda: torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+        >>> again = compactor.load(arch, path)
+        >>> again[0].out_features, again[2].in_features
+        (3, 3)
+        >>> x = torch.randn(5, 4)
+        >>> torch.testing.assert_close(again(x), small(x))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save expects a torch.nn.Module, got {type(model).__name__}")
+    plain = masks.bake(model) if masks.pruned_tensors(model) else model
+    layers: dict[str, dict[str, Any]] = {}
+    for name, module in plain.named_modules():
+        kind = _kind(module)
+        if kind is not None and name:
+            layers[name] = _describe(module, kind)
+    from . import __version__
+
+    payload = {
+        "format": FORMAT,
+        "compactor_version": __version__,
+        "torch_version": str(torch.__version__),
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "manifest": {"layers": layers},
+        "state_dict": {k: v.detach().cpu() for k, v in plain.state_dict().items()},
+        "report": _report_summary(model),
+    }
+    return files.atomic_save(payload, path, force=force)
+
+
+def save_pickle(model: nn.Module, path: files.PathLike, *, force: bool = False) -> str:
+    """Pickle the whole module object with ``torch.save`` (atomically), for those who ask for it.
+
+    Prefer :func:`save`. A pickle stores references to your model's classes, so
+    loading it needs the same code importable, and ``torch.load(path,
+    weights_only=False)`` executes whatever the file says: load only files you
+    trust. :func:`load` refuses such files.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        FileExistsError: ``path`` exists and ``force`` is false.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_pickle expects a torch.nn.Module, got {type(model).__name__}")
+    return files.atomic_save(model, path, force=force)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _read(path: str) -> dict[str, Any]:
+    """The file's contents, checked: the format tag, a manifest of known layers, a state_dict of tensors."""
+    obj = files.read_weights(
+        path, error=LoadError, name=f"'{path}'", written_by="compactor.save(model, path)",
+        pickled=", not a compactor.save file, and compactor.load never unpickles code; re-save the model with "
+                "compactor.save, or if you wrote it with compactor.save_pickle and trust it, use "
+                "torch.load(path, weights_only=False)")
+    if not isinstance(obj, Mapping) or "format" not in obj:
+        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise LoadError(
+                f"'{path}' is a plain state_dict, not a compactor file; for weights of a model pruned with "
+                "torch.nn.utils.prune use compactor.load_pruned(Model, path) or `compactor compact`"
+            )
+        raise LoadError(f"'{path}' is not a compactor file (it holds a {type(obj).__name__} without a 'format' "
+                        "key); write compact models with compactor.save")
+    fmt = obj["format"]
+    if fmt != FORMAT:
+        if isinstance(fmt, str) and fmt.startswith("compactor/"):
+            raise LoadError(f"'{path}' has format {fmt!r}; this compactor reads {FORMAT!r}: upgrade compactor")
+        raise LoadError(f"'{path}' is not a compactor file (format {fmt!r}); write compact models with compactor.save")
+    manifest, state = obj.get("manifest"), obj.get("state_dict")
+    if (not isinstance(manifest, Mapping) or not isinstance(manifest.get("layers"), Mapping)
+            or not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise LoadError(f"'{path}' is damaged: its manifest or state_dict is missing or malformed; "
+                        "write it again with compactor.save")
+    for name, entry in manifest["layers"].items():
+        if not isinstance(entry, Mapping) or entry.get("class") not in _LAYERS:
+            raise LoadError(f"'{path}' is damaged: manifest entry for layer '{name}' is malformed; "
+                            "write it again with compactor.save")
+    return dict(obj)
+
+
+def _architecture(model_or_factory: ModelOrFactory) -> nn.Module:
+    if isinstance(model_or_factory, nn.Module):
+        return masks.bake(model_or_factory)  # a copy, with any prune masks made permanent
+    if callable(model_or_factory):
+        target = model_or_factory()
+        if not isinstance(target, nn.Module):
+            raise TypeError(f"load: the factory returned {type(target).__name__}, expected an nn.Module")
+        return masks.bake(target) if masks.pruned_tensors(target) else target
+    raise TypeError(
+        f"load: model_or_factory must be an nn.Module or a class / callable returning one, "
+        f"got {type(model_or_factory).__name__}"
+    )
+
+
+def _rebuild(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, torch.Tensor], prefix: str) -> nn.Module:
+    kind = entry["class"]
+    args, kwargs = _constructor_args(entry)
+    if kind in _BORDER:
+        new = _BORDER[kind](*args, **kwargs)
+        shape = tuple(state[prefix + "border_kernel"].shape) if prefix + "border_kernel" in state else tuple(
+            entry["border_kernel"])
+        new.register_buffer("border_kernel", torch.zeros(shape, dtype=new.weight.dtype))
+        new.register_buffer("border_offset", torch.zeros(shape[0], dtype=new.weight.dtype))
+        return new
+    if type(current) is _LAYERS[kind]:
+        return _LAYERS[kind](*args, **kwargs)
+    # A subclass (e.g. MultiheadAttention's out_proj, or the user's own): keep its class and behaviour.
+    try:
+        return type(current)(*args, **kwargs)
+    except Exception:
+        new = copy.deepcopy(current)
+        base = _LAYERS[kind](*args, **kwargs)
+        for attr, value in vars(base).items():
+            if not attr.startswith("_") and attr != "training":
+                setattr(new, attr, value)
+        new._parameters = base._parameters
+        new._buffers = base._buffers
+        return new
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def _swapped(first: Any, second: Any) -> bool:
+    """``load(path, Model)``: the argument order compactor.load had before it became model-first."""
+    return isinstance(first, (str, os.PathLike)) and (isinstance(second, nn.Module) or callable(second))
+
+
+def _replace_layers(target: nn.Module, layers: Mapping[str, Mapping[str, Any]], state: Mapping[str, torch.Tensor],
+                    saved_from: str) -> None:
+    """Swap every manifest layer of ``target`` for a fresh one at the saved shape (shared layers stay shared)."""
+    arch = type(target).__name__
+    named = dict(target.named_modules(remove_duplicate=False))
+    replaced: dict[int, nn.Module] = {}
+    for name, entry in layers.items():
+        current = named.get(name)
+        if current is None:
+            raise LoadError(
+                f"the file has a layer '{name}' ({entry['class']}) that {arch} lacks; pass the architecture the "
+                f"model was saved from (the file says {saved_from})"
+            )
+        base = _BASE.get(entry["class"], _LAYERS[entry["class"]])
+        if not isinstance(current, base):
+            raise LoadError(
+                f"layer '{name}' is a {entry['class']} in the file but a {type(current).__name__} in {arch}; "
+                f"pass the architecture the model was saved from (the file says {saved_from})"
+            )
+        if id(current) not in replaced:
+            replaced[id(current)] = _rebuild(current, entry, state, name + ".")
+    for name, current in list(named.items()):
+        if name and id(current) in replaced:
+            _set_module(target, name, replaced[id(current)])
+
+
+def _resize_bare_tensors(target: nn.Module, layers: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """Resize parameters and buffers outside manifest layers (e.g. a layer-scale nn.Parameter) to the file's shape."""
+    expected = target.state_dict()
+    in_layers = tuple(n + "." for n in layers)
+    for key, tensor in state.items():
+        have = expected.get(key)
+        if have is None or tuple(have.shape) == tuple(tensor.shape) or key.startswith(in_layers):
+            continue
+        if have.dim() != tensor.dim() or any(s > h for s, h in zip(tensor.shape, have.shape)):
+            raise LoadError(
+                f"key '{key}' has shape {tuple(tensor.shape)} in the file but {tuple(have.shape)} in "
+                f"{type(target).__name__}; pass the architecture the model was saved from"
+            )
+        owner_name, _, attr = key.rpartition(".")
+        owner = target.get_submodule(owner_name) if owner_name else target
+        if attr in owner._parameters and owner._parameters[attr] is not None:
+            old = owner._parameters[attr]
+            owner._parameters[attr] = nn.Parameter(torch.zeros(tensor.shape, dtype=old.dtype),
+                                                   requires_grad=old.requires_grad)
+        elif attr in owner._buffers and owner._buffers[attr] is not None:
+            owner._buffers[attr] = torch.zeros(tensor.shape, dtype=owner._buffers[attr].dtype)
+
+
+def load(model_or_factory: ModelOrFactory, path: files.PathLike) -> nn.Module:
+    """Rebuild a model written by :func:`save` inside its original architecture.
+
+    Model first, like safetensors' ``load_model(model, filename)``. Every layer in
+    the file's manifest replaces the architecture's layer of the same name with a
+    fresh one of the saved (smaller) shape -- a ``BorderCorrectedConv`` where the
+    manifest says so -- then the weights load strictly. The file is read with
+    ``torch.load(weights_only=True)``: nothing in it is executed.
+
+    Args:
+        model_or_factory: the original (dense) architecture: an instance (copied,
+            never modified) or a class / zero-argument callable returning one.
+        path: a file written by :func:`compactor.save`.
+
+    Returns:
+        The compact model, in eval mode.
+
+    Raises:
+        LoadError: missing, truncated or foreign file; a manifest layer the
+            architecture lacks or holds as another kind of layer; state_dict keys
+            or shapes that do not fit.
+        TypeError: the arguments are in the old order ``load(path, model)``, or
+            ``model_or_factory`` is neither a module nor a callable returning one.
+
+    Example: see :func:`save`.
+    """
+    if _swapped(model_or_factory, path):
+        raise TypeError(
+            f"load(model_or_factory, path) takes the model first; you passed the path {os.fspath(model_or_factory)!r} "
+            f"first: swap them, e.g. compactor.load(Model, {os.fspath(model_or_factory)!r})"
+        )
+    path = os.fspath(path)
+    obj = _read(path)
+    layers: Mapping[str, Mapping[str, Any]] = obj["manifest"]["layers"]
+    state: Mapping[str, torch.Tensor] = obj["state_dict"]
+    saved_from = obj.get("model_class", "?")
+    target = _architecture(model_or_factory)
+    _replace_layers(target, layers, state, saved_from)
+    _resize_bare_tensors(target, layers, state)
+    files.check_keys(target.state_dict(), state, error=LoadError, model=type(target).__name__, source="the file",
+                     fix=f"pass the architecture the model was saved from (the file says {saved_from})",
+                     shape_fix="the file's manifest and weights disagree: write it again with compactor.save",
+                     name_sides=True)
+    target.load_state_dict(state, strict=True)
+    return target.eval()
