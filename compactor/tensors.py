@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .errors import VerificationError
+from .errors import CompactionError
 
 __all__ = ["Inputs", "as_inputs", "describe", "random_like", "make_batches", "flatten_outputs", "first_line"]
 
@@ -94,7 +94,7 @@ def flatten_outputs(out: Any) -> Iterator[torch.Tensor]:
     """The tensors in a model's output: a tensor, or (nested) tuples / lists / dicts of them; None is skipped.
 
     Raises:
-        VerificationError: the output holds something else, which cannot be compared.
+        CompactionError: the output holds something else, which cannot be compared.
     """
     if isinstance(out, torch.Tensor):
         yield out
@@ -105,7 +105,7 @@ def flatten_outputs(out: Any) -> Iterator[torch.Tensor]:
         for o in out:
             yield from flatten_outputs(o)
     elif out is not None:
-        raise VerificationError(
+        raise CompactionError(
             f"the model returns a {type(out).__name__}, which compactor cannot compare; return a tensor, "
             "or a tuple / list / dict of tensors"
         )

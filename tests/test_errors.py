@@ -81,3 +81,26 @@ def test_verification_catches_a_wrong_fold(monkeypatch):
         m.conv2.bias.fill_(0.5)
     with pytest.raises(VerificationError, match="differs from the masked model"):
         compactor.compact(m, X)
+
+
+def test_an_output_compactor_cannot_compare_is_a_user_error_not_a_bug():
+    """A model returning an object that is not a tensor / tuple / dict is refused as CompactionError, not VerificationError."""
+
+    class Box:
+        pass
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            box = Box()
+            box.y = self.a(x)
+            return box
+
+    m = Odd()
+    torch.nn.utils.prune.ln_structured(m.a, "weight", amount=1, n=2, dim=0)
+    with pytest.raises(CompactionError, match="returns a Box") as info:
+        compactor.compact(m, torch.randn(2, 4))
+    assert not isinstance(info.value, VerificationError)
