@@ -50,6 +50,12 @@ _CHANNELWISE_GRAD_FNS = {
     "ReplicationPad1D", "ReplicationPad2D", "ReplicationPad3D",
 }
 
+# Of those, the ones that keep every channel at its index (no view, permute, split or concat).
+_IN_PLACE_GRAD_FNS = _CHANNELWISE_GRAD_FNS - {
+    "View", "Reshape", "UnsafeView", "Flatten", "Expand", "Squeeze", "Unsqueeze", "T", "Permute", "Transpose",
+    "Cat", "Split", "SplitWithSizes", "Unbind", "Alias",
+}
+
 # BatchNorm computed by a module that also applies an activation (timm's BatchNormAct2d): per channel.
 _PER_CHANNEL_NORMS = {"NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm"}
 
@@ -80,6 +86,17 @@ class Group:
     items: list[Item] = field(default_factory=list)
     reaches_output: bool = False
     unclear: str = ""  # why the traced mapping of this group is not understood (then nothing in it goes)
+
+    def mapping_is_plain(self) -> bool:
+        """True when the channels only pass through convs, BatchNorm, PReLU and per-channel ops that keep
+        each channel at its index: the traced mapping is the identity and needs no check on the model."""
+        for it in self.items:
+            if it.role == "pass":
+                if it.op not in _IN_PLACE_GRAD_FNS:
+                    return False
+            elif not isinstance(it.module, _CONV + _BN + (nn.PReLU,)):
+                return False
+        return True
 
     def layers(self) -> list[str]:
         seen: list[str] = []
@@ -194,7 +211,7 @@ def _closure(DG: Any, module: nn.Module, fn: Any, n: int, names: dict) -> tuple[
     root = DG.module2node[module]
     start = tp.Dependency(fn, fn, source=root, target=root)
     first = [_HybridIndex(idx=i, root_idx=i) for i in range(n)]
-    reached: dict[tuple, tuple[Any, set]] = {(root, fn): (start, {(i, i) for i in range(n)})}
+    reached: dict[tuple, tuple[Any, set]] = {(root, fn): (start, set(first))}  # _HybridIndex is an (idx, root) tuple
     stack = [(start, first)]
     total = n
     while stack:
@@ -213,17 +230,15 @@ def _closure(DG: Any, module: nn.Module, fn: Any, n: int, names: dict) -> tuple[
             if not new:
                 continue
             _, seen = reached.setdefault((nxt.target, nxt.handler), (nxt, set()))
-            fresh = []
-            for h in new:
-                if (h.idx, h.root_idx) not in seen:
-                    seen.add((h.idx, h.root_idx))
-                    fresh.append(h)
+            fresh = set(new)
+            fresh -= seen
             if fresh:
+                seen |= fresh
                 total += len(fresh)
                 if total > _PAIR_BUDGET:
                     return reached, (f"{_NOT_UNDERSTOOD} reaches too many channels to follow (e.g. a repeat / "
                                      "expand of heads, or windows reshaped into the batch)")
-                stack.append((nxt, fresh))
+                stack.append((nxt, list(fresh)))
     return reached, ""
 
 
@@ -337,7 +352,10 @@ def _group(DG: Any, module: nn.Module, fn: Any, n: int, names: dict, broken: dic
     for (node, handler), (dep, pairs) in reached.items():
         if isinstance(node.module, nn.Parameter) and any(node.module is p for p in DG.ignored_params):
             continue
-        pairs = sorted(pairs, key=lambda p: (p[0], -1 if p[1] is None else p[1]))
+        try:
+            pairs = sorted(pairs)
+        except TypeError:  # a root index None (torch-pruning's GQA mapping): sorted anyway, then refused below
+            pairs = sorted(pairs, key=lambda p: (p[0], -1 if p[1] is None else p[1]))
         idxs, root_idxs = [p[0] for p in pairs], [p[1] for p in pairs]
         role, op, reason, dim = _classify(node, handler, DG)
         name = names.get(node.module) or _where(node, names)

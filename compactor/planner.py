@@ -133,14 +133,16 @@ def dead_rows(module: Any) -> torch.Tensor:
     """Boolean per output channel: True where the layer's weights for it are all zero."""
     if isinstance(module, nn.Embedding):
         return module.weight.detach().eq(0).all(0)
-    w = module.weight.detach()
-    return torch.count_nonzero(w.reshape(w.shape[0], -1), dim=1) == 0
+    w = module.weight.detach().reshape(module.weight.shape[0], -1)
+    return (w.amax(1) == 0) & (w.amin(1) == 0)  # weights are finite (checked): faster than counting nonzeros
 
 
 def zero_columns(module: Any) -> torch.Tensor:
     """Boolean per input channel of a conv (groups=1) / linear: True where no output reads it."""
     w = module.weight.detach()
-    return ~w.reshape(w.shape[0], w.shape[1], -1).any(2).any(0)
+    flat = w.reshape(w.shape[0], -1)
+    zero = (flat.amax(0) == 0) & (flat.amin(0) == 0)  # per (input, kernel position)
+    return zero.reshape(w.shape[1], -1).all(1)
 
 
 def _local(item: graph.Item, roots: set[int]) -> list[int]:
@@ -179,6 +181,17 @@ def select(groups: list[graph.Group], tied: set[str]) -> Ledger:
         CompactionError: the masks would remove every output channel of a layer.
     """
     ledger = Ledger(groups)
+    rows: dict[int, torch.Tensor] = {}  # a layer's dead rows / zero columns, read once however many groups touch it
+    cols: dict[int, torch.Tensor] = {}
+
+    def dead(it: graph.Item) -> set[int]:
+        return _roots_where(it, rows[id(it.module)] if id(it.module) in rows
+                            else rows.setdefault(id(it.module), dead_rows(it.module)))
+
+    def unread_by(it: graph.Item) -> set[int]:
+        return _roots_where(it, cols[id(it.module)] if id(it.module) in cols
+                            else cols.setdefault(id(it.module), zero_columns(it.module)))
+
     for gi, g in enumerate(groups):
         if g.unclear:
             _note_unclear(ledger, g)
@@ -187,12 +200,12 @@ def select(groups: list[graph.Group], tied: set[str]) -> Ledger:
         readers = [it for it in g.items if it.role in _READERS]
         if not producers:
             continue
-        dead_sets = [_roots_where(it, dead_rows(it.module)) for it in producers]
+        dead_sets = [dead(it) for it in producers]
         every = set.intersection(*dead_sets)
         some = set.union(*dead_sets)
         unread: set[int] = set()
         if readers and all(it.role == "in" for it in readers):
-            unread_sets = [_roots_where(it, zero_columns(it.module)) for it in readers]
+            unread_sets = [unread_by(it) for it in readers]
             unread = set.intersection(*unread_sets)
             some |= set.union(*unread_sets)
         if not some:
@@ -286,8 +299,13 @@ def restrict_grouped(ledger: Ledger) -> None:
 
 
 def check_mapping(ledger: Ledger, work: nn.Module, batch: tuple, probed: set[int]) -> None:
-    """Keep the channels of every group (not yet probed) whose traced mapping does not hold on the model."""
-    active = {gi: r for gi, r in ledger.cand.items() if r and gi not in probed}
+    """Keep the channels of every group (not yet probed) whose traced mapping does not hold on the model.
+
+    Groups whose channels pass only through convs, BatchNorm and per-channel ops that keep
+    each channel at its index (:meth:`graph.Group.mapping_is_plain`) need no probe forward.
+    """
+    active = {gi: r for gi, r in ledger.cand.items()
+              if r and gi not in probed and not ledger.groups[gi].mapping_is_plain()}
     if not active:
         return
     good = set(active)
@@ -464,14 +482,16 @@ def make_plan(work: nn.Module, batches: Sequence[tuple], *, mode: Mode = "exact"
     Returns the plan and what the instrumented forwards measured (outputs of the baked
     model per batch, MACs per layer).
     """
-    groups, bn_pairs = graph.trace(work, batches[0])
+    with probe.recording(work) as first:  # the trace's forward is the first batch's measurement too
+        groups, bn_pairs = graph.trace(work, batches[0])
     ledger = select(groups, _tied_layers(work))
     watch: dict[str, list[int]] = {}
     if mode == "exact":
         for gi, rset in ledger.cand.items():
             for it, local in _folded_inputs(ledger, gi, rset):
                 watch.setdefault(it.name, []).extend(local)
-    measured = probe.measure(work, watch, batches, bn_pairs)
+    measured = probe.measure(work, watch, batches, bn_pairs, first=first)
+    del first
     settle(ledger, work, batches[0], measured.stats, mode=mode, round_to=round_to)
     modules = dict(work.named_modules())
     folds, dropped = place_folds(ledger, modules, measured.stats, measured.bn_pairs, mode)

@@ -7,17 +7,20 @@ in the plan.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .tensors import flatten_outputs
 
-__all__ = ["ChannelStats", "Measurements", "measure", "nan_probe", "zeroed_outputs", "count_macs", "channel_view"]
+__all__ = ["ChannelStats", "Measurements", "Recording", "recording", "measure", "nan_probe", "zeroed_outputs", "count_macs", "channel_view"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def channel_view(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -82,51 +85,111 @@ def _count(macs: dict[str, int], name: str, mod: nn.Module, out: torch.Tensor) -
     macs[name] = macs.get(name, 0) + per
 
 
+@dataclass
+class Recording:
+    """What one forward saw of every conv / linear / BatchNorm: recorded while the graph is
+    traced, so the first batch runs once for both."""
+
+    inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # conv / linear: first input, per call
+    outputs_of: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # conv: output, per call
+    bn_inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # BatchNorm: input, per call
+    macs: dict[str, int] = field(default_factory=dict)  # per conv / linear, per sample
+    output: Any = None  # the model's output (detached)
+    returned: set[int] = field(default_factory=set)  # ids of the tensors the model returned
+
+
+def _detached(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, (list, tuple)) and type(out) in (list, tuple):
+        return type(out)(_detached(o) for o in out)
+    if type(out) is dict:
+        return {k: _detached(v) for k, v in out.items()}
+    return out
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module) -> Iterator[Recording]:
+    """Record the next forward of ``model`` (see :class:`Recording`); the hooks go on exit."""
+    rec = Recording()
+
+    def layer_in(name: str, mod: nn.Module, args: tuple) -> None:  # hooks return None: nothing is replaced
+        rec.inputs.setdefault(name, []).append(args[0].detach())
+
+    def layer_out(name: str, mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        _count(rec.macs, name, mod, out)
+        rec.outputs_of.setdefault(name, []).append(out)
+
+    def bn_in(name: str, mod: nn.Module, args: tuple) -> None:
+        rec.bn_inputs.setdefault(name, []).append(args[0])
+
+    def model_out(mod: nn.Module, args: tuple, out: Any) -> None:
+        rec.returned = {id(t) for t in flatten_outputs(out)}
+        rec.output = _detached(out)
+
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear,) + _CONV):
+            hooks.append(m.register_forward_pre_hook(functools.partial(layer_in, name)))
+            hooks.append(m.register_forward_hook(functools.partial(layer_out, name)))
+        elif isinstance(m, _BN):
+            hooks.append(m.register_forward_pre_hook(functools.partial(bn_in, name)))
+    hooks.append(model.register_forward_hook(model_out))
+    try:
+        yield rec
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _handed(rec: Recording, bn_pairs: Mapping[str, str]) -> dict[str, str]:
+    """The traced conv -> BatchNorm pairs where the BN really read the conv's output, and only that,
+    and the conv's output is not also returned by the model."""
+    returned = rec.returned
+    checked = {}
+    for conv, bn in bn_pairs.items():
+        outs, ins = rec.outputs_of.get(conv, []), rec.bn_inputs.get(bn, [])
+        if outs and len(outs) == len(ins) and all(i is o for i, o in zip(ins, outs)) \
+                and not any(id(o) in returned for o in outs):
+            checked[conv] = bn
+    return checked
+
+
 def measure(model: nn.Module, watch: Mapping[str, Sequence[int]], batches: Sequence[tuple],
-            bn_pairs: Optional[Mapping[str, str]] = None) -> Measurements:
-    """One forward per batch, recording:
+            bn_pairs: Optional[Mapping[str, str]] = None, first: Optional[Recording] = None) -> Measurements:
+    """One forward per batch (``first``: the first batch was already recorded), measuring:
 
     - for each consumer in ``watch``, the listed input channels (first value, varied or not);
     - the outputs;
     - MACs per conv / linear (first batch);
     - which traced conv -> BatchNorm pairs really hand the BN the conv's output and nothing else.
     """
+    if first is None:
+        with recording(model) as first, torch.no_grad():
+            model(*batches[0])
     stats = {n: ChannelStats(sorted(set(idxs))) for n, idxs in watch.items() if idxs}
     modules = dict(model.named_modules())
+    for n, st in stats.items():
+        for x in first.inputs.get(n, []):
+            st.update(modules[n], x)
     hooks = [modules[n].register_forward_pre_hook(lambda mod, args, _s=st: _s.update(mod, args[0]))
              for n, st in stats.items()]
-    macs: dict[str, int] = {}
-    first = [True]
-    for name, m in modules.items():
-        if isinstance(m, (nn.Linear,) + _CONV):
-            hooks.append(m.register_forward_hook(
-                lambda mod, args, out, _n=name: _count(macs, _n, mod, out) if first[0] else None))
-    pairs = dict(bn_pairs or {})
-    conv_out: dict[str, Any] = {}
-    handed: dict[str, bool] = {}
-    for conv, bn in pairs.items():
-        hooks.append(modules[conv].register_forward_hook(
-            lambda mod, args, out, _c=conv: conv_out.__setitem__(_c, out) if first[0] else None))
-        hooks.append(modules[bn].register_forward_pre_hook(
-            lambda mod, args, _c=conv: handed.__setitem__(_c, handed.get(_c, True) and args[0] is conv_out.get(_c))
-            if first[0] else None))
-    outputs = []
+    outputs = [first.output]
     try:
         with torch.no_grad():
-            for b in batches:
+            for b in batches[1:]:
                 outputs.append(model(*b))
-                first[0] = False
     finally:
         for h in hooks:
             h.remove()
-    returned = {id(t) for t in flatten_outputs(outputs[0])} if outputs else set()
-    checked = {c: bn for c, bn in pairs.items() if handed.get(c) and id(conv_out.get(c)) not in returned}
-    return Measurements(stats, outputs, macs, checked)
+    return Measurements(stats, outputs, dict(first.macs), _handed(first, bn_pairs or {}))
 
 
 def count_macs(model: nn.Module, inputs: tuple) -> dict[str, int]:
     """Multiply-accumulates per conv / linear layer for one forward of ``inputs``, per sample."""
-    return measure(model, {}, [inputs]).macs
+    with recording(model) as rec, torch.no_grad():
+        model(*inputs)
+    return rec.macs
 
 
 def _hook_inputs(model: nn.Module, names: set[str], fn: Callable) -> list:
