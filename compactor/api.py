@@ -11,6 +11,7 @@ from . import fold, masks, probe, report as _report
 from . import verify as _verify
 from .errors import CompactionError, NoPruningFoundError, VerificationError
 from .planner import Mode, make_plan
+from .progress import Progress
 from .report import Report
 from .tensors import Inputs, as_inputs, describe, first_line, flatten_outputs, make_batches
 
@@ -30,15 +31,19 @@ def _check_finite(model: nn.Module) -> None:
                 )
 
 
+def _rejected(model: nn.Module, batch: tuple, exc: BaseException) -> CompactionError:
+    return CompactionError(
+        f"{type(model).__name__} rejected the example input(s) {describe(batch)}: {first_line(exc)}; "
+        "pass inputs of the shape, dtype and device its forward() expects (model.to(x.device) if they differ)"
+    )
+
+
 def _run(model: nn.Module, batch: tuple) -> Any:
     try:
         with torch.no_grad():
             return model(*batch)
     except Exception as exc:
-        raise CompactionError(
-            f"{type(model).__name__} rejected the example input(s) {describe(batch)}: {first_line(exc)}; "
-            "pass inputs of the shape, dtype and device its forward() expects (model.to(x.device) if they differ)"
-        ) from None
+        raise _rejected(model, batch, exc) from None
 
 
 def _run_masked(model: nn.Module, batch: tuple) -> Any:
@@ -46,14 +51,14 @@ def _run_masked(model: nn.Module, batch: tuple) -> Any:
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with torch.no_grad():
-            return model(*batch)
+        return _run(model, batch)
     finally:
         for m, flag in flags:
             m.training = flag
 
 
-def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Optional[int], extra: int):
+def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Optional[int], extra: int,
+             progress: Progress, inplace: bool = False):
     if not isinstance(model, nn.Module):
         raise TypeError(f"compactor expects a torch.nn.Module, got {type(model).__name__}")
     if mode not in _MODES:
@@ -63,26 +68,37 @@ def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Opti
     if not isinstance(extra, int) or extra < 0:
         raise ValueError(f"random_inputs={extra!r} should be a non-negative integer")
     example = as_inputs(example_inputs)
-    pruned = masks.pruned_tensors(model)
-    work = masks.bake(model).eval()
-    _check_finite(work)
+    with progress.stage("reading the masks"):
+        pruned = masks.pruned_tensors(model)
+        # the user's own masked model, hooks and all: what the compact model must compute
+        masked_output = _run_masked(model, example) if mode == "exact" else None
+        work = (masks.bake_(model) if inplace else masks.bake(model)).eval()
+        _check_finite(work)
     batches = make_batches(example, extra)
+    failure: Optional[BaseException] = None
     try:
-        the_plan, measured = make_plan(work, batches, mode=mode, round_to=round_to)
+        the_plan, measured = make_plan(work, batches, mode=mode, round_to=round_to, progress=progress)
     except CompactionError:
         raise
+    except MemoryError:
+        raise CompactionError(
+            f"ran out of memory while {progress.current} for {type(model).__name__}; free memory, pass a smaller "
+            "example input (a batch of 1 is enough), or compact with inplace=True to save a copy of the model"
+        ) from None
     except Exception as exc:
+        failure = exc.with_traceback(None)  # drop the failed trace's frames (and memory) before running again
+    if failure is not None:
         list(flatten_outputs(_run(work, example)))  # a rejected input or an output type, said clearly
         raise CompactionError(
-            f"could not trace {type(model).__name__} to find its channel dependencies: {first_line(exc)}"
-        ) from exc
+            f"could not trace {type(model).__name__} to find its channel dependencies: {first_line(failure)}"
+        ) from failure
     if not pruned and not the_plan.any_masked:
         raise NoPruningFoundError(
             f"no pruning found in {type(model).__name__}: no layer carries torch.nn.utils.prune masks and none "
             "has all-zero output channels. Prune it first, e.g. prune.ln_structured(model.conv1, 'weight', "
             "amount=0.5, n=2, dim=0), or load a pruned state_dict with compactor.load_pruned(Model, path)"
         )
-    return example, batches, work, the_plan, measured, [t.key for t in pruned]
+    return example, batches, work, the_plan, measured, [t.key for t in pruned], masked_output
 
 
 def _sparsity(model: nn.Module, keys: list[str]) -> dict[str, float]:
@@ -99,7 +115,7 @@ def _sparsity(model: nn.Module, keys: list[str]) -> dict[str, float]:
 
 
 def plan(model: nn.Module, example_inputs: Inputs, *, mode: Mode = "exact", round_to: Optional[int] = None,
-         random_inputs: int = 2) -> Report:
+         random_inputs: int = 2, progress: Optional[bool] = None, time_limit: Optional[float] = None) -> Report:
     """Dry run: what :func:`compact` would remove, per layer, and why. Nothing is built or modified.
 
     Args:
@@ -109,6 +125,7 @@ def plan(model: nn.Module, example_inputs: Inputs, *, mode: Mode = "exact", roun
         round_to: keep extra masked channels so every width is a multiple of this.
         random_inputs: random batches besides the example on which constants are checked
             (as in :func:`compact`; the same value gives the same plan).
+        progress, time_limit: as in :func:`compact`.
 
     Returns:
         A :class:`~compactor.report.Report`; ``print(report)`` shows the table.
@@ -122,7 +139,8 @@ def plan(model: nn.Module, example_inputs: Inputs, *, mode: Mode = "exact", roun
         [0, 3]
     """
     with _verify.full_precision():
-        _, _, work, the_plan, measured, _ = _prepare(model, example_inputs, mode, round_to, extra=random_inputs)
+        _, _, work, the_plan, measured, _, _ = _prepare(model, example_inputs, mode, round_to, random_inputs,
+                                                        Progress(progress, time_limit))
     return _report.build(the_plan, _report.layout(work), fold.new_shapes(work, the_plan), measured.macs)
 
 
@@ -134,6 +152,9 @@ def compact(
     mode: Mode = "exact",
     round_to: Optional[int] = None,
     random_inputs: int = 2,
+    inplace: bool = False,
+    progress: Optional[bool] = None,
+    time_limit: Optional[float] = None,
 ) -> nn.Module:
     """Return a smaller dense model that computes what the masked ``model`` computes.
 
@@ -153,6 +174,14 @@ def compact(
             other tools do; verified against the masked model with them zeroed).
         round_to: keep extra masked channels so each width is a multiple of this.
         random_inputs: how many random batches to verify on besides the example.
+        inplace: turn ``model`` itself into the compact model instead of copying it: its masks
+            are made permanent (as ``prune.remove`` does) and its layers sliced. Saves one copy
+            of the model's memory, for models near the machine's limit. An error raised before
+            slicing leaves ``model`` with its masks made permanent, computing what it computed.
+        progress: print each stage's time to standard error: ``None`` once the run has taken
+            2 s, ``True`` always, ``False`` never.
+        time_limit: stop with :class:`CompactionError` once this many seconds have passed
+            (checked between stages and inside the long loops).
 
     Returns:
         The compact model, in eval mode; ``.compaction_report`` holds the
@@ -177,37 +206,46 @@ def compact(
         >>> torch.testing.assert_close(small(torch.ones(1, 4)), net(torch.ones(1, 4)))
     """
     with _verify.full_precision():
-        return _compact(model, example_inputs, verify, mode, round_to, random_inputs)
+        return _compact(model, example_inputs, verify, mode, round_to, random_inputs, inplace,
+                        Progress(progress, time_limit))
 
 
 def _compact(model: nn.Module, example_inputs: Inputs, verify: bool, mode: Mode, round_to: Optional[int],
-             random_inputs: int) -> nn.Module:
-    example, batches, work, the_plan, measured, pruned = _prepare(model, example_inputs, mode, round_to,
-                                                                   extra=random_inputs)
+             random_inputs: int, inplace: bool, progress: Progress) -> nn.Module:
+    example, batches, work, the_plan, measured, pruned, masked_output = _prepare(
+        model, example_inputs, mode, round_to, random_inputs, progress, inplace)
     reference = measured.outputs
     if mode == "drop" and the_plan.dropped:
         reference = probe.zeroed_outputs(work, the_plan.dropped, batches)
     before = _report.layout(work)
-    compact_model = fold.apply(work, the_plan).eval()
+    with progress.stage("building the compact model"):
+        compact_model = fold.apply(work, the_plan).eval()
     report = _report.build(the_plan, before, _report.layout(compact_model).shapes, measured.macs)
     report.sparsity = _sparsity(compact_model, pruned)
     if verify:
-        try:
-            with torch.no_grad():
-                got = [compact_model(*b) for b in batches]
-        except Exception as exc:
-            raise VerificationError(
-                f"the compact model failed to run on the example input(s): {first_line(exc)}; this is a bug in "
-                "compactor: please report it with the model (compact(..., mode='drop') or keeping the layer unpruned "
-                "may work around it)"
-            ) from None
-        what = "masked" if mode == "exact" else "masked (dropped constants zeroed)"
-        c = _verify.check(reference, got, what)
-        diff, tol = c.max_abs_diff, c.tolerance
-        if mode == "exact":  # and against the user's own masked model, hooks and all
-            c2 = _verify.check([_run_masked(model, example)], got[:1], what)
-            diff, tol = max(diff, c2.max_abs_diff), min(tol, c2.tolerance)
-        report.max_abs_diff, report.tolerance = diff, tol
-        report.verified_inputs = len(batches)
+        with progress.stage("verifying"):
+            _verify_compact(compact_model, batches, reference, masked_output, mode, report)
     compact_model.compaction_report = report
     return compact_model
+
+
+def _verify_compact(compact_model: nn.Module, batches: list, reference: list, masked_output: Any, mode: str,
+                    report: Report) -> None:
+    """Compare the compact model with the reference outputs; record the result in ``report``."""
+    try:
+        with torch.no_grad():
+            got = [compact_model(*b) for b in batches]
+    except Exception as exc:
+        raise VerificationError(
+            f"the compact model failed to run on the example input(s): {first_line(exc)}; this is a bug in "
+            "compactor: please report it with the model (compact(..., mode='drop') or keeping the layer unpruned "
+            "may work around it)"
+        ) from None
+    what = "masked" if mode == "exact" else "masked (dropped constants zeroed)"
+    c = _verify.check(reference, got, what)
+    diff, tol = c.max_abs_diff, c.tolerance
+    if mode == "exact":  # and against the user's own masked model, hooks and all
+        c2 = _verify.check([masked_output], got[:1], what)
+        diff, tol = max(diff, c2.max_abs_diff), min(tol, c2.tolerance)
+    report.max_abs_diff, report.tolerance = diff, tol
+    report.verified_inputs = len(batches)

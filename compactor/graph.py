@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -293,7 +293,8 @@ def _op_words(name: str) -> str:
     return "".join(out)
 
 
-def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple[list[Group], dict[str, str]]:
+def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
+          check: Callable[[], None] = lambda: None) -> tuple[list[Group], dict[str, str]]:
     """Trace ``model`` (a copy the caller owns: tracing switches it to eval) and list its channel groups.
 
     Every conv, linear and embedding output starts a group; a layer already
@@ -301,6 +302,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple[lis
     traced indices do not fit its tensor, or that maps one channel to two roots, is
     "blocked" (its group is kept and reported), never an error. Also returns, for each
     conv whose output feeds one BatchNorm and nothing else, that BatchNorm's name.
+    ``check`` is called before each group (it may raise to stop a long trace).
     """
     with warnings.catch_warnings(), torch.enable_grad():
         warnings.simplefilter("ignore")
@@ -316,6 +318,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple[lis
         for m in list(DG.module2node):
             if not isinstance(m, roots) or m in visited or m in ignored:
                 continue
+            check()
             pruner = DG.get_pruner_of_module(m)
             n = pruner.get_out_channels(m) if pruner is not None else None
             if not n:

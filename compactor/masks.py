@@ -17,7 +17,7 @@ from torch.nn.utils import prune
 from . import files
 from .errors import MaskLoadError
 
-__all__ = ["PrunedTensor", "pruned_tensors", "clone", "bake", "load_pruned"]
+__all__ = ["PrunedTensor", "pruned_tensors", "clone", "bake", "bake_", "load_pruned"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,18 @@ def bake(model: nn.Module) -> nn.Module:
         for key in [k for k, h in module._forward_pre_hooks.items() if h is None]:
             del module._forward_pre_hooks[key]
     return baked
+
+
+def bake_(model: nn.Module) -> nn.Module:
+    """Make every mask of ``model`` permanent in place, as ``prune.remove`` does; returns ``model``.
+
+    Each masked tensor becomes ``orig * mask`` and its ``*_orig``, ``*_mask`` and hook go,
+    one tensor at a time, so the model never holds more than it did.
+    """
+    for module in model.modules():
+        for hook in list(_pruning_hooks(module)):
+            prune.remove(module, hook._tensor_name)
+    return model
 
 
 StateSource = Union[str, os.PathLike, Mapping[str, torch.Tensor]]

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from . import graph, probe
 from .errors import CompactionError
+from .progress import Progress
 
 __all__ = ["Mode", "Cut", "Fold", "GroupNote", "Plan", "Ledger", "make_plan", "select", "settle", "place_folds",
            "cut_layers", "dead_rows", "zero_columns"]
@@ -298,7 +299,8 @@ def restrict_grouped(ledger: Ledger) -> None:
                         f"grouped conv {', '.join(names)}: only whole groups (inputs and outputs) can go")
 
 
-def check_mapping(ledger: Ledger, work: nn.Module, batch: tuple, probed: set[int]) -> None:
+def check_mapping(ledger: Ledger, work: nn.Module, batch: tuple, probed: set[int],
+                  check: Callable[[], None] = lambda: None) -> None:
     """Keep the channels of every group (not yet probed) whose traced mapping does not hold on the model.
 
     Groups whose channels pass only through convs, BatchNorm and per-channel ops that keep
@@ -310,8 +312,11 @@ def check_mapping(ledger: Ledger, work: nn.Module, batch: tuple, probed: set[int
         return
     good = set(active)
     if any(_probe_fails(ledger.groups, work, active, batch)):
-        good = {gi for gi, roots in active.items()  # find the culprits one group at a time
-                if not any(_probe_fails(ledger.groups, work, {gi: roots}, batch))}
+        good = set()
+        for gi, roots in active.items():  # find the culprits one group at a time
+            check()
+            if not any(_probe_fails(ledger.groups, work, {gi: roots}, batch)):
+                good.add(gi)
     for gi in active:
         probed.add(gi)
         if gi not in good:
@@ -366,13 +371,14 @@ def round_widths(ledger: Ledger, round_to: int) -> None:
 
 
 def settle(ledger: Ledger, work: nn.Module, batch: tuple, stats: Mapping[str, probe.ChannelStats], *,
-           mode: Mode, round_to: Optional[int]) -> None:
-    """Apply the checks until none of them takes another channel out."""
+           mode: Mode, round_to: Optional[int], check: Callable[[], None] = lambda: None) -> None:
+    """Apply the checks until none of them takes another channel out (``check`` may stop a long run)."""
     restrict_grouped(ledger)
     probed: set[int] = set()
     while True:
+        check()
         before = ledger.sizes()
-        check_mapping(ledger, work, batch, probed)
+        check_mapping(ledger, work, batch, probed, check)
         if mode == "exact":
             check_constant(ledger, stats)
         if round_to:
@@ -475,27 +481,32 @@ def cut_layers(ledger: Ledger) -> dict[str, Cut]:
 # --------------------------------------------------------------------------- all stages
 
 
-def make_plan(work: nn.Module, batches: Sequence[tuple], *, mode: Mode = "exact",
-              round_to: Optional[int] = None) -> tuple[Plan, probe.Measurements]:
+def make_plan(work: nn.Module, batches: Sequence[tuple], *, mode: Mode = "exact", round_to: Optional[int] = None,
+              progress: Optional[Progress] = None) -> tuple[Plan, probe.Measurements]:
     """Plan the compaction of ``work`` (a baked copy in eval mode).
 
     Returns the plan and what the instrumented forwards measured (outputs of the baked
     model per batch, MACs per layer).
     """
-    with probe.recording(work) as first:  # the trace's forward is the first batch's measurement too
-        groups, bn_pairs = graph.trace(work, batches[0])
-    ledger = select(groups, _tied_layers(work))
-    watch: dict[str, list[int]] = {}
-    if mode == "exact":
-        for gi, rset in ledger.cand.items():
-            for it, local in _folded_inputs(ledger, gi, rset):
-                watch.setdefault(it.name, []).extend(local)
-    measured = probe.measure(work, watch, batches, bn_pairs, first=first)
-    del first
-    settle(ledger, work, batches[0], measured.stats, mode=mode, round_to=round_to)
+    progress = progress or Progress(enabled=False)
+    with progress.stage("tracing the channel dependencies"):
+        with probe.recording(work) as first:  # the trace's forward is the first batch's measurement too
+            groups, bn_pairs = graph.trace(work, batches[0], check=progress.check)
+        ledger = select(groups, _tied_layers(work))
+    with progress.stage(f"measuring channels on {len(batches)} input(s)"):
+        watch: dict[str, list[int]] = {}
+        if mode == "exact":
+            for gi, rset in ledger.cand.items():
+                for it, local in _folded_inputs(ledger, gi, rset):
+                    watch.setdefault(it.name, []).extend(local)
+        measured = probe.measure(work, watch, batches, bn_pairs, first=first)
+        del first
+    with progress.stage("checking the candidate channels"):
+        settle(ledger, work, batches[0], measured.stats, mode=mode, round_to=round_to, check=progress.check)
     modules = dict(work.named_modules())
-    folds, dropped = place_folds(ledger, modules, measured.stats, measured.bn_pairs, mode)
-    cuts = cut_layers(ledger)
+    with progress.stage("planning folds and cuts"):
+        folds, dropped = place_folds(ledger, modules, measured.stats, measured.bn_pairs, mode)
+        cuts = cut_layers(ledger)
     plan = Plan(mode=mode, round_to=round_to, cuts=MappingProxyType(cuts), folds=folds, notes=tuple(ledger.notes),
                 dropped=MappingProxyType(dropped), any_masked=ledger.any_masked)
     return plan, measured

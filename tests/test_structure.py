@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(compactor.__file__).parent
 
 # Each module may import only modules listed before it.
 ORDER = [
-    "errors", "tensors", "timing", "files",            # base: no pipeline knowledge
+    "errors", "tensors", "timing", "progress", "files",            # base: no pipeline knowledge
     "layers", "masks", "graph", "probe", "planner", "fold", "report", "verify",  # the pipeline
     "api", "saving", "export",                          # what users call
     "demo", "testing", "bench", "cli",                  # built on all of the above

@@ -1,0 +1,87 @@
+"""compact() / plan() options: inplace, progress, time_limit; errors name their real cause."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+import compactor
+from compactor import graph
+from compactor.errors import CompactionError
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    mask = torch.ones(6, 4)
+    mask[[1, 4]] = 0
+    prune.custom_from_mask(net[0], "weight", mask)
+    return net
+
+
+def test_inplace_turns_the_model_itself_into_the_compact_model():
+    """inplace=True: the same object comes back, rows 1 and 4 gone, no masks left, outputs as masked."""
+    net = _net()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = net(x)
+    params_before = sum(p.numel() for n, p in net.named_parameters())  # weight_orig: the dense size
+    small = compactor.compact(net, x, inplace=True)
+    assert small is net
+    assert small[0].weight.shape == (4, 4) and small[2].weight.shape == (3, 4)
+    assert not hasattr(small[0], "weight_mask") and not small[0]._forward_pre_hooks
+    torch.testing.assert_close(small(x), expected)
+    assert sum(p.numel() for p in small.parameters()) < params_before
+    assert compactor.report_of(small).max_abs_diff <= compactor.report_of(small).tolerance
+
+
+def test_inplace_false_leaves_the_model_masked():
+    """The default copies: the user's model keeps its masks and shapes."""
+    net = _net()
+    compactor.compact(net, torch.randn(5, 4))
+    assert net[0].weight.shape == (6, 4) and hasattr(net[0], "weight_mask")
+
+
+def test_progress_names_each_stage(capsys):
+    """progress=True prints one line per stage, on standard error."""
+    compactor.compact(_net(), torch.randn(5, 4), progress=True)
+    err = capsys.readouterr().err
+    for stage in ("reading the masks", "tracing the channel dependencies", "measuring channels on 3 input(s)",
+                  "building the compact model", "verifying"):
+        assert f"compactor: {stage}:" in err
+
+
+def test_progress_is_quiet_on_a_fast_run(capsys):
+    """The default prints nothing when compaction takes less than 2 s."""
+    compactor.compact(_net(), torch.randn(5, 4))
+    assert capsys.readouterr().err == ""
+
+
+def test_time_limit_stops_with_the_stage_it_was_in():
+    """time_limit too small for the run: a CompactionError saying where it stopped and what to do."""
+    with pytest.raises(CompactionError, match=r"stopped after .* while reading the masks \(time_limit=1e-09 s\)"):
+        compactor.compact(_net(), torch.randn(5, 4), time_limit=1e-9)
+    with pytest.raises(ValueError, match="time_limit=-1"):
+        compactor.plan(_net(), torch.randn(5, 4), time_limit=-1)
+
+
+def test_running_out_of_memory_while_tracing_says_so(monkeypatch):
+    """A MemoryError inside planning is reported as memory, not blamed on the inputs."""
+    def exhausted(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(graph, "trace", exhausted)
+    with pytest.raises(CompactionError, match="ran out of memory while tracing the channel dependencies"):
+        compactor.compact(_net(), torch.randn(5, 4))
+
+
+def test_a_tracer_failure_names_the_model_and_the_cause(monkeypatch):
+    """Any other failure inside tracing: 'could not trace <Model>' with the cause's first line."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("a shape the tracer did not expect\nmore detail")
+
+    monkeypatch.setattr(graph, "trace", broken)
+    with pytest.raises(CompactionError, match="could not trace Sequential .*: a shape the tracer did not expect$"):
+        compactor.compact(_net(), torch.randn(5, 4))
