@@ -29,6 +29,8 @@ from torch_pruning import ops as tp_ops
 from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import index_mapping, shape_infer
 
+from .tensors import flatten_outputs
+
 __all__ = ["Item", "Group", "trace"]
 
 # Autograd functions that act on each channel on its own, so a channel that is
@@ -166,17 +168,28 @@ def _classify(node, handler, DG) -> tuple[str, str, str, int]:
 _PAIR_BUDGET = 250_000  # (index, root) pairs one group may reach before its mapping counts as not understood
 
 
-def _build(model: nn.Module, example_inputs: Sequence) -> tuple[Any, dict[Any, str]]:
+def _build(model: nn.Module, example_inputs: Sequence) -> tuple[Any, dict[Any, str], set]:
     """torch-pruning's ``build_dependency``, one step at a time: a node whose index mapping
-    cannot be worked out is recorded (node -> why) instead of failing the whole trace."""
+    cannot be worked out is recorded (node -> why) instead of failing the whole trace.
+    Also returns the nodes whose tensors the model returns (used further inside or not)."""
     DG = tp.DependencyGraph()
     DG.verbose = False
     DG.model = model
     DG._module2name = {m: n for n, m in model.named_modules()}
     DG.ignored_params = []
     DG._param_to_name, DG.unwrapped_parameters = DG._detect_unwrapped_parameters(None)
-    DG.module2node = DG._trace(model, tuple(example_inputs), None, output_transform=None)
+    returned: set = set()
+
+    def outputs(mod: nn.Module, args: tuple, out: Any) -> None:
+        returned.update(t.grad_fn for t in flatten_outputs(out) if t.grad_fn is not None)
+
+    hook = model.register_forward_hook(outputs)
+    try:
+        DG.module2node = DG._trace(model, tuple(example_inputs), None, output_transform=None)
+    finally:
+        hook.remove()
     DG._build_dependency(DG.module2node)
+    output_nodes = {n for n in DG.module2node.values() if n.grad_fn in returned}
     broken: dict[Any, str] = {}
     try:
         shape_infer.init_shape_information(DG)
@@ -196,7 +209,7 @@ def _build(model: nn.Module, example_inputs: Sequence) -> tuple[Any, dict[Any, s
                 update(DG, node)
             except Exception as exc:
                 broken[node] = f"channel mapping not understood ({type(exc).__name__}: {exc})"
-    return DG, broken
+    return DG, broken, output_nodes
 
 
 def _closure(DG: Any, module: nn.Module, fn: Any, n: int, names: dict) -> tuple[dict[tuple, tuple[Any, set]], str]:
@@ -306,7 +319,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
     """
     with warnings.catch_warnings(), torch.enable_grad():
         warnings.simplefilter("ignore")
-        DG, broken = _build(model, example_inputs)
+        DG, broken, output_nodes = _build(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
     names.update({p: n for n, p in model.named_parameters()})
     groups = []
@@ -326,7 +339,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
             fn = pruner.prune_out_channels
             if isinstance(m, _CONV) and m.groups == m.out_channels and m.out_channels > 1:
                 fn = tp.function.prune_depthwise_conv_out_channels  # as torch-pruning does for a depthwise root
-            group = _group(DG, m, fn, n, names, broken)
+            group = _group(DG, m, fn, n, names, broken, output_nodes)
             groups.append(group)
             if not group.unclear:  # else its layers may still start groups of their own
                 visited.update(it.module for it in group.items if it.role in ("out", "dw", "gout"))
@@ -343,7 +356,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
 _NOT_UNDERSTOOD = "the traced channel mapping"
 
 
-def _group(DG: Any, module: nn.Module, fn: Any, n: int, names: dict, broken: dict) -> Group:
+def _group(DG: Any, module: nn.Module, fn: Any, n: int, names: dict, broken: dict, output_nodes: set) -> Group:
     group = Group(root=names.get(module, DG.module2node[module].name), size=n)
     reached, problem = _closure(DG, module, fn, n, names)
     if problem:
@@ -373,7 +386,7 @@ def _group(DG: Any, module: nn.Module, fn: Any, n: int, names: dict, broken: dic
         if unclear:
             role, reason = "blocked", unclear
             group.unclear = group.unclear or f"{unclear}; kept"
-        if not node.outputs and role != "in":
+        if role != "in" and (not node.outputs or node in output_nodes):  # returned, maybe also used further
             group.reaches_output = True
         group.items.append(Item(name, node.module, role, idxs, root_idxs, op, reason, dim))
     return group

@@ -519,3 +519,30 @@ def test_restrict_grouped_then_cut_layers_on_a_ledger():
                     "2": Cut(name="2", out=(0, 1, 2), inputs=(0, 1), why="weight rows all zero"),
                     "4": Cut(name="4", inputs=(0, 1, 2), why="follows 2")}
     assert sorted(n.status for n in ledger.notes) == ["kept", "removed", "removed"]
+
+
+def test_channels_of_a_returned_tensor_also_used_further_are_kept():
+    """A detection-style head returns feat = relu(bn(a(x))) *and* feeds it to b: a's masked rows are part
+    of the model's output, so they stay (the output keeps its shape), though the path is plain conv/BN/ReLU."""
+
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            feat = torch.relu(self.bn(self.a(x)))
+            return [feat, self.b(feat)]
+
+    torch.manual_seed(0)
+    m = TwoOutputs().eval()
+    mask = torch.ones_like(m.a.weight)
+    mask[[1, 4]] = 0
+    prune.custom_from_mask(m.a, "weight", mask)
+    x = torch.randn(2, 3, 8, 8)
+    small = compactor.compact(m, x)
+    assert small.a.out_channels == 6
+    for got, want in zip(small(x), m(x)):
+        torch.testing.assert_close(got, want)
+    notes = compactor.report_of(small).groups
+    assert any(n.status == "kept" and n.channels == [1, 4] and "model's output" in n.reason for n in notes)
