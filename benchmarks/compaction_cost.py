@@ -9,7 +9,8 @@ size's alone: the kernel's peak-RSS counter (VmHWM) is reset just before compact
 read just after it (ru_maxrss when the reset is not allowed), so the number is the peak
 *during compaction* with the model loaded. The bound checked per row: the extra memory
 compact() takes is at most 2 x the model's fp32 size plus one forward's activations
-(measured as an autograd forward of the masked model, which keeps them all).
+(measured as an autograd forward of the masked model, which keeps them all) plus a fixed
+allowance for what the runtime takes on first use whatever the model (``ALLOWANCE_MB``).
 
 The timing row: torchvision ResNet-50, 224 x 224, a batch of 1, bottleneck conv1 / conv2
 masked 50 %, one thread, the median of 5 compact() calls (a garbage collection between
@@ -40,6 +41,10 @@ import common  # noqa: E402
 from common import bench  # noqa: E402
 
 _MARK = "COMPACTION_COST_RESULT "
+
+#: memory the runtime takes on first use whatever the model (allocator caches, the tracer's bookkeeping):
+#: measured 12-15 MB on models of a few kB, 40-60 MB on small CNNs traced at 64 x 64
+ALLOWANCE_MB = 64
 
 
 # --------------------------------------------------------------------------- child: one size
@@ -208,8 +213,8 @@ def child(spec: dict) -> dict:
         "removed_rows": removed,
         "kept_notes": kept[:5],
         "activations_mb": act_mb,
-        "bound_mb": 2 * mb + act_mb,
-        "within_bound": None if act_mb != act_mb else extra_mb <= 2 * mb + act_mb,
+        "bound_mb": 2 * mb + act_mb + ALLOWANCE_MB,
+        "within_bound": None if act_mb != act_mb else extra_mb <= 2 * mb + act_mb + ALLOWANCE_MB,
         "params": dense_params,
         "params_after": report.params_after,
         "model_mb": mb,
@@ -330,7 +335,7 @@ def _third_party_md(rows: list[dict]) -> list[str]:
             ("fp32 size", lambda r: mb(r["model_mb"])),
             ("extra RSS", lambda r: mb(r["extra_mb"])),
             ("activations", lambda r: mb(r.get("activations_mb"))),
-            ("bound 2x size + act.", lambda r: mb(r.get("bound_mb"))),
+            (f"bound 2x size + act. + {ALLOWANCE_MB} MB", lambda r: mb(r.get("bound_mb"))),
             ("within", lambda r: {True: "yes", False: "**no**", None: "-"}[r.get("within_bound")]),
             ("params after", lambda r: f"{r['params_after'] / r['params']:.2f}" if r.get("params_after") else "-"),
             ("masked rows removed", lambda r: f"{r['removed_rows']} of {r['masked_rows']}" if r.get("masked_rows")

@@ -165,7 +165,7 @@ def _classify(node, handler, DG) -> tuple[str, str, str, int]:
     return "blocked", op, f"{op} {what}", 0
 
 
-_PAIR_BUDGET = 250_000  # (index, root) pairs one group may reach before its mapping counts as not understood
+_PAIR_BUDGET = 150_000  # (index, root) pairs one group may reach (~150 bytes each) before it counts as not understood
 
 
 def _build(model: nn.Module, example_inputs: Sequence) -> tuple[Any, dict[Any, str], set]:

@@ -157,7 +157,7 @@ def _handed(rec: Recording, bn_pairs: Mapping[str, str]) -> dict[str, str]:
 
 def measure(model: nn.Module, watch: Mapping[str, Sequence[int]], batches: Sequence[tuple],
             bn_pairs: Optional[Mapping[str, str]] = None, first: Optional[Recording] = None) -> Measurements:
-    """One forward per batch (``first``: the first batch was already recorded), measuring:
+    """One forward per batch (``first``: the first batch was already recorded; its tensors are released), measuring:
 
     - for each consumer in ``watch``, the listed input channels (first value, varied or not);
     - the outputs;
@@ -172,6 +172,10 @@ def measure(model: nn.Module, watch: Mapping[str, Sequence[int]], batches: Seque
     for n, st in stats.items():
         for x in first.inputs.get(n, []):
             st.update(modules[n], x)
+    bn_checked = _handed(first, bn_pairs or {})
+    first.inputs.clear()  # the first batch's activations are no longer needed: free them before the next forward
+    first.outputs_of.clear()
+    first.bn_inputs.clear()
     hooks = [modules[n].register_forward_pre_hook(lambda mod, args, _s=st: _s.update(mod, args[0]))
              for n, st in stats.items()]
     outputs = [first.output]
@@ -182,7 +186,7 @@ def measure(model: nn.Module, watch: Mapping[str, Sequence[int]], batches: Seque
     finally:
         for h in hooks:
             h.remove()
-    return Measurements(stats, outputs, dict(first.macs), _handed(first, bn_pairs or {}))
+    return Measurements(stats, outputs, dict(first.macs), bn_checked)
 
 
 def count_macs(model: nn.Module, inputs: tuple) -> dict[str, int]:
