@@ -20,7 +20,7 @@ from torch.nn.utils import prune
 ISSUE_9 = ("tv:shufflenet_v2_x0_5", "yolo:yolov8n", "hf:t5", "yolo:yolo11n", "tv:swin_t", "timm:rexnet_100",
            "hf:llama")
 MORE = ("tv:resnet50", "tv:mobilenet_v3_small", "tv:efficientnet_b0", "tv:maxvit_t@224", "timm:regnety_002",
-        "hf:bert", "hf:gpt2")
+        "hf:bert")
 
 _NEEDS = {"tv": "torchvision", "timm": "timm", "yolo": "ultralytics", "hf": "transformers"}
 

@@ -28,13 +28,7 @@ from small_models import COMPACTED, Attention, border_compact, lenet_compact
 ORT_RTOL, ORT_ATOL = 1e-4, 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: one thread, so OpenMP does not spin against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _one_thread() -> ort.SessionOptions:

@@ -2,19 +2,15 @@
 
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 import compactor
 from compactor import fold, masks, planner, tensors
 from compactor.layers import BorderCorrectedConv2d
+from tests.hand_models import mask_rows
 
 EXACT = dict(rtol=0.0, atol=0.0)
 
 
-def _dead_rows(module: nn.Module, rows: list[int]) -> None:
-    mask = torch.ones_like(module.weight)
-    mask[rows] = 0
-    prune.custom_from_mask(module, "weight", mask)
 
 
 def _plan(model: nn.Module, x: torch.Tensor):
@@ -43,7 +39,7 @@ def _linear_pair() -> nn.Module:
     m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
     with torch.no_grad():
         m[0].bias[1] = 0.7
-    _dead_rows(m[0], [1])
+    mask_rows(m[0], [1])
     return m
 
 
@@ -82,7 +78,7 @@ def test_fold_into_a_bias_free_linear_creates_its_bias():
     m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2, bias=False)).eval()
     with torch.no_grad():
         m[0].bias[1] = 0.7
-    _dead_rows(m[0], [1])
+    mask_rows(m[0], [1])
     x = torch.randn(3, 4)
     work, plan = _plan(m, x)
     predicted = fold.new_shapes(work, plan)
@@ -101,8 +97,8 @@ def test_new_shapes_of_a_created_bias_on_a_layer_that_is_also_cut():
     m = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 4, bias=False), nn.ReLU(), nn.Linear(4, 2)).eval()
     with torch.no_grad():
         m[0].bias[1] = 0.6
-    _dead_rows(m[0], [1])
-    _dead_rows(m[2], [2])
+    mask_rows(m[0], [1])
+    mask_rows(m[2], [2])
     x = torch.randn(3, 4)
     work, plan = _plan(m, x)
     predicted = fold.new_shapes(work, plan)
@@ -119,7 +115,7 @@ def _conv_bn(padding: int) -> nn.Module:
         m[0].bias[1] = 0.5
         m[3].running_mean.copy_(torch.tensor([0.2, -0.1]))
         m[3].running_var.copy_(torch.tensor([1.5, 0.8]))
-    _dead_rows(m[0], [1])
+    mask_rows(m[0], [1])
     return m
 
 
@@ -145,7 +141,7 @@ def _padded(bias_free: bool = False) -> nn.Module:
     m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1, bias=not bias_free)).eval()
     with torch.no_grad():
         m[0].bias[1], m[0].bias[2] = 0.5, 0.3
-    _dead_rows(m[0], [1, 2])
+    mask_rows(m[0], [1, 2])
     return m
 
 
@@ -206,8 +202,8 @@ def test_folds_from_two_groups_into_one_consumer_add_up():
     m = Two().eval()
     with torch.no_grad():
         m.a.bias[0], m.b.bias[2] = 0.25, 0.75
-    _dead_rows(m.a, [0])
-    _dead_rows(m.b, [2])
+    mask_rows(m.a, [0])
+    mask_rows(m.b, [2])
     x = torch.randn(3, 4)
     work, plan = _plan(m, x)
     [f] = plan.folds

@@ -5,6 +5,7 @@ from torch import nn
 
 from compactor import graph
 from compactor.demo import LeNet
+from tests.hand_models import Halves, Residual, Scaled
 
 
 def _trace(model: nn.Module, *shape: int):
@@ -124,15 +125,6 @@ def test_layernorm_is_blocked_with_a_reason():
 def test_fixed_channel_slice_is_blocked():
     """h[:, :4] and h[:, 4:]: both slices are 'blocked' ('a fixed slice ...'); r reads local 0..3 = roots 4..7."""
 
-    class Halves(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.l, self.r = nn.Conv2d(3, 8, 3), nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
-
-        def forward(self, x):
-            h = torch.relu(self.conv(x))
-            return self.l(h[:, :4]) + self.r(h[:, 4:])
-
     groups, _ = _trace(Halves(), 1, 3, 6, 6)
     g = _group(groups, "conv")
     blocked = [it for it in g.items if it.role == "blocked"]
@@ -140,15 +132,6 @@ def test_fixed_channel_slice_is_blocked():
     assert all(it.reason == "a fixed slice of the channels keeps them" for it in blocked)
     r = _item(g, "r", "in")
     assert (r.idxs, r.root_idxs) == ([0, 1, 2, 3], [4, 5, 6, 7])
-
-
-class Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
-
-    def forward(self, x):
-        return self.c(torch.relu(self.a(x) + self.b(x)))
 
 
 def test_residual_add_couples_both_producers_in_one_group():
@@ -166,15 +149,6 @@ def test_residual_add_couples_both_producers_in_one_group():
 
 def test_bare_parameter_is_sliced_along_dim_0():
     """b(gamma * relu(a(x))), gamma an nn.Parameter (6,): gamma is a 'slice' item on dim 0 in a's group."""
-
-    class Scaled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
-            self.gamma = nn.Parameter(torch.ones(6))
-
-        def forward(self, x):
-            return self.b(self.gamma * torch.relu(self.a(x)))
 
     m = Scaled()
     groups, _ = _trace(m, 2, 4)

@@ -12,12 +12,7 @@ import compactor
 from compactor import graph, masks, planner, tensors
 from compactor.errors import CompactionError
 from compactor.planner import Cut, GroupNote
-
-
-def _dead_rows(module: nn.Module, rows: list[int]) -> None:
-    mask = torch.ones_like(module.weight)
-    mask[rows] = 0
-    prune.custom_from_mask(module, "weight", mask)
+from tests.hand_models import Halves, Residual, Scaled, Tied, mask_rows
 
 
 def test_channel_gated_by_an_all_ones_integer_mask_is_not_taken_for_a_constant():
@@ -35,7 +30,7 @@ def test_channel_gated_by_an_all_ones_integer_mask_is_not_taken_for_a_constant()
     m = Gated().eval()
     with torch.no_grad():
         m.a.bias.fill_(1.0)
-    _dead_rows(m.a, [0])
+    mask_rows(m.a, [0])
     example = (torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.long))
     small = compactor.compact(m, example)
     other = (torch.randn(2, 5, 4), torch.zeros(2, 5, dtype=torch.long))
@@ -45,19 +40,9 @@ def test_channel_gated_by_an_all_ones_integer_mask_is_not_taken_for_a_constant()
 def test_fixed_channel_slice_keeps_its_channels():
     """h[:, :4] and h[:, 4:] name channels by position: removing channel 1 would shift them."""
 
-    class Halves(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3)
-            self.l, self.r = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
-
-        def forward(self, x):
-            h = torch.relu(self.conv(x))
-            return self.l(h[:, :4]) + self.r(h[:, 4:])
-
     torch.manual_seed(0)
     m = Halves().eval()
-    _dead_rows(m.conv, [1])
+    mask_rows(m.conv, [1])
     x = torch.randn(2, 3, 9, 9)
     small = compactor.compact(m, x)
     torch.testing.assert_close(small(x), m(x))
@@ -80,7 +65,7 @@ def test_batchnorm_mean_fold_skipped_when_the_conv_output_is_also_returned():
     m = TwoHeads().eval()
     with torch.no_grad():
         m.c1.bias.fill_(0.5)
-    _dead_rows(m.c1, [0, 3])
+    mask_rows(m.c1, [0, 3])
     x = torch.randn(2, 3, 5, 5)
     small = compactor.compact(m, x)
     for got, want in zip(small(x), m(x)):
@@ -91,19 +76,9 @@ def test_batchnorm_mean_fold_skipped_when_the_conv_output_is_also_returned():
 def test_tied_weights_are_not_untied():
     """An embedding tied to the output projection: slicing one copy would untie and grow the model."""
 
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.e, self.h = nn.Embedding(10, 6), nn.Linear(6, 6)
-            self.o = nn.Linear(6, 10, bias=False)
-            self.o.weight = self.e.weight
-
-        def forward(self, t):
-            return self.o(torch.relu(self.h(self.e(t))))
-
     torch.manual_seed(0)
     m = Tied().eval()
-    _dead_rows(m.h, [2])
+    mask_rows(m.h, [2])
     t = torch.randint(0, 10, (2, 5))
     small = compactor.compact(m, t)
     torch.testing.assert_close(small(t), m(t))
@@ -129,7 +104,7 @@ def test_reflect_and_replicate_padding_fold_into_the_bias(padding_mode):
     m = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1, padding_mode=padding_mode)).eval()
     with torch.no_grad():
         m[0].bias.fill_(0.3)
-    _dead_rows(m[0], [1, 4])
+    mask_rows(m[0], [1, 4])
     x = torch.randn(2, 3, 10, 10)
     small = compactor.compact(m, x)
     assert small[2].in_channels == 4 and type(small[2]) is nn.Conv2d
@@ -151,7 +126,7 @@ def test_output_types_that_cannot_be_compared_are_refused():
             return Out(self.b(torch.relu(self.a(x))))
 
     m = M().eval()
-    _dead_rows(m.a, [0])
+    mask_rows(m.a, [0])
     with pytest.raises(compactor.CompactionError, match="return a tensor, or a tuple"):
         compactor.compact(m, torch.randn(2, 4))
 
@@ -180,20 +155,11 @@ def _mlp(hidden: int = 6, out: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, out)).eval()
 
 
-class _Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
-
-    def forward(self, x):
-        return self.c(torch.relu(self.a(x) + self.b(x)))
-
-
 def test_residual_masked_in_one_producer_only_is_partial_and_kept():
     """a(x) + b(x) with row 1 of a masked, b unmasked: channel 1 is not constant, so the note says 'partial', no cut."""
     torch.manual_seed(0)
-    m = _Residual().eval()
-    _dead_rows(m.a, [1])
+    m = Residual().eval()
+    mask_rows(m.a, [1])
     _, plan = _plan(m, torch.randn(2, 3, 5, 5))
     assert plan.notes == (GroupNote(layers=["a", "b", "c"], channels=[1], status="partial",
                                     reason="masked in some but not all of the layers that compute or read them; kept"),)
@@ -204,9 +170,9 @@ def test_residual_masked_in_one_producer_only_is_partial_and_kept():
 def test_residual_masked_in_both_producers_is_removed_from_a_b_and_c():
     """a(x) + b(x) with row 1 masked in both: a and b lose output 1, c loses input 1 and takes the constant in its bias."""
     torch.manual_seed(0)
-    m = _Residual().eval()
-    _dead_rows(m.a, [1])
-    _dead_rows(m.b, [1])
+    m = Residual().eval()
+    mask_rows(m.a, [1])
+    mask_rows(m.b, [1])
     x = torch.randn(2, 3, 5, 5)
     _, plan = _plan(m, x)
     assert plan.cuts["a"] == Cut(name="a", out=(1,), why="weight rows all zero")
@@ -225,7 +191,7 @@ def test_residual_masked_in_both_producers_is_removed_from_a_b_and_c():
 def test_output_layer_rows_are_kept_as_the_models_output():
     """Row 1 of the last Linear masked: its output is the model's output, so it is kept with that reason."""
     m = _mlp()
-    _dead_rows(m[2], [1])
+    mask_rows(m[2], [1])
     _, plan = _plan(m, torch.randn(2, 4))
     assert plan.notes == (GroupNote(layers=["2"], channels=[1], status="kept",
                                     reason="these channels are the model's output"),)
@@ -236,7 +202,7 @@ def test_layernorm_normalized_stream_is_kept_with_the_layernorm_reason():
     """Linear -> LayerNorm -> Linear, row 1 masked: LayerNorm mixes channels, so channel 1 is kept, the note names it."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2)).eval()
-    _dead_rows(m[0], [1])
+    mask_rows(m[0], [1])
     _, plan = _plan(m, torch.randn(2, 4))
     assert plan.notes == (GroupNote(layers=["0", "2"], channels=[1], status="kept",
                                     reason="1: LayerNorm normalizes across channels"),)
@@ -246,7 +212,7 @@ def test_layernorm_normalized_stream_is_kept_with_the_layernorm_reason():
 def test_round_to_keeps_the_highest_masked_channel_to_reach_a_multiple():
     """8 wide, 5 masked, round_to=4: width 3 rounds up to 4, so the highest masked channel (7) is kept, 4 go."""
     m = _mlp(hidden=8)
-    _dead_rows(m[0], [1, 3, 4, 6, 7])
+    mask_rows(m[0], [1, 3, 4, 6, 7])
     _, plan = _plan(m, torch.randn(2, 4), round_to=4)
     assert plan.cuts["0"].out == (1, 3, 4, 6) and plan.cuts["2"].inputs == (1, 3, 4, 6)
     kept = [n for n in plan.notes if n.status == "kept"]
@@ -258,7 +224,7 @@ def test_round_to_keeps_the_highest_masked_channel_to_reach_a_multiple():
 def test_round_to_keeps_every_masked_channel_when_the_next_multiple_is_the_full_width():
     """8 wide, 3 masked, round_to=4: width 5 rounds up to 8, so all 3 masked channels are kept."""
     m = _mlp(hidden=8)
-    _dead_rows(m[0], [1, 4, 6])
+    mask_rows(m[0], [1, 4, 6])
     _, plan = _plan(m, torch.randn(2, 4), round_to=4)
     assert dict(plan.cuts) == {}
     assert plan.notes == (GroupNote(layers=["0", "2"], channels=[1, 4, 6], status="kept",
@@ -268,7 +234,7 @@ def test_round_to_keeps_every_masked_channel_when_the_next_multiple_is_the_full_
 def test_round_widths_stage_on_a_ledger():
     """select() makes rows 1,3,4,6,7 of 8 candidates; round_widths(ledger, 4) takes back 7 only, with a note."""
     m = _mlp(hidden=8)
-    _dead_rows(m[0], [1, 3, 4, 6, 7])
+    mask_rows(m[0], [1, 3, 4, 6, 7])
     work = masks.bake(m).eval()
     groups, _ = graph.trace(work, (torch.randn(2, 4),))
     ledger = planner.select(groups, set())
@@ -296,8 +262,8 @@ def test_grouped_conv_removes_a_whole_group_and_keeps_a_partial_one():
     """groups=2 conv (4 -> 6, 2 inputs / 3 outputs per group): inputs 0,1 and outputs 0,1,2 masked go (group 0);
     input 2 masked alone is half of group 1, so it is kept with the grouped-conv note."""
     m = _grouped()
-    _dead_rows(m[0], [0, 1, 2])
-    _dead_rows(m[2], [0, 1, 2])
+    mask_rows(m[0], [0, 1, 2])
+    mask_rows(m[2], [0, 1, 2])
     x = torch.randn(2, 3, 8, 8)
     _, plan = _plan(m, x)
     assert plan.cuts["0"].out == (0, 1)
@@ -314,7 +280,7 @@ def test_grouped_conv_removes_a_whole_group_and_keeps_a_partial_one():
 def test_grouped_conv_outputs_masked_without_their_inputs_are_kept():
     """Outputs 0..3 of the groups=2 conv masked, its inputs not: no whole group (inputs and outputs) is masked."""
     m = _grouped()
-    _dead_rows(m[2], [0, 1, 2, 3])
+    mask_rows(m[2], [0, 1, 2, 3])
     _, plan = _plan(m, torch.randn(2, 3, 8, 8))
     assert dict(plan.cuts) == {}
     assert [(n.channels, n.status, n.reason) for n in plan.notes] == [
@@ -324,7 +290,7 @@ def test_grouped_conv_outputs_masked_without_their_inputs_are_kept():
 def test_note_on_grouped_conv_outputs_names_the_grouped_conv():
     """Outputs 0..3 of grouped conv '2' kept: the note (printed 'kept: <layers> channels ...') names layer '2'."""
     m = _grouped()
-    _dead_rows(m[2], [0, 1, 2, 3])
+    mask_rows(m[2], [0, 1, 2, 3])
     _, plan = _plan(m, torch.randn(2, 3, 8, 8))
     [note] = plan.notes
     assert "2" in note.layers
@@ -333,19 +299,9 @@ def test_note_on_grouped_conv_outputs_names_the_grouped_conv():
 def test_tied_weights_keep_the_channels_with_a_note():
     """h's row 2 feeds o, whose weight is the embedding's: the channel is kept, the note says slicing would untie."""
 
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.e, self.h = nn.Embedding(10, 6), nn.Linear(6, 6)
-            self.o = nn.Linear(6, 10, bias=False)
-            self.o.weight = self.e.weight
-
-        def forward(self, t):
-            return self.o(torch.relu(self.h(self.e(t))))
-
     torch.manual_seed(0)
     m = Tied().eval()
-    _dead_rows(m.h, [2])
+    mask_rows(m.h, [2])
     work = masks.bake(m).eval()
     assert planner._tied_layers(work) == {"e", "o"}
     plan, _ = planner.make_plan(work, tensors.make_batches((torch.randint(0, 10, (2, 5)),), 2))
@@ -357,20 +313,11 @@ def test_tied_weights_keep_the_channels_with_a_note():
 def test_bare_parameter_is_cut_along_its_channel_dim():
     """b(gamma * relu(a(x))), rows 0 and 3 of a masked: gamma (6,) loses entries 0 and 3 on dim 0, b columns 0 and 3."""
 
-    class Scaled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
-            self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 6))
-
-        def forward(self, x):
-            return self.b(self.gamma * torch.relu(self.a(x)))
-
     torch.manual_seed(0)
     m = Scaled().eval()
     with torch.no_grad():
         m.a.bias.fill_(0.4)
-    _dead_rows(m.a, [0, 3])
+    mask_rows(m.a, [0, 3])
     x = torch.randn(3, 4)
     _, plan = _plan(m, x)
     assert plan.cuts["gamma"] == Cut(name="gamma", out=(0, 3), why="follows a", parameter_dim=0)
@@ -387,7 +334,7 @@ def test_bare_parameter_is_cut_along_its_channel_dim():
 def test_plan_is_frozen():
     """Plan, Cut and GroupNote are frozen dataclasses; cuts and dropped are read-only mappings."""
     m = _mlp()
-    _dead_rows(m[0], [1])
+    mask_rows(m[0], [1])
     _, plan = _plan(m, torch.randn(2, 4))
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.mode = "drop"
@@ -407,7 +354,7 @@ def test_drop_mode_lists_the_dropped_inputs_and_folds_nothing():
     m = _mlp()
     with torch.no_grad():
         m[0].bias.fill_(0.5)
-    _dead_rows(m[0], [1, 2])
+    mask_rows(m[0], [1, 2])
     _, drop = _plan(m, torch.randn(2, 4), mode="drop")
     assert drop.mode == "drop" and drop.folds == () and dict(drop.dropped) == {"2": (1, 2)}
     assert drop.cuts["0"].out == (1, 2) and drop.cuts["2"].inputs == (1, 2)
@@ -444,7 +391,7 @@ def test_channel_that_varies_at_zero_padded_pooling_is_kept():
     m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.AvgPool2d(3, 1, padding=1), nn.Conv2d(4, 2, 1)).eval()
     with torch.no_grad():
         m[0].bias.fill_(0.5)
-    _dead_rows(m[0], [1])
+    mask_rows(m[0], [1])
     _, plan = _plan(m, torch.randn(2, 3, 6, 6))
     assert dict(plan.cuts) == {}
     [note] = plan.notes
@@ -467,7 +414,7 @@ def test_channel_shuffle_fails_the_mapping_probe_and_is_kept():
 
     torch.manual_seed(0)
     m = Shuffle().eval()
-    _dead_rows(m.a, [1])
+    mask_rows(m.a, [1])
     _, plan = _plan(m, torch.randn(2, 3, 4, 4))
     assert dict(plan.cuts) == {}
     [note] = plan.notes
@@ -478,7 +425,7 @@ def test_channel_shuffle_fails_the_mapping_probe_and_is_kept():
 def test_select_refuses_a_layer_left_with_no_channel():
     """All 3 rows of the first Linear masked: select() raises CompactionError naming the layer and the count."""
     m = _mlp(hidden=3)
-    _dead_rows(m[0], [0, 1, 2])
+    mask_rows(m[0], [0, 1, 2])
     work = masks.bake(m).eval()
     groups, _ = graph.trace(work, (torch.randn(2, 4),))
     with pytest.raises(CompactionError, match=r"layer '0': the masks remove all 3 of its output channels"):
@@ -504,8 +451,8 @@ def test_restrict_grouped_then_cut_layers_on_a_ledger():
     """select() proposes conv0 rows {0,1,2} and grouped conv2 rows {0,1,2}; restrict_grouped takes back conv0's 2
     (half of conv2's group 1); cut_layers then gives conv0 out (0,1), conv2 out (0,1,2) in (0,1), conv4 in (0,1,2)."""
     m = _grouped()
-    _dead_rows(m[0], [0, 1, 2])
-    _dead_rows(m[2], [0, 1, 2])
+    mask_rows(m[0], [0, 1, 2])
+    mask_rows(m[2], [0, 1, 2])
     work = masks.bake(m).eval()
     groups, _ = graph.trace(work, (torch.randn(1, 3, 8, 8),))
     ledger = planner.select(groups, set())

@@ -8,19 +8,16 @@ from torch.nn.utils import prune
 import compactor
 from compactor import fold, masks, planner, report, tensors
 from compactor.report import LayerRow
+from tests.hand_models import Scaled, Tied, mask_rows
 
 
-def _dead_rows(module: nn.Module, rows: list[int]) -> None:
-    mask = torch.ones_like(module.weight)
-    mask[rows] = 0
-    prune.custom_from_mask(module, "weight", mask)
 
 
 def _mlp() -> nn.Module:
     """Linear(4, 6) -> ReLU -> Linear(6, 2), rows 0 and 3 of the first masked."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
-    _dead_rows(m[0], [0, 3])
+    mask_rows(m[0], [0, 3])
     return m
 
 
@@ -49,7 +46,7 @@ def test_conv_macs_by_hand():
     """Conv2d(1, 4, 3) -> Conv2d(4, 2, 1) on 1x1x6x6, channel 1 masked: MACs 4*16*9 + 2*16*4 = 704 -> 3*16*9 + 2*16*3."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
-    _dead_rows(m[0], [1])
+    mask_rows(m[0], [1])
     r = _built(m, torch.randn(1, 1, 6, 6))
     assert [(row.macs_before, row.macs_after) for row in r.layers] == [(576, 432), (128, 96)]
     assert (r.macs_before, r.macs_after) == (704, 528)
@@ -71,7 +68,7 @@ def test_str_lists_kept_channels_with_their_reason():
     """Row 1 of the output layer masked: 'kept: 2 channels [1]: these channels are the model's output'."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
-    _dead_rows(m[2], [1])
+    mask_rows(m[2], [1])
     r = _built(m, torch.randn(1, 4))
     assert "kept: 2 channels [1]: these channels are the model's output" in str(r).splitlines()
     assert r.params_after == r.params_before and all(row.removed_out == [] for row in r.layers)
@@ -87,18 +84,9 @@ def test_drop_mode_report_has_no_folded_line():
 def test_bare_parameter_gets_its_own_row():
     """gamma (6,) sliced with a's rows 0, 3: a 'Parameter' row 6 -> 4, and gamma counted in the totals."""
 
-    class Scaled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
-            self.gamma = nn.Parameter(torch.ones(6))
-
-        def forward(self, x):
-            return self.b(self.gamma * torch.relu(self.a(x)))
-
     torch.manual_seed(0)
     m = Scaled().eval()
-    _dead_rows(m.a, [0, 3])
+    mask_rows(m.a, [0, 3])
     r = _built(m, torch.randn(1, 4))
     [row] = [row for row in r.layers if row.name == "gamma"]
     assert (row.op, row.shape_before, row.shape_after, row.removed_out) == ("Parameter", (6,), (4,), [0, 3])
@@ -108,16 +96,6 @@ def test_bare_parameter_gets_its_own_row():
 
 def test_layout_counts_a_tied_weight_once():
     """Embedding(10, 6) tied to the output Linear: 60 + 42 parameters, 'o.weight' is an alias, not 60 more."""
-
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.e, self.h = nn.Embedding(10, 6), nn.Linear(6, 6)
-            self.o = nn.Linear(6, 10, bias=False)
-            self.o.weight = self.e.weight
-
-        def forward(self, t):
-            return self.o(torch.relu(self.h(self.e(t))))
 
     lay = report.layout(Tied())
     assert lay.aliases == frozenset({"o.weight"})
@@ -156,7 +134,7 @@ def _scaled_bias_free() -> nn.Module:
 
     torch.manual_seed(0)
     m = M().eval()
-    _dead_rows(m.a, [1, 4])
+    mask_rows(m.a, [1, 4])
     return m
 
 
@@ -166,8 +144,8 @@ def _conv_bn() -> nn.Module:
                       nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
     with torch.no_grad():
         m[0].bias.uniform_(0.1, 0.5)
-    _dead_rows(m[0], [0, 2])
-    _dead_rows(m[2], [3])
+    mask_rows(m[0], [0, 2])
+    mask_rows(m[2], [3])
     return m
 
 
