@@ -5,12 +5,15 @@ from .errors import CompactionError, ExportError, LoadError, MaskLoadError, NoPr
 from .export import ExportReport, export_onnx, export_program
 from .saving import load, save, save_pickle
 from .masks import load_pruned
+from .pruner import PruneReport, prune_channels
 from .report import Report, report_of
 
 __all__ = [
     "compact",
     "plan",
     "load_pruned",
+    "prune_channels",
+    "PruneReport",
     "Report",
     "report_of",
     "export_onnx",

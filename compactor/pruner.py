@@ -1,0 +1,434 @@
+"""``prune_channels``: torch.nn.utils.prune masks that compaction then removes entirely.
+
+Per-layer masks (``prune.ln_structured`` on each layer) rarely agree across coupled
+layers, so compaction must keep most of them. This pruner picks channels per *coupled
+group*, as the dependency graph sees it, and masks every layer that computes them:
+
+- a unit is one channel of a group (every producer's row for it), or, where grouped
+  convs join two groups, one whole conv group: its input channels and its output
+  channels together;
+- a unit's importance is the norm of all its rows over every producer (``"l2"``,
+  ``"l1"``, or a callable);
+- groups compaction must keep are never masked: the model's outputs, tied weights,
+  operations that mix or normalize channels (LayerNorm, attention, fixed slices),
+  mappings compactor does not understand, and the layers in ``ignore``;
+- before touching the model, the chosen masks are checked with a dry run of
+  :func:`compactor.plan`: a unit the planner would keep is left unmasked.
+
+The masks go through ``prune.custom_from_mask``, so they stack with earlier ones,
+survive ``prune.remove``, and save as ``*_orig`` / ``*_mask`` state_dicts.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Literal, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from . import graph, masks, planner
+from .errors import CompactionError
+from .tensors import Inputs, as_inputs, make_batches
+
+__all__ = ["Importance", "GroupPruning", "PruneReport", "prune_channels"]
+
+#: ``"l2"`` / ``"l1"``: the norm of a unit's rows over every producer; or a callable taking those
+#: rows (one tensor per producer, shape (rows, ...)) and returning a score (lower goes first).
+Importance = Union[Literal["l1", "l2"], Callable[[list[torch.Tensor]], float]]
+
+_PRODUCERS = ("out", "dw", "gout")
+Unit = tuple[int, int]  # (group index, root channel)
+
+
+@dataclass(frozen=True)
+class GroupPruning:
+    """What :func:`prune_channels` did to one coupled group (or groups joined by grouped convs)."""
+
+    layers: tuple[str, ...]  # the layers whose rows were masked
+    units: int  # channels (or whole conv groups) in the group
+    masked: int  # of them masked now (already-masked ones included when chosen again)
+    channels: int  # output channels masked, summed over the group's producers
+    score: float  # mean importance of the masked units (before masking)
+
+
+@dataclass
+class PruneReport:
+    """Per coupled group, what was masked; and what was left alone, with why."""
+
+    amount: Union[float, int]
+    scope: str
+    groups: list[GroupPruning] = field(default_factory=list)
+    skipped: list[tuple[tuple[str, ...], str]] = field(default_factory=list)  # (layers, why)
+    dropped: int = 0  # units tried, then left unmasked because compaction would keep them
+
+    def __str__(self) -> str:
+        head = ("group (layers masked)", "units", "masked", "rows masked", "mean score")
+        rows = [head] + [(", ".join(g.layers[:3]) + (" …" if len(g.layers) > 3 else ""), str(g.units),
+                          str(g.masked), str(g.channels), f"{g.score:.3g}") for g in self.groups]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        units = sum(g.units for g in self.groups)
+        masked = sum(g.masked for g in self.groups)
+        lines.append("")
+        lines.append(f"masked {masked} of {units} units in {len(self.groups)} groups (amount={self.amount}, "
+                     f"scope={self.scope}); compact() removes all of them")
+        if self.dropped:
+            lines.append(f"{self.dropped} unit(s) left unmasked: the dry run showed compaction would keep them "
+                         "(others of their group were masked instead where there were any)")
+        for layers, why in self.skipped:
+            lines.append(f"not pruned: {', '.join(layers[:4])}{' …' if len(layers) > 4 else ''}: {why}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- units
+
+
+class _Units:
+    """Union-find over (group, root) pairs: grouped convs join a conv group's inputs and outputs."""
+
+    def __init__(self) -> None:
+        self.parent: dict[Unit, Unit] = {}
+
+    def find(self, u: Unit) -> Unit:
+        self.parent.setdefault(u, u)
+        while self.parent[u] != u:
+            self.parent[u] = self.parent[self.parent[u]]
+            u = self.parent[u]
+        return u
+
+    def union(self, a: Unit, b: Unit) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def components(self) -> dict[Unit, list[Unit]]:
+        out: dict[Unit, list[Unit]] = {}
+        for u in list(self.parent):
+            out.setdefault(self.find(u), []).append(u)
+        return out
+
+
+def _why_not(g: graph.Group, tied: set[str], ignored: set[str]) -> str:
+    if g.unclear:
+        return g.unclear
+    if not any(it.role in _PRODUCERS for it in g.items):
+        return "no layer computes these channels"
+    if g.reaches_output:
+        return "these channels are the model's output"
+    names = {it.name for it in g.items}
+    if names & ignored:
+        return f"{', '.join(sorted(names & ignored))}: in ignore"
+    if names & tied:
+        return f"{', '.join(sorted(names & tied))}: weights tied with another layer"
+    blocked = sorted({f"{it.name}: {it.reason}" for it in g.items if it.role == "blocked"})
+    return "; ".join(blocked)
+
+
+def _units(groups: list[graph.Group], ok: set[int]) -> tuple[list[list[Unit]], set[int]]:
+    """The units (lists of (group, root)) of the eligible groups, and the groups a grouped conv made ineligible."""
+    uf = _Units()
+    for gi in ok:
+        for r in range(groups[gi].size):
+            uf.find((gi, r))
+    blocks: dict[tuple[str, int], list[Unit]] = {}  # (grouped conv, conv group) -> units on either side
+    for gi, g in enumerate(groups):
+        for it in g.items:
+            if it.role in ("gin", "gout"):
+                conv = it.module
+                per = (conv.in_channels if it.role == "gin" else conv.out_channels) // conv.groups
+                for i, r in zip(it.idxs, it.root_idxs):
+                    blocks.setdefault((it.name, i // per), []).append((gi, r))
+    for members in blocks.values():
+        for u in members[1:]:
+            uf.union(members[0], u)
+    bad = set()
+    units = []
+    for comp in uf.components().values():
+        if any(gi not in ok for gi, _ in comp):
+            bad.update(gi for gi, _ in comp)
+            continue
+        units.append(sorted(comp))
+    return [u for u in units if not any(gi in bad for gi, _ in u)], bad
+
+
+def _rows(item: graph.Item, roots: set[int]) -> torch.Tensor:
+    """The weight rows (Embedding: columns) of ``item`` that belong to ``roots``."""
+    local = [i for i, r in zip(item.idxs, item.root_idxs) if r in roots]
+    w = item.module.weight.detach()
+    index = torch.tensor(local, dtype=torch.long, device=w.device)
+    return w.index_select(1, index).t() if isinstance(item.module, nn.Embedding) else w.index_select(0, index)
+
+
+def _score(groups: list[graph.Group], unit: list[Unit], importance: Importance) -> float:
+    rows = []
+    for gi in sorted({gi for gi, _ in unit}):
+        roots = {r for g, r in unit if g == gi}
+        rows += [_rows(it, roots) for it in groups[gi].items if it.role in _PRODUCERS]
+    if callable(importance):
+        return float(importance(rows))
+    if importance == "l1":
+        return float(sum(r.double().abs().sum() for r in rows))
+    return math.sqrt(float(sum(r.double().pow(2).sum() for r in rows)))
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _quota(amount: Union[float, int], n: int) -> int:
+    return int(round(amount * n)) if isinstance(amount, float) else int(amount)
+
+
+def _keep_enough(n: int, k: int, round_to: Optional[int], cap: Optional[float]) -> int:
+    """How many of ``n`` units to mask when asked for ``k``: at least one stays, widths a multiple of round_to."""
+    k = min(k, n - 1)
+    if cap is not None:
+        k = min(k, int(math.floor(cap * n)))
+    if round_to and k > 0:
+        k = n - min(n, -(-(n - k) // round_to) * round_to)
+    return max(k, 0)
+
+
+def _select(clusters: list[list[list[Unit]]], scores: list[list[float]], amount: Union[float, int], scope: str,
+            round_to: Optional[int], cap: Optional[float]) -> list[set[int]]:
+    """Per cluster, the indices of the units to mask (lowest scores first)."""
+    if scope == "local":
+        out = []
+        for units, sc in zip(clusters, scores):
+            k = _keep_enough(len(units), _quota(amount, len(units)), round_to, cap)
+            out.append(set(sorted(range(len(units)), key=lambda i: (sc[i], i))[:k]))
+        return out
+    # global: scores normalized by each cluster's mean, so a layer of small weights is not emptied
+    ranked = []
+    for c, sc in enumerate(scores):
+        mean = sum(sc) / len(sc) if sc else 1.0
+        ranked += [(s / mean if mean > 0 else 0.0, c, i) for i, s in enumerate(sc)]
+    ranked.sort()
+    total = _quota(amount, len(ranked))
+    limit = [_keep_enough(len(u), len(u), round_to, cap if cap is not None else 0.9) for u in clusters]
+    taken: list[set[int]] = [set() for _ in clusters]
+    for _, c, i in ranked:
+        if sum(map(len, taken)) >= total:
+            break
+        if len(taken[c]) < limit[c]:
+            taken[c].add(i)
+    if round_to:  # widths of each cluster a multiple of round_to: give back the highest-scored extras
+        for c, chosen in enumerate(taken):
+            k = _keep_enough(len(clusters[c]), len(chosen), round_to, None)
+            for i in sorted(chosen, key=lambda i: -scores[c][i])[:len(chosen) - k]:
+                chosen.discard(i)
+    return taken
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _masks(groups: list[graph.Group], units: Iterable[list[Unit]]) -> dict[str, torch.Tensor]:
+    """Per producer layer, the boolean rows (Embedding: columns) to mask."""
+    rows: dict[str, torch.Tensor] = {}
+    for unit in units:
+        for gi in {gi for gi, _ in unit}:
+            roots = {r for g, r in unit if g == gi}
+            for it in groups[gi].items:
+                if it.role not in _PRODUCERS:
+                    continue
+                w = it.module.weight
+                n = w.shape[1] if isinstance(it.module, nn.Embedding) else w.shape[0]
+                flags = rows.setdefault(it.name, torch.zeros(n, dtype=torch.bool))
+                for i, r in zip(it.idxs, it.root_idxs):
+                    if r in roots:
+                        flags[i] = True
+    return rows
+
+
+def _mask(module: nn.Module, flags: torch.Tensor) -> torch.Tensor:
+    w = module.weight
+    mask = torch.ones_like(w)
+    if isinstance(module, nn.Embedding):
+        mask[:, flags.to(w.device)] = 0
+    else:
+        mask[flags.to(w.device)] = 0
+    return mask
+
+
+def _apply(model: nn.Module, rows: dict[str, torch.Tensor]) -> None:
+    """Add the masks to ``model`` through torch's own prune API (stacking with earlier masks)."""
+    for name, flags in rows.items():
+        module = model.get_submodule(name)
+        prune.custom_from_mask(module, "weight", _mask(module, flags))
+
+
+def _zero(baked: nn.Module, rows: dict[str, torch.Tensor]) -> None:
+    """Zero the rows in a baked copy, as prune.remove would leave them."""
+    with torch.no_grad():
+        for name, flags in rows.items():
+            module = baked.get_submodule(name)
+            module.weight.mul_(_mask(module, flags))
+
+
+def _removed(groups: list[graph.Group], unit: list[Unit], cuts) -> bool:
+    """Whether the dry run removes every producer row of ``unit``."""
+    for gi in {gi for gi, _ in unit}:
+        roots = {r for g, r in unit if g == gi}
+        for it in groups[gi].items:
+            if it.role in _PRODUCERS:
+                cut = cuts.get(it.name)
+                gone = set(cut.out) if cut else set()
+                if any(r in roots and i not in gone for i, r in zip(it.idxs, it.root_idxs)):
+                    return False
+    return True
+
+
+def _dry_run(work: nn.Module, groups: list[graph.Group], clusters: list[list[list[Unit]]], scores: list[list[float]],
+             chosen: list[set[int]], example: tuple, report: PruneReport, rounds: int = 3) -> set[tuple[int, int]]:
+    """Zero the chosen rows in a copy and plan it; a unit the planner would keep is replaced by the next
+    lowest-scored one of its cluster, for a few rounds. Returns the (cluster, unit) pairs that all go."""
+    wanted = [len(c) for c in chosen]
+    accepted: set[tuple[int, int]] = set()
+    tried: set[tuple[int, int]] = set()
+    todo = {(c, i) for c, idx in enumerate(chosen) for i in idx}
+    batches = make_batches(example, 2)
+    for _ in range(rounds):
+        if not todo:
+            break
+        tried |= todo
+        trial = copy.deepcopy(work)
+        _zero(trial, _masks(groups, [clusters[c][i] for c, i in accepted | todo]))
+        try:
+            the_plan, _ = planner.make_plan(trial, batches)
+        except CompactionError as exc:
+            raise CompactionError(f"prune_channels: the chosen masks could not be planned ({exc}); "
+                                  "lower amount, or pass the failing layers in ignore") from None
+        for c, i in accepted | todo:
+            (accepted.add if _removed(groups, clusters[c][i], the_plan.cuts) else accepted.discard)((c, i))
+        todo = set()
+        for c, want in enumerate(wanted):
+            have = sum(1 for cc, _ in accepted if cc == c)
+            spare = sorted((i for i in range(len(clusters[c])) if (c, i) not in tried), key=lambda i: (scores[c][i], i))
+            todo |= {(c, i) for i in spare[:want - have]}
+    report.dropped = len(tried - accepted)
+    return accepted
+
+
+# --------------------------------------------------------------------------- the function
+
+
+def _check_args(amount, importance, scope, round_to, max_amount) -> None:
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or (
+            isinstance(amount, float) and not 0.0 <= amount < 1.0) or (isinstance(amount, int) and amount < 0):
+        raise ValueError(f"prune_channels: amount={amount!r} should be a float in [0, 1) or a non-negative integer")
+    if not (callable(importance) or importance in ("l1", "l2")):
+        raise ValueError(f"prune_channels: importance={importance!r} should be 'l2', 'l1' or a callable")
+    if scope not in ("local", "global"):
+        raise ValueError(f"prune_channels: scope={scope!r} should be 'local' or 'global'")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"prune_channels: round_to={round_to!r} should be a positive integer or None")
+    if max_amount is not None and not (isinstance(max_amount, (int, float)) and 0 < max_amount <= 1):
+        raise ValueError(f"prune_channels: max_amount={max_amount!r} should be a fraction in (0, 1] or None")
+
+
+def _names(model: nn.Module, ignore: Sequence[Union[str, nn.Module]]) -> set[str]:
+    by_module = {m: n for n, m in model.named_modules()}
+    out = set()
+    for x in ignore:
+        if isinstance(x, nn.Module):
+            if x not in by_module:
+                raise ValueError(f"prune_channels: ignore holds a {type(x).__name__} that is not part of the model")
+            prefix = by_module[x]
+        elif isinstance(x, str):
+            if x not in dict(model.named_modules()):
+                raise ValueError(f"prune_channels: ignore names '{x}', which the model does not have")
+            prefix = x
+        else:
+            raise TypeError(f"prune_channels: ignore takes layer names or modules, got {type(x).__name__}")
+        out.update(n for n in by_module.values() if n == prefix or n.startswith(prefix + ".") or not prefix)
+    return out
+
+
+def prune_channels(
+    model: nn.Module,
+    example_inputs: Inputs,
+    amount: Union[float, int],
+    *,
+    importance: Importance = "l2",
+    scope: Literal["local", "global"] = "local",
+    round_to: Optional[int] = None,
+    ignore: Sequence[Union[str, nn.Module]] = (),
+    max_amount: Optional[float] = None,
+) -> PruneReport:
+    """Mask whole coupled channel groups of ``model`` in place, so that :func:`compactor.compact` removes them all.
+
+    Like torch's own prune functions, this adds ``torch.nn.utils.prune`` masks (stacking with
+    earlier ones); fine-tune with them on, then compact.
+
+    Args:
+        model: the model to prune (modified in place: masks added).
+        example_inputs: a tensor or tuple of positional inputs, to trace the model.
+        amount: a fraction in [0, 1) of each group's units (``scope="local"``) or of all units
+            (``"global"``), or a count, as in torch's prune functions.
+        importance: ``"l2"`` / ``"l1"`` norm of a unit's rows over all its producers, or a callable
+            taking those rows (a list of tensors) and returning a score; low scores go first.
+        scope: ``"local"`` masks ``amount`` of every group; ``"global"`` ranks units across groups,
+            each group's scores divided by their mean so no group of small weights is emptied.
+        round_to: leave each group's width a multiple of this.
+        ignore: layers (names or modules; a module covers its children) never to mask, nor
+            anything coupled with them.
+        max_amount: at most this fraction of any one group (default for ``"global"``: 0.9).
+            Every group keeps at least one unit.
+
+    Returns:
+        A :class:`PruneReport`: per group, its units, how many were masked and their score.
+
+    Example:
+        >>> import torch, compactor
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                           torch.nn.Conv2d(8, 4, 3)).eval()
+        >>> report = compactor.prune_channels(net, torch.randn(2, 3, 8, 8), 0.5)
+        >>> int(net[0].weight_mask.flatten(1).any(1).sum())  # 4 of conv0's 8 rows masked
+        4
+        >>> compactor.compact(net, torch.randn(2, 3, 8, 8))[0].out_channels
+        4
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prune_channels expects a torch.nn.Module, got {type(model).__name__}")
+    _check_args(amount, importance, scope, round_to, max_amount)
+    example = as_inputs(example_inputs, who="prune_channels")
+    ignored = _names(model, ignore)
+    work = masks.bake(model).eval()
+    groups, _ = graph.trace(work, example)
+    tied = planner._tied_layers(work)
+    report = PruneReport(amount=amount, scope=scope)
+    ok = set()
+    for gi, g in enumerate(groups):
+        why = _why_not(g, tied, ignored)
+        if why:
+            if any(it.role in _PRODUCERS for it in g.items) and not g.reaches_output:
+                report.skipped.append((tuple(g.layers()), why))
+        else:
+            ok.add(gi)
+    units, spoiled = _units(groups, ok)
+    for gi in sorted(spoiled & ok):
+        report.skipped.append((tuple(groups[gi].layers()),
+                               "its grouped convs also read or write channels that cannot be pruned"))
+    # clusters: units of the same group(s) compete with each other
+    by_groups: dict[tuple[int, ...], list[list[Unit]]] = {}
+    for unit in units:
+        by_groups.setdefault(tuple(sorted({gi for gi, _ in unit})), []).append(unit)
+    keys = sorted(by_groups)
+    clusters = [by_groups[k] for k in keys]
+    scores = [[_score(groups, u, importance) for u in c] for c in clusters]
+    chosen = _select(clusters, scores, amount, scope, round_to, max_amount)
+    picked = _dry_run(work, groups, clusters, scores, chosen, example, report)
+    _apply(model, _masks(groups, [clusters[c][i] for c, i in picked]))
+    for c, (k, units_c) in enumerate(zip(keys, clusters)):
+        idx = sorted(i for cc, i in picked if cc == c)
+        rows = _masks(groups, [units_c[i] for i in idx])
+        report.groups.append(GroupPruning(
+            layers=tuple(sorted({it.name for gi in k for it in groups[gi].items if it.role in _PRODUCERS})),
+            units=len(units_c), masked=len(idx), channels=int(sum(int(f.sum()) for f in rows.values())),
+            score=sum(scores[c][i] for i in idx) / len(idx) if idx else 0.0))
+    return report
