@@ -70,14 +70,20 @@ def build(name: str) -> tuple[nn.Module, tuple]:
     raise ValueError(f"unknown model {name!r}: use tv:, timm:, yolo: or hf: (llama, t5, bert, gpt2)")
 
 
-def prune_like_users(model: nn.Module, amount: float = 0.5) -> list[nn.Module]:
-    """Randomize BatchNorm statistics, then ln_structured on every Conv / Linear but the last; returns those."""
+def randomize_statistics(model: nn.Module) -> nn.Module:
+    """BatchNorm running statistics as a trained model might have them (deterministic), in place."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return model
+
+
+def prune_like_users(model: nn.Module, amount: float = 0.5) -> list[nn.Module]:
+    """Randomize BatchNorm statistics, then ln_structured on every Conv / Linear but the last; returns those."""
+    randomize_statistics(model)
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
     pruned = [m for m in layers[:-1] if m.weight.shape[0] > 1]
     for m in pruned:

@@ -250,9 +250,23 @@ def _inspect(args: argparse.Namespace) -> int:
 
     if args.round_to is not None and args.round_to < 1:
         raise UserError(f"--round-to {args.round_to} should be a positive integer")
+    if args.plot:  # before the work: a missing matplotlib or an existing file is said at once
+        from .files import refuse_overwrite
+        from .plot import _pyplot
+
+        try:
+            _pyplot()
+        except ImportError as exc:
+            raise UserError(f"--plot: {exc}") from None
+        refuse_overwrite(args.plot, force=args.force)
     example = _example(args)
     masked = _load_pruned(_model_factory(args.model), args.weights)
-    print(api.plan(masked, example, mode=args.mode, round_to=args.round_to))
+    report = api.plan(masked, example, mode=args.mode, round_to=args.round_to)
+    print(report)
+    if args.plot:
+        from .plot import widths_chart
+
+        print(f"widths chart: {widths_chart(report, args.plot, force=args.force)}")
     return 0
 
 
@@ -356,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_options(p, "state_dict of the pruned model (*_orig/*_mask keys, or baked weights)")
     _plan_options(p)
+    p.add_argument("--plot", metavar="FILE.png", help="also draw each layer's width before and after (needs matplotlib)")
+    p.add_argument("--force", action="store_true", help="overwrite the --plot file if it exists")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser(

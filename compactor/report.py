@@ -76,10 +76,13 @@ class Report:
         mr = self.macs_after / self.macs_before if self.macs_before else 1.0
         out.append(f"params {self.params_before:,} -> {self.params_after:,} ({pr:.1%}); "
                    f"MACs {self.macs_before:,} -> {self.macs_after:,} ({mr:.1%}); mode={self.mode}")
-        for g in self.groups:
-            if g.status != "removed":
-                chans = _short(g.channels)
-                out.append(f"{g.status}: {', '.join(g.layers)} channels {chans}: {g.reason}")
+        kept = [g for g in self.groups if g.status != "removed"]
+        for g in kept:
+            chans = _short(g.channels)
+            out.append(f"{g.status}: {', '.join(g.layers)} channels {chans}: {g.reason}")
+        if kept:
+            out.append(f"{sum(len(g.channels) for g in kept)} masked channel(s) kept; "
+                       "compactor.prune_channels(model, inputs, amount) makes masks that compaction removes entirely")
         for f in self.folded:
             out.append(f"folded: {f}")
         for key, frac in self.sparsity.items():

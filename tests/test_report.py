@@ -8,7 +8,7 @@ from torch.nn.utils import prune
 import compactor
 from compactor import fold, masks, planner, report, tensors
 from compactor.report import LayerRow
-from tests.hand_models import Scaled, Tied, mask_rows
+from tests.hand_models import Residual, Scaled, Tied, mask_rows
 
 
 
@@ -175,3 +175,13 @@ def test_sparsity_left_inside_kept_rows_is_reported():
     r = compactor.report_of(compactor.compact(m, torch.randn(1, 4)))
     assert r.sparsity == {"0.weight": 1 / 16}
     assert "sparsity left: 0.weight is 6.2% zeros inside the kept channels" in str(r)
+
+
+def test_kept_channels_come_with_the_remedy():
+    """A residual stream masked in one producer only: the report says how many stayed and what makes masks removable."""
+    torch.manual_seed(0)
+    m = Residual().eval()
+    mask_rows(m.a, [1])
+    text = str(compactor.plan(m, torch.randn(2, 3, 5, 5)))
+    assert "partial: a, b, c channels [1]" in text
+    assert "1 masked channel(s) kept; compactor.prune_channels(model, inputs, amount) makes masks" in text

@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(compactor.__file__).parent
 ORDER = [
     "errors", "tensors", "timing", "progress", "files",            # base: no pipeline knowledge
     "layers", "masks", "graph", "probe", "planner", "fold", "report", "verify",  # the pipeline
-    "api", "pruner", "saving", "export",                          # what users call
+    "api", "pruner", "saving", "export", "plot",                          # what users call
     "demo", "testing", "bench", "cli",                  # built on all of the above
 ]
 

@@ -147,6 +147,37 @@ def test_inspect_prints_the_plan_and_writes_nothing(user, capsys):
     assert sorted(os.listdir(folder)) == before
 
 
+def test_inspect_plot_draws_the_widths_and_refuses_to_overwrite(user, capsys):
+    """--plot FILE.png writes a PNG chart of the widths; an existing file is refused (exit 2) unless --force."""
+    name, _, _, folder = user
+    args = ["inspect", "--model", f"{name}:LeNet", "--weights", "pruned_model.pth", "--input-shape", "2,1,28,28",
+            "--plot", "widths.png"]
+    assert main(args) == 0
+    assert "widths chart: widths.png" in capsys.readouterr().out
+    with open(os.path.join(folder, "widths.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert main(args) == 2 and "--force" in capsys.readouterr().err
+    assert main(args + ["--force"]) == 0
+
+
+def test_inspect_plot_without_matplotlib_says_how_to_install_it(user, capsys, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    name, _, _, folder = user
+    code = main(["inspect", "--model", f"{name}:LeNet", "--weights", "pruned_model.pth", "--input-shape", "2,1,28,28",
+                 "--plot", "w.png"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'compactor[plot]'" in err and not os.path.exists(os.path.join(folder, "w.png"))
+
+
 def test_export_from_saved_compact_model(user, capsys):
     """`compactor export` loads a compactor.save file into the architecture and writes ONNX equal to it."""
     name, module, masked, _ = user
