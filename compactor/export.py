@@ -14,7 +14,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -25,6 +25,8 @@ from .tensors import as_inputs, first_line, flatten_outputs, random_like
 
 __all__ = ["ExportReport", "export_onnx", "export_program"]
 
+#: ``"auto"`` tries the TorchScript exporter, then dynamo; or name one.
+Exporter = Literal["auto", "torchscript", "dynamo"]
 _EXPORTERS = ("auto", "torchscript", "dynamo")
 
 
@@ -224,7 +226,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     opset: Optional[int] = None,
     force: bool = False,
-    exporter: str = "auto",
+    exporter: Exporter = "auto",
 ) -> ExportReport:
     """Export ``model`` to ONNX, check the file, and prove onnxruntime computes what PyTorch computes.
 
