@@ -13,7 +13,7 @@ from .errors import CompactionError, NoPruningFoundError, VerificationError
 from .planner import Mode, make_plan
 from .progress import Progress
 from .report import Report
-from .tensors import Inputs, as_inputs, describe, first_line, flatten_outputs, make_batches
+from .tensors import Inputs, as_inputs, call, describe, first_line, flatten_outputs, make_batches
 
 __all__ = ["compact", "plan"]
 
@@ -41,7 +41,7 @@ def _rejected(model: nn.Module, batch: tuple, exc: BaseException) -> CompactionE
 def _run(model: nn.Module, batch: tuple) -> Any:
     try:
         with torch.no_grad():
-            return model(*batch)
+            return call(model, batch)
     except Exception as exc:
         raise _rejected(model, batch, exc) from None
 
@@ -120,7 +120,8 @@ def plan(model: nn.Module, example_inputs: Inputs, *, mode: Mode = "exact", roun
 
     Args:
         model: a model pruned with ``torch.nn.utils.prune`` (live masks or baked zeros).
-        example_inputs: a tensor or tuple of positional inputs for ``model``.
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs
+            (a tokenizer's output) for ``model``.
         mode: ``"exact"`` (fold constants of removed channels) or ``"drop"`` (discard them).
         round_to: keep extra masked channels so every width is a multiple of this.
         random_inputs: random batches besides the example on which constants are checked
@@ -167,7 +168,8 @@ def compact(
     Args:
         model: a model pruned with ``torch.nn.utils.prune`` (live masks, masks
             loaded with :func:`compactor.load_pruned`, or zeros baked by ``prune.remove``).
-        example_inputs: a tensor or tuple of positional inputs for ``model``.
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs
+            (a tokenizer's output) for ``model``.
         verify: compare compact and masked outputs on the example inputs and
             ``random_inputs`` random ones of the same shape; raise if they differ.
         mode: ``"exact"`` or ``"drop"`` (discard removed channels' constants, as
@@ -234,7 +236,7 @@ def _verify_compact(compact_model: nn.Module, batches: list, reference: list, ma
     """Compare the compact model with the reference outputs; record the result in ``report``."""
     try:
         with torch.no_grad():
-            got = [compact_model(*b) for b in batches]
+            got = [call(compact_model, b) for b in batches]
     except Exception as exc:
         raise VerificationError(
             f"the compact model failed to run on the example input(s): {first_line(exc)}; this is a bug in "

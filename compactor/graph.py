@@ -29,7 +29,7 @@ from torch_pruning import ops as tp_ops
 from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import index_mapping, shape_infer
 
-from .tensors import flatten_outputs
+from .tensors import Kwargs, flatten_outputs
 
 __all__ = ["Item", "Group", "trace"]
 
@@ -185,7 +185,10 @@ def _build(model: nn.Module, example_inputs: Sequence) -> tuple[Any, dict[Any, s
 
     hook = model.register_forward_hook(outputs)
     try:
-        DG.module2node = DG._trace(model, tuple(example_inputs), None, output_transform=None)
+        inputs = example_inputs[0] if len(example_inputs) == 1 and isinstance(example_inputs[0], Kwargs) \
+            else tuple(example_inputs)  # torch-pruning calls model(**inputs) for a dict
+        DG.module2node = DG._trace(model, inputs, None, output_transform=lambda out: [
+            t for t in flatten_outputs(out) if t.grad_fn is not None])  # ModelOutput, caches skipped
     finally:
         hook.remove()
     DG._build_dependency(DG.module2node)

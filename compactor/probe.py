@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .tensors import flatten_outputs
+from .tensors import call, flatten_outputs
 
 __all__ = ["ChannelStats", "Measurements", "Recording", "recording", "measure", "nan_probe", "zeroed_outputs", "count_macs", "channel_view"]
 
@@ -99,11 +99,13 @@ class Recording:
 
 
 def _detached(out: Any) -> Any:
+    """The output with every tensor detached (its autograd graph released); containers become plain ones
+    (a ``ModelOutput`` a dict), which compare the same way."""
     if isinstance(out, torch.Tensor):
         return out.detach()
-    if isinstance(out, (list, tuple)) and type(out) in (list, tuple):
-        return type(out)(_detached(o) for o in out)
-    if type(out) is dict:
+    if isinstance(out, (list, tuple)):
+        return [_detached(o) for o in out] if isinstance(out, list) else tuple(_detached(o) for o in out)
+    if isinstance(out, Mapping):
         return {k: _detached(v) for k, v in out.items()}
     return out
 
@@ -166,7 +168,7 @@ def measure(model: nn.Module, watch: Mapping[str, Sequence[int]], batches: Seque
     """
     if first is None:
         with recording(model) as first, torch.no_grad():
-            model(*batches[0])
+            call(model, batches[0])
     stats = {n: ChannelStats(sorted(set(idxs))) for n, idxs in watch.items() if idxs}
     modules = dict(model.named_modules())
     for n, st in stats.items():
@@ -182,7 +184,7 @@ def measure(model: nn.Module, watch: Mapping[str, Sequence[int]], batches: Seque
     try:
         with torch.no_grad():
             for b in batches[1:]:
-                outputs.append(model(*b))
+                outputs.append(call(model, b))
     finally:
         for h in hooks:
             h.remove()
@@ -192,7 +194,7 @@ def measure(model: nn.Module, watch: Mapping[str, Sequence[int]], batches: Seque
 def count_macs(model: nn.Module, inputs: tuple) -> dict[str, int]:
     """Multiply-accumulates per conv / linear layer for one forward of ``inputs``, per sample."""
     with recording(model) as rec, torch.no_grad():
-        model(*inputs)
+        call(model, inputs)
     return rec.macs
 
 
@@ -230,7 +232,7 @@ def nan_probe(model: nn.Module, produce: Mapping[str, set[int]], expect: Mapping
     out = None
     try:
         with torch.no_grad():
-            out = model(*batch)
+            out = call(model, batch)
     finally:
         for h in hooks:
             h.remove()
@@ -245,7 +247,7 @@ def zeroed_outputs(model: nn.Module, zero_inputs: Mapping[str, Sequence[int]], b
         lambda m, a, _i=set(idx): (_filled(m, a[0], _i, 0.0),) + tuple(a[1:])) for n, idx in zero_inputs.items()]
     try:
         with torch.no_grad():
-            return [model(*b) for b in batches]
+            return [call(model, b) for b in batches]
     finally:
         for h in hooks:
             h.remove()

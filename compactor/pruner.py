@@ -367,7 +367,7 @@ def prune_channels(
 
     Args:
         model: the model to prune (modified in place: masks added).
-        example_inputs: a tensor or tuple of positional inputs, to trace the model.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs, to trace the model.
         amount: a fraction in [0, 1) of each group's units (``scope="local"``) or of all units
             (``"global"``), or a count, as in torch's prune functions.
         importance: ``"l2"`` / ``"l1"`` norm of a unit's rows over all its producers, or a callable

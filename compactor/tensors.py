@@ -8,16 +8,21 @@ inputs like them (:func:`random_like`), one way to list the tensors a model retu
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
 from .errors import CompactionError
 
-__all__ = ["Inputs", "as_inputs", "describe", "random_like", "make_batches", "flatten_outputs", "first_line"]
+__all__ = ["Inputs", "Kwargs", "as_inputs", "call", "describe", "random_like", "make_batches", "flatten_outputs",
+           "first_line"]
 
-#: A tensor, or a tuple / list of the model's positional inputs.
-Inputs = Union[torch.Tensor, Sequence[Any]]
+#: A tensor, a tuple / list of the model's positional inputs, or a dict of keyword inputs (a tokenizer's output).
+Inputs = Union[torch.Tensor, Sequence[Any], Mapping[str, Any]]
+
+
+class Kwargs(dict):
+    """Keyword inputs, standing as the one entry of an inputs tuple: ``model(**kwargs)``."""
 
 
 def first_line(exc: BaseException) -> str:
@@ -27,14 +32,19 @@ def first_line(exc: BaseException) -> str:
 
 
 def as_inputs(example_inputs: Inputs, *, tensors_only: bool = False, who: str = "compactor") -> tuple:
-    """``example_inputs`` as a tuple of positional inputs.
+    """``example_inputs`` as a tuple of positional inputs (a dict becomes one :class:`Kwargs` entry).
 
     Raises:
-        TypeError: not a tensor or a non-empty tuple / list (or, with ``tensors_only``,
-            an entry that is not a tensor).
+        TypeError: not a tensor, a non-empty tuple / list or a non-empty dict with string keys (or,
+            with ``tensors_only``, an entry that is not a tensor).
     """
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
+    if isinstance(example_inputs, Mapping) and not tensors_only:
+        if not example_inputs or not all(isinstance(k, str) for k in example_inputs):
+            raise TypeError(f"{who}: a dict of example inputs must be non-empty, keyed by the forward()'s "
+                            f"argument names, got keys {list(example_inputs)[:4]}")
+        return (Kwargs(example_inputs),)
     if isinstance(example_inputs, (list, tuple)) and len(example_inputs) > 0:
         if tensors_only:
             bad = [type(x).__name__ for x in example_inputs if not isinstance(x, torch.Tensor)]
@@ -47,10 +57,24 @@ def as_inputs(example_inputs: Inputs, *, tensors_only: bool = False, who: str = 
     )
 
 
+def call(model: Any, batch: Sequence[Any]) -> Any:
+    """``model(*batch)``, or ``model(**kwargs)`` for keyword inputs."""
+    if len(batch) == 1 and isinstance(batch[0], Kwargs):
+        return model(**batch[0])
+    return model(*batch)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"of shape {tuple(x.shape)} ({str(x.dtype).replace('torch.', '')}, {x.device})"
+    if isinstance(x, Kwargs):
+        return ", ".join(f"{k} {_describe(v)}" for k, v in x.items())
+    return type(x).__name__
+
+
 def describe(batch: Sequence[Any]) -> str:
     """``"of shape (2, 3) (float32, cpu), int"``: the inputs in words, for error messages."""
-    return ", ".join(f"of shape {tuple(x.shape)} ({str(x.dtype).replace('torch.', '')}, {x.device})"
-                     if isinstance(x, torch.Tensor) else type(x).__name__ for x in batch)
+    return ", ".join(_describe(x) for x in batch)
 
 
 def random_like(example: Sequence[Any], *, batch: Optional[int] = None, seed: int = 0,
@@ -65,6 +89,10 @@ def random_like(example: Sequence[Any], *, batch: Optional[int] = None, seed: in
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     out = []
     for x in example:
+        if isinstance(x, Kwargs):
+            keys = list(x)
+            out.append(Kwargs(zip(keys, random_like([x[k] for k in keys], batch=batch, generator=gen))))
+            continue
         if not isinstance(x, torch.Tensor):
             out.append(x)
             continue
@@ -90,8 +118,15 @@ def make_batches(example: tuple, extra: int, seed: int = 0) -> list[tuple]:
     return [example] + [random_like(example, generator=gen) for _ in range(extra)]
 
 
+def _is_cache(out: Any) -> bool:
+    """A key/value cache (transformers' ``Cache`` classes): its head counts change with compaction, so it is
+    not compared as tensors; generation checks it."""
+    return type(out).__name__.endswith("Cache") and hasattr(out, "get_seq_length")
+
+
 def flatten_outputs(out: Any) -> Iterator[torch.Tensor]:
-    """The tensors in a model's output: a tensor, or (nested) tuples / lists / dicts of them; None is skipped.
+    """The tensors in a model's output: a tensor, or (nested) tuples / lists / dicts of them (a
+    ``ModelOutput`` is a dict); None and key/value caches are skipped.
 
     Raises:
         CompactionError: the output holds something else, which cannot be compared.
@@ -104,7 +139,7 @@ def flatten_outputs(out: Any) -> Iterator[torch.Tensor]:
     elif isinstance(out, (list, tuple)):
         for o in out:
             yield from flatten_outputs(o)
-    elif out is not None:
+    elif out is not None and not _is_cache(out):
         raise CompactionError(
             f"the model returns a {type(out).__name__}, which compactor cannot compare; return a tensor, "
             "or a tuple / list / dict of tensors"
