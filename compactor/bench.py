@@ -3,12 +3,17 @@
 One case is (model, scenario, backend, batch). :func:`prepare` builds every variant of a
 (model, scenario) once - ``dense`` (never pruned), ``masked`` (live
 ``torch.nn.utils.prune`` hooks), ``masked-baked`` (``prune.remove``: same shapes, zeros
-inside), ``compact`` (``mode="exact"``), ``compact-drop`` (``mode="drop"``) and
-``compact-round8`` (``round_to=8``) - and :func:`time_case` first checks them (compact
-against masked, ONNX against torch, with :func:`compactor.verify.compare`) and then times
-them interleaved with :func:`compactor.timing.measure`, one row per variant.
-:func:`run_case` does both for one case and is what ``compactor bench`` calls;
-``benchmarks/`` drives sweeps of it. Nothing here imports matplotlib.
+inside), ``native`` (the same architecture *designed* at the compact widths, fresh
+weights: the yardstick for what those widths can run at), ``compact`` (``mode="exact"``),
+``compact-drop`` (``mode="drop"``) and ``compact-round8`` (``round_to=8``) - and
+:func:`time_case` first checks them (compact against masked, ONNX against torch, each
+runtime's outputs against masked in that runtime, with :func:`compactor.verify.compare`;
+native's layer shapes against compact's) and then times them interleaved with
+:func:`compactor.timing.measure`, one row per variant. :func:`prepare_models` does the
+same for any (dense, masked) pair, e.g. a user's own model (``compactor bench --model
+mypkg.nets:Net``). :func:`run_case` does both for one built-in case and is what
+``compactor bench --model lenet`` calls; ``benchmarks/`` drives sweeps of it. Nothing
+here imports matplotlib.
 
 Example:
     >>> from compactor import bench
@@ -22,14 +27,17 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import os
+import platform
 import re
 import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -37,6 +45,7 @@ from torch.nn.utils import prune
 
 from . import export, masks, timing, verify
 from .api import compact
+from .demo import LeNet
 from .errors import ExportError, VerificationError
 from .tensors import first_line, random_like
 from .timing import torch_threads
@@ -48,17 +57,29 @@ __all__ = [
     "BACKENDS",
     "CHECK_RTOL",
     "ONNX_RTOL",
+    "Backend",
+    "RuntimeMismatch",
     "Prepared",
+    "LeNetAt",
+    "ViTBench",
     "default_scenario",
     "parse_scenario",
     "build_dense",
+    "build_native",
     "apply_scenario",
+    "dense_from_masked",
+    "layer_shapes",
     "prepare",
+    "prepare_models",
     "available_backends",
+    "backend_spec",
     "time_case",
     "run_case",
+    "fastest",
+    "verdict",
     "count_macs_per_sample",
     "make_inputs",
+    "machine_info",
     "torch_threads",
     "backend_threads",
     "export_onnx",
@@ -66,17 +87,62 @@ __all__ = [
 ]
 
 MODELS = ("lenet", "resnet50", "vit")
-VARIANTS = ("dense", "masked", "masked-baked", "compact", "compact-drop", "compact-round8")
-BACKENDS = ("torch-cpu-1t", "torch-cpu", "ort-cpu-1t", "ort-cpu", "torch-cuda", "torch-cuda-compile", "ort-cuda")
+VARIANTS = ("dense", "masked", "masked-baked", "native", "compact", "compact-drop", "compact-round8")
 
 #: compact vs masked may differ by at most this times the output scale (max |masked|);
 #: 10x compactor.verify's own bound, since benchmark inputs, batch sizes, thread counts
-#: and backends differ from the ones compact() verified on.
+#: and backends differ from the ones compact() verified on. fp16 / bf16 runtimes get
+#: verify's floor of 16 ulps of their dtype.
 CHECK_RTOL = 1e-4
 #: onnxruntime vs torch (same variant): fused / reordered fp32 kernels, relative to the output scale.
 ONNX_RTOL = verify.RUNTIME_RELATIVE_TOLERANCE
 
 Progress = Optional[Callable[[int, int, str], None]]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How a backend runs a model: engine, device, threads, dtype, memory format, graph capture, compiler."""
+
+    name: str
+    engine: str  # "torch" or "ort"
+    device: str  # "cpu" or "cuda"
+    label: str
+    one_thread: bool = False
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+    cuda_graph: bool = False  # the forward captured once into a CUDA graph and replayed
+    compiled: bool = False  # torch.compile(mode="reduce-overhead") with inductor freezing
+
+    @property
+    def converts(self) -> bool:
+        """True when the runtime needs its own copy of each model (another dtype or memory format)."""
+        return self.dtype is not torch.float32 or self.channels_last
+
+
+_LOW = {"dtype": torch.float16, "channels_last": True}
+_BACKENDS = {b.name: b for b in (
+    Backend("torch-cpu-1t", "torch", "cpu", "torch eager CPU, 1 thread", one_thread=True),
+    Backend("torch-cpu", "torch", "cpu", "torch eager CPU, all threads"),
+    Backend("ort-cpu-1t", "ort", "cpu", "onnxruntime CPU, 1 thread", one_thread=True),
+    Backend("ort-cpu", "ort", "cpu", "onnxruntime CPU, all threads"),
+    Backend("torch-cuda", "torch", "cuda", "torch eager CUDA fp32 (TF32 convs)"),
+    Backend("torch-cuda-fp16", "torch", "cuda", "torch eager CUDA fp16 channels_last", **_LOW),
+    Backend("torch-cuda-bf16", "torch", "cuda", "torch eager CUDA bf16 channels_last", dtype=torch.bfloat16,
+            channels_last=True),
+    Backend("torch-cuda-graph", "torch", "cuda", "CUDA graph fp16 channels_last", cuda_graph=True, **_LOW),
+    Backend("torch-cuda-compile", "torch", "cuda",
+            "torch.compile reduce-overhead + inductor freezing, fp16 channels_last", compiled=True, **_LOW),
+    Backend("ort-cuda", "ort", "cuda", "onnxruntime CUDA"),
+)}
+BACKENDS = tuple(_BACKENDS)
+
+
+def backend_spec(backend: str) -> Backend:
+    """The :class:`Backend` named ``backend``; ValueError naming the valid ones otherwise."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r} should be one of {', '.join(BACKENDS)}")
+    return _BACKENDS[backend]
 
 
 # --------------------------------------------------------------------------- progress
@@ -97,13 +163,18 @@ def progress_bar(done: int, total: int, label: str = "", *, width: int = 24, str
 class ViTBench(nn.Module):
     """A ViT-S/16-style encoder built from the zoo's :class:`~compactor.testing.zoo.ViTBlock`:
     16x16 patch-embedding conv, ``depth`` pre-norm blocks (dim 384, 6 heads, MLP x4),
-    final LayerNorm, mean over tokens, Linear head. 3x224x224 input (196 tokens)."""
+    final LayerNorm, mean over tokens, Linear head. 3x224x224 input (196 tokens).
+    ``mlp_hidden`` designs the MLP at another width (a multiple of ``dim``)."""
 
     def __init__(self, dim: int = 384, depth: int = 4, heads: int = 6, mlp_ratio: int = 4,
-                 patch: int = 16, classes: int = 1000) -> None:
+                 patch: int = 16, classes: int = 1000, mlp_hidden: Optional[int] = None) -> None:
         super().__init__()
         from .testing.zoo import ViTBlock
 
+        if mlp_hidden is not None:
+            if mlp_hidden < dim or mlp_hidden % dim:
+                raise ValueError(f"ViTBench: mlp_hidden={mlp_hidden} should be a positive multiple of dim={dim}")
+            mlp_ratio = mlp_hidden // dim
         self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
         self.blocks = nn.Sequential(*[ViTBlock(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
@@ -113,6 +184,30 @@ class ViTBench(nn.Module):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         x = self.norm(self.blocks(x))
         return self.head(x.mean(1))
+
+
+class LeNetAt(LeNet):
+    """The seeds' LeNet designed at other widths: ``widths`` = output channels of conv1,
+    conv2 and output features of fc1, fc2 (the seeds' are 6, 16, 120, 84). 1x28x28 input.
+
+    Example:
+        >>> LeNetAt((3, 8, 60, 42)).fc1
+        Linear(in_features=200, out_features=60, bias=True)
+    """
+
+    def __init__(self, widths: Sequence[int] = (6, 16, 120, 84)) -> None:
+        nn.Module.__init__(self)
+        c1, c2, f1, f2 = (int(w) for w in widths)
+        self.conv1 = nn.Conv2d(1, c1, 3)
+        self.conv2 = nn.Conv2d(c1, c2, 3)
+        self.fc1 = nn.Linear(c2 * 5 * 5, f1)
+        self.fc2 = nn.Linear(f1, f2)
+        self.fc3 = nn.Linear(f2, 10)
+
+
+def _kept(n: int, amount: float) -> int:
+    """Channels ``prune.ln_structured(amount=amount)`` leaves of ``n`` (it prunes round(amount * n))."""
+    return n - int(round(amount * n))
 
 
 _SCENARIO_KINDS = {
@@ -158,7 +253,6 @@ def build_dense(model_name: str, *, small: bool = False, vit_depth: int = 4, see
     ``small`` gives the tiny sizes the smoke tests use (the zoo's ``resnet50`` at width
     1/16 and 64x64 input; a 1-block, dim-32 ViT at 32x32).
     """
-    from .demo import LeNet
     from .testing import zoo
 
     _check_model(model_name)
@@ -185,6 +279,65 @@ def build_dense(model_name: str, *, small: bool = False, vit_depth: int = 4, see
     model = ViTBench(depth=vit_depth)
     zoo.randomize_(model)
     return model.eval(), (3, 224, 224), f"ViTBench(dim=384, heads=6, mlp x4, depth={vit_depth}) from zoo.ViTBlock"
+
+
+def build_native(model_name: str, scenario: Optional[str] = None, *, small: bool = False, vit_depth: int = 4,
+                 seed: int = 1) -> tuple[nn.Module, str]:
+    """The same architecture *designed* at the widths ``scenario`` leaves, with fresh weights; and where it came from.
+
+    What a model of those widths runs at, written by its own code rather than cut down:
+    lenet ``seeds-<p>``: :class:`LeNetAt` at the kept widths; resnet50
+    ``bottleneck-inner-<p>``: ``torchvision.models.resnet50(width_per_group=...)`` where
+    :func:`build_dense` used torchvision, else the zoo's ResNet-50 with every Bottleneck's
+    inner layers built at the kept width; resnet50 ``all-<p>``: the zoo's ResNet-50 at width
+    ``1 - p`` (stem, residual streams and inner widths alike); vit ``mlp-<p>``:
+    :class:`ViTBench` with ``mlp_hidden`` at the kept width. :func:`prepare` checks that its
+    parameters have the compact model's names and shapes.
+
+    Raises:
+        ValueError: no such model for this scenario (e.g. an MLP width that is not a multiple of dim).
+    """
+    from .testing import zoo
+
+    scenario = scenario or default_scenario(model_name)
+    kind, amount = parse_scenario(model_name, scenario)
+    torch.manual_seed(seed)
+    if kind == "seeds":
+        widths = tuple(_kept(n, amount) for n in (6, 16, 120, 84))
+        return LeNetAt(widths).eval(), f"LeNetAt{widths}"
+    if kind == "mlp":
+        dim, ratio = (32, 4) if small else (384, 4)
+        hidden = _kept(dim * ratio, amount)
+        model = (ViTBench(dim=32, depth=1, heads=2, patch=8, classes=10, mlp_hidden=hidden) if small
+                 else ViTBench(depth=vit_depth, mlp_hidden=hidden))
+        zoo.randomize_(model, seed)
+        return model.eval(), f"ViTBench(mlp_hidden={hidden})"
+    width = 1 / 16 if small else 1.0
+    if kind == "all":
+        model = zoo.resnet50_like(width * (1 - amount))
+        zoo.randomize_(model, seed)
+        return model.eval(), f"compactor.testing.zoo.resnet50_like({width * (1 - amount):g})"
+    if not small:
+        try:
+            import torchvision
+
+            per_group = _kept(64, amount)
+            model = torchvision.models.resnet50(weights=None, width_per_group=per_group)
+            zoo.randomize_(model, seed)
+            return model.eval(), f"torchvision.models.resnet50(width_per_group={per_group})"
+        except ImportError:
+            pass
+    model = zoo.resnet50_like(width)
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for b in _bottlenecks(stage):
+            inner, out = _kept(b.conv1.out_channels, amount), b.conv3.out_channels
+            b.conv1 = nn.Conv2d(b.conv1.in_channels, inner, 1, bias=False)
+            b.bn1 = nn.BatchNorm2d(inner)
+            b.conv2 = nn.Conv2d(inner, inner, 3, stride=b.conv2.stride, padding=1, bias=False)
+            b.bn2 = nn.BatchNorm2d(inner)
+            b.conv3 = nn.Conv2d(inner, out, 1, bias=False)
+    zoo.randomize_(model, seed)
+    return model.eval(), f"compactor.testing.zoo.resnet50_like({width:g}), Bottleneck inner width x{1 - amount:g}"
 
 
 def _row_mask(conv: nn.Module, keep: torch.Tensor) -> torch.Tensor:
@@ -269,9 +422,52 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def make_inputs(shape: tuple[int, ...], batch: int, seed: int = 1234) -> torch.Tensor:
-    """Deterministic N(0, 1) inputs of ``(batch, *shape)``; the same batch size gives the same tensor."""
-    return random_like((torch.zeros((1, *shape)),), batch=batch, seed=seed + batch)[0]
+def layer_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, e.g. ``{"conv1.weight": (3, 1, 3, 3), ...}``."""
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _shape_difference(native: nn.Module, other: nn.Module) -> Optional[str]:
+    """None when ``native`` has ``other``'s parameter names and shapes; else the first difference, in words."""
+    a, b = layer_shapes(native), layer_shapes(other)
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) != b.get(name):
+            return f"{name}: native {a.get(name, 'missing')}, compact {b.get(name, 'missing')}"
+    return None
+
+
+def dense_from_masked(model: Union[nn.Module, Callable[[], nn.Module]], masked: nn.Module) -> nn.Module:
+    """The weights before masking: a fresh ``model`` loaded with ``masked``'s ``*_orig`` tensors, masks dropped.
+
+    What the model computed before ``torch.nn.utils.prune`` masked it (not
+    ``prune.remove``, which keeps the zeros). ``model`` is a class / zero-argument factory
+    or an instance of ``masked``'s architecture (copied, never modified). A model without
+    masks (weights baked by ``prune.remove``) comes back with those weights.
+
+    Example:
+        >>> from torch.nn.utils import prune
+        >>> masked = LeNet()
+        >>> _ = prune.ln_structured(masked.fc1, "weight", amount=0.5, n=2, dim=0)
+        >>> dense = dense_from_masked(LeNet, masked)
+        >>> bool((dense.fc1.weight == masked.fc1.weight_orig).all()), int((masked.fc1.weight == 0).all(1).sum())
+        (True, 60)
+    """
+    state = masked.state_dict()
+    pruned = {k[: -len("_mask")] for k in state if k.endswith("_mask") and k[: -len("_mask")] + "_orig" in state}
+    weights = {}
+    for key, value in state.items():
+        if key.endswith("_mask") and key[: -len("_mask")] in pruned:
+            continue
+        base = key[: -len("_orig")] if key.endswith("_orig") else None
+        weights[base if base in pruned else key] = value
+    dense = masks.clone(model) if isinstance(model, nn.Module) else model()
+    dense.load_state_dict(weights, strict=True)
+    return dense.eval()
+
+
+def make_inputs(shape: tuple[int, ...], batch: int, seed: int = 1234, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Deterministic inputs of ``(batch, *shape)``: N(0, 1) floats, 0/1 integers; the same batch size gives the same tensor."""
+    return random_like((torch.zeros((1, *shape), dtype=dtype),), batch=batch, seed=seed + batch)[0]
 
 
 @dataclass
@@ -280,7 +476,7 @@ class Prepared:
 
     model_name: str
     scenario: str
-    sparsity: float
+    sparsity: Optional[float]
     small: bool
     source: str
     input_shape: tuple[int, ...]
@@ -289,19 +485,28 @@ class Prepared:
     params: dict[str, int]
     compact_s: dict[str, float]
     reports: dict[str, Any]
+    input_dtype: torch.dtype = torch.float32
+    native_source: Optional[str] = None
+    #: the compact variants whose parameter names and shapes ``native`` was checked to have
+    native_checked: list[str] = field(default_factory=list)
     onnx: dict[str, str] = field(default_factory=dict)
     onnx_s: dict[str, float] = field(default_factory=dict)
     exporter: Optional[str] = None
     _tmp: Optional[tempfile.TemporaryDirectory] = None
+
+    def inputs(self, batch: int, seed: int = 1234) -> torch.Tensor:
+        """Deterministic inputs of this case at ``batch`` (see :func:`make_inputs`)."""
+        return make_inputs(self.input_shape, batch, seed, self.input_dtype)
 
     def onnx_path(self, variant: str) -> str:
         """Export ``variant`` to ONNX once (opset 17, dynamic batch axis); return the file path."""
         if variant not in self.onnx:
             if self._tmp is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="compactor-bench-")
-            path = os.path.join(self._tmp.name, f"{self.model_name}-{self.scenario}-{variant}.onnx")
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.model_name}-{self.scenario}-{variant}")
+            path = os.path.join(self._tmp.name, name + ".onnx")
             t0 = time.perf_counter()
-            self.exporter = export_onnx(self.variants[variant], make_inputs(self.input_shape, 2), path)
+            self.exporter = export_onnx(self.variants[variant], self.inputs(2), path)
             self.onnx_s[variant] = time.perf_counter() - t0
             self.onnx[variant] = path
         return self.onnx[variant]
@@ -331,21 +536,65 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> str:
     return f"torch.onnx.export (dynamo=False; compactor.export_onnx failed: {reason})"
 
 
+def _compact_kwargs(variant: str) -> Optional[dict[str, Any]]:
+    """compact()'s arguments for a compact variant (``compact-round<N>``: ``round_to=N``); None for the others."""
+    if variant == "compact":
+        return {}
+    if variant == "compact-drop":
+        return {"mode": "drop"}
+    m = re.fullmatch(r"compact-round([1-9]\d*)", variant)
+    return {"round_to": int(m.group(1))} if m else None
+
+
+def _check_variants(variants: Sequence[str]) -> None:
+    unknown = [v for v in variants if v not in VARIANTS and _compact_kwargs(v) is None]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)} "
+                         "(or compact-round<N> for round_to=N)")
+
+
 def prepare(model_name: str, scenario: Optional[str] = None, *, small: bool = False,
             variants: Sequence[str] = VARIANTS, vit_depth: int = 4, progress: Progress = None) -> Prepared:
     """Build the dense model, prune a copy as ``scenario`` says, and build the other variants.
 
     Each compact variant is built by :func:`compactor.compact` with ``verify=True``
-    (it raises if the compact model differs from the masked one).
+    (it raises if the compact model differs from the masked one); ``native`` by
+    :func:`build_native`, checked to have the compact model's parameter names and shapes.
     """
     scenario = scenario or default_scenario(model_name)
     _, amount = parse_scenario(model_name, scenario)
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+    _check_variants(variants)
     dense, shape, source = build_dense(model_name, small=small, vit_depth=vit_depth)
     masked = apply_scenario(masks.clone(dense), model_name, scenario).eval()
-    example = make_inputs(shape, 2, seed=99)
+    native = build_native(model_name, scenario, small=small, vit_depth=vit_depth) if "native" in variants else None
+    return prepare_models(dense, masked, make_inputs(shape, 2, seed=99), model_name=model_name, scenario=scenario,
+                          sparsity=amount, source=source, variants=variants, native=native, small=small,
+                          progress=progress)
+
+
+def prepare_models(dense: nn.Module, masked: nn.Module, example: torch.Tensor, *, model_name: str, scenario: str,
+                   source: str, sparsity: Optional[float] = None, variants: Sequence[str] = VARIANTS,
+                   native: Optional[tuple[nn.Module, str]] = None, small: bool = False,
+                   progress: Progress = None) -> Prepared:
+    """Build the variants of any (dense, masked) pair: :func:`prepare` for a user's own model.
+
+    Args:
+        dense: the model before masking (see :func:`dense_from_masked`).
+        masked: the same model with live ``torch.nn.utils.prune`` masks.
+        example: an example input (batch first); the timed inputs are random tensors of its
+            per-sample shape and dtype.
+        model_name, scenario, source, sparsity: how rows and reports name the case.
+        variants: which of :data:`VARIANTS` (or ``compact-round<N>``) to build; ``native``
+            needs ``native``.
+        native: (model, where it came from): the architecture designed at the compact widths.
+
+    Raises:
+        ValueError: an unknown variant, or ``native`` asked for without a model.
+        AssertionError: ``native``'s parameters differ in name or shape from a compact variant's.
+    """
+    _check_variants(variants)
+    if "native" in variants and native is None:
+        raise ValueError("variant 'native' needs a native model (the architecture designed at the compact widths)")
     out: dict[str, nn.Module] = {}
     compact_s: dict[str, float] = {}
     reports: dict[str, Any] = {}
@@ -354,24 +603,35 @@ def prepare(model_name: str, scenario: Optional[str] = None, *, small: bool = Fa
         if progress:
             progress(i, len(todo), f"{model_name} {scenario}: building {v}")
         if v == "dense":
-            out[v] = dense
+            out[v] = dense.eval()
         elif v == "masked":
-            out[v] = masked
+            out[v] = masked.eval()
         elif v == "masked-baked":
             out[v] = masks.bake(masked).eval()
+        elif v == "native":
+            out[v] = native[0].eval()
         else:
-            kw = {"compact": {}, "compact-drop": {"mode": "drop"}, "compact-round8": {"round_to": 8}}[v]
             t0 = time.perf_counter()
-            out[v] = compact(masked, example, **kw)
+            out[v] = compact(masked, example, **_compact_kwargs(v))
             compact_s[v] = time.perf_counter() - t0
             reports[v] = out[v].compaction_report
     if progress:
         progress(len(todo), len(todo), f"{model_name} {scenario}: built {len(todo)} variants")
-    x = make_inputs(shape, 1)
+    checked = []
+    if "native" in out:
+        for v in ("compact", "compact-drop"):
+            if v in out:
+                diff = _shape_difference(out["native"], out[v])
+                if diff is not None:
+                    raise AssertionError(f"{model_name} {scenario}: native ({native[1]}) is not shaped like {v}: {diff}")
+                checked.append(v)
+    shape, dtype = tuple(example.shape[1:]), example.dtype
+    x = make_inputs(shape, 1, dtype=dtype)
     macs = {v: count_macs_per_sample(m, x) for v, m in out.items() if v not in ("masked", "masked-baked")}
     macs.update({v: macs["dense"] for v in ("masked", "masked-baked") if v in out})  # same shapes, same work
     params = {v: _params(m) for v, m in out.items()}
-    return Prepared(model_name, scenario, amount, small, source, shape, out, macs, params, compact_s, reports)
+    return Prepared(model_name, scenario, sparsity, small, source, shape, out, macs, params, compact_s, reports,
+                    input_dtype=dtype, native_source=native[1] if native else None, native_checked=checked)
 
 
 # --------------------------------------------------------------------------- backends
@@ -392,7 +652,7 @@ def available_backends() -> list[str]:
     if ort is not None:
         out += ["ort-cpu-1t", "ort-cpu"]
     if torch.cuda.is_available():
-        out += ["torch-cuda", "torch-cuda-compile"]
+        out += [b.name for b in _BACKENDS.values() if b.engine == "torch" and b.device == "cuda"]
         if ort is not None and "CUDAExecutionProvider" in ort.get_available_providers():
             out.append("ort-cuda")
     return out
@@ -414,6 +674,40 @@ def backend_threads(backend: str) -> int:
     return _cpu_threads()
 
 
+def machine_info() -> dict[str, Any]:
+    """CPU model and cores, torch / onnx / onnxruntime versions, threads, GPU name if any."""
+    ort = _ort()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_cores": _cpu_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "onnxruntime": getattr(ort, "__version__", None),
+        "ort_providers": ort.get_available_providers() if ort else [],
+        "gpu": None,
+    }
+    try:
+        import onnx
+
+        info["onnx"] = onnx.__version__
+    except ImportError:
+        info["onnx"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        info["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
+        info["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    return info
+
+
 def _ort_session(path: str, backend: str):
     ort = _ort()
     so = ort.SessionOptions()
@@ -425,128 +719,280 @@ def _ort_session(path: str, backend: str):
     return ort.InferenceSession(path, so, providers=providers)
 
 
-def _assert_agree(got: torch.Tensor, ref: torch.Tensor, rel: float, what: str) -> tuple[float, float]:
-    """(max |got - ref|, tolerance) by :func:`compactor.verify.compare`; AssertionError when they differ."""
+class RuntimeMismatch(AssertionError):
+    """A runtime (onnxruntime, fp16 / bf16, a CUDA graph, torch.compile) gave other outputs than the
+    eager fp32 model it runs; a compact model that differs from the masked one in eager fp32 raises
+    a plain AssertionError instead."""
+
+
+def _assert_agree(got: Any, ref: Any, rel: float, what: str,
+                  error: type[AssertionError] = AssertionError) -> tuple[float, float]:
+    """(max |got - ref|, tolerance) by :func:`compactor.verify.compare`; ``error`` when they differ."""
     try:
         result = verify.compare([ref], [got], rel=rel)
     except VerificationError as exc:  # another shape
-        raise AssertionError(f"{what}: {first_line(exc)}") from None
+        raise error(f"{what}: {first_line(exc)}") from None
     if not result.ok:
-        raise AssertionError(f"{what}: max |diff| {result.max_abs_diff:.3g} > tolerance {result.tolerance:.3g} "
-                             f"(output scale {result.scale:.3g})")
+        raise error(f"{what}: max |diff| {result.max_abs_diff:.3g} > tolerance {result.tolerance:.3g} "
+                    f"(output scale {result.scale:.3g})")
     return result.max_abs_diff, result.tolerance
 
 
-_CHECKED_AGAINST = {
-    "masked-baked": "masked",
-    "compact": "masked",
-    "compact-round8": "masked",
-    "compact-drop": "masked with dropped constants zeroed (compact()'s own check)",
-}
+def _equals_masked(variant: str) -> bool:
+    """Variants that compute what the masked model computes (compact-drop drops constants; native is another model)."""
+    return variant in ("compact", "masked-baked") or variant.startswith("compact-round")
+
+
+_DROP_CHECK = "masked with dropped constants zeroed (compact()'s own check)"
+
+
+# --------------------------------------------------------------------------- runtimes
+
+
+def _to_runtime(obj: Any, spec: Backend, device: str, channels_last: bool) -> Any:
+    """A model (copied) or an input on ``device`` in ``spec``'s dtype, channels_last if asked."""
+    if isinstance(obj, nn.Module):
+        obj = copy.deepcopy(obj).to(device=device, dtype=spec.dtype)
+        return obj.to(memory_format=torch.channels_last) if channels_last else obj
+    obj = obj.to(device)
+    if obj.is_floating_point():
+        obj = obj.to(spec.dtype)
+    return obj.contiguous(memory_format=torch.channels_last) if channels_last and obj.dim() == 4 else obj
+
+
+def _cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Capture ``fn`` (a forward on a static input) into a CUDA graph; the returned callable replays it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay() -> Any:
+        graph.replay()
+        return out
+
+    replay.graph = graph  # type: ignore[attr-defined]  # keeps the graph (and its memory pool) alive
+    return replay
+
+
+def _compiled(model: nn.Module, x: torch.Tensor, cuda: bool) -> Callable[[], Any]:
+    """``torch.compile(model, mode="reduce-overhead")`` (freezing is set by :func:`_runtime`) on CUDA;
+    off CUDA (a dry run) dynamo's capture with the eager backend: the same path, no code generation."""
+    if not cuda:
+        dry = torch.compile(model, backend="eager")
+        return lambda: dry(x)
+    fast = torch.compile(model, mode="reduce-overhead")
+    step = getattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+
+    def run() -> Any:
+        step()  # each call is a new iteration: earlier outputs may be overwritten
+        return fast(x)
+
+    return run
+
+
+@contextlib.contextmanager
+def _runtime(spec: Backend, device: str) -> Iterator[None]:
+    """Threads, grad mode and compiler settings for building, checking and timing on ``spec``."""
+    with contextlib.ExitStack() as stack:
+        if spec.engine == "torch":
+            stack.enter_context(torch_threads(backend_threads(spec.name)))
+        stack.enter_context(torch.no_grad() if spec.compiled else torch.inference_mode())
+        if spec.compiled:
+            import torch._dynamo.config as dynamo_config
+
+            # every variant is a new module instance: allow their recompiles instead of falling back to eager
+            limits = {k: 64 for k in ("cache_size_limit", "recompile_limit") if hasattr(dynamo_config, k)}
+            stack.enter_context(dynamo_config.patch(**limits))
+            if device == "cuda":
+                import torch._inductor.config as inductor_config
+
+                stack.enter_context(inductor_config.patch(freezing=True))
+        yield
+
+
+@contextlib.contextmanager
+def _normal_tensors() -> Iterator[None]:
+    """Move / convert models outside inference mode: parameters and buffers made inside it are
+    inference tensors, which have no version counter (BorderCorrectedConv's cache reads it)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def _detached(out: Any) -> Any:
+    """A copy of a forward's output(s) that later runs (a replayed graph) cannot overwrite."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, (list, tuple)):
+        return type(out)(_detached(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _detached(v) for k, v in out.items()}
+    return out
 
 
 def time_case(prep: Prepared, backend: str, batch: int, *, repeats: int = 20, variants: Optional[Sequence[str]] = None,
-              warmup: Optional[int] = None, target_s: float = 0.01, progress: Progress = None) -> list[dict]:
+              warmup: Optional[int] = None, target_s: float = 0.01, progress: Progress = None,
+              device: Optional[str] = None) -> list[dict]:
     """Check, then time every variant of ``prep`` on ``backend`` at ``batch``, interleaved.
 
-    Before timing: compact / compact-round8 / masked-baked against masked
-    (:func:`compactor.verify.compare`, ``CHECK_RTOL`` x output scale) on this
-    backend's device at this batch; for onnxruntime also each ONNX model against its
-    torch original (``ONNX_RTOL``), whichever path exported it (see :func:`export_onnx`).
-    Returns one row per variant (see ``benchmarks/README.md``).
+    Before timing: compact / compact-round<N> / masked-baked against masked
+    (:func:`compactor.verify.compare`, ``CHECK_RTOL`` x output scale) in fp32 on this
+    backend's device at this batch; for a runtime in another dtype or memory format, with
+    a CUDA graph or ``torch.compile``, also the timed callable's outputs against masked
+    run eagerly in that dtype and format (verify's tolerance floor for fp16 / bf16); for
+    onnxruntime each ONNX model against its torch original (``ONNX_RTOL``), whichever path
+    exported it (see :func:`export_onnx`). ``native`` was checked by :func:`prepare_models`.
+
+    Args:
+        device: run ``backend``'s code path on another device: ``"cpu"`` for a dry run of a
+            CUDA backend (its dtype and memory format, no graph capture, ``torch.compile``
+            with the eager backend). Default: the backend's own.
+
+    Returns:
+        One row per variant (see ``benchmarks/README.md``).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} should be one of {', '.join(BACKENDS)}")
-    if backend not in available_backends():
+    spec = backend_spec(backend)
+    device = device or spec.device
+    if device == spec.device and backend not in available_backends():
         raise ValueError(f"backend {backend!r} is not available here; available: {', '.join(available_backends())}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but CUDA is not available here")
+    if spec.engine == "ort" and device != spec.device:
+        raise ValueError(f"backend {backend!r} runs on {spec.device} only")
     names = [v for v in (variants or prep.variants) if v in prep.variants]
-    cuda = "cuda" in backend
-    device = "cuda" if cuda else "cpu"
-    threads = backend_threads(backend)
-    x_cpu = make_inputs(prep.input_shape, batch)
+    cuda = device == "cuda"
+    x_cpu = prep.inputs(batch)
     steps = len(names) + 2
     say = progress or (lambda *a: None)
-    label = f"{prep.model_name} {prep.scenario} {backend} b{batch}"
+    label = f"{prep.model_name} {prep.scenario} {backend}{'' if device == spec.device else ' on ' + device} b{batch}"
 
-    cpu_out: dict[str, torch.Tensor] = {}
-    if backend.startswith("ort"):  # torch CPU outputs: what each ONNX model must reproduce
-        with torch.inference_mode():
-            cpu_out = {v: prep.variants[v](x_cpu) for v in dict.fromkeys(["masked", *names]) if v in prep.variants}
     checks: dict[str, dict[str, Any]] = {}
     fns: dict[str, Callable[[], object]] = {}
     onnx_bytes: dict[str, int] = {}
     onnx_check: dict[str, tuple[float, float]] = {}
+    runtime_check: dict[str, tuple[float, float]] = {}
     keep_alive: list[Any] = []
 
-    if backend.startswith("torch"):
-        mods = {v: (prep.variants[v].to(device) if cuda else prep.variants[v]) for v in names}
-        x = x_cpu.to(device)
-        with torch.inference_mode(), full_precision(), torch_threads(threads):
-            outs = {v: mods[v](x) for v in names if v != "dense"}
-        if "masked" in outs:
-            for v in names:
-                if v in ("compact", "compact-round8", "masked-baked"):
-                    diff, tol = _assert_agree(outs[v], outs["masked"], CHECK_RTOL, f"{label}: {v} vs masked")
-                    checks[v] = {"check_ref": "masked", "check_max_abs_diff": diff, "check_tolerance": tol}
-        if backend == "torch-cuda-compile":
-            for i, v in enumerate(names):
-                say(i, steps, f"{label}: torch.compile {v}")
-                mods[v] = torch.compile(mods[v])
+    layout = "contiguous"
+    with _runtime(spec, device):
+        if spec.engine == "torch":
+            layout = _torch_runners(prep, names, spec, device, x_cpu, label, say, fns, checks, runtime_check)
+        else:
+            _ort_runners(prep, names, spec, x_cpu, label, say, fns, checks, onnx_bytes, onnx_check, keep_alive)
         for v in names:
-            m = mods[v]
-            fns[v] = (lambda m=m: m(x))
-    else:
-        for i, v in enumerate(names):
-            say(i, steps, f"{label}: ONNX export + check {v}")
-            path = prep.onnx_path(v)
-            onnx_bytes[v] = os.path.getsize(path)
-            sess = _ort_session(path, backend)
-            feed_name = sess.get_inputs()[0].name
-            got = torch.from_numpy(sess.run(None, {feed_name: x_cpu.numpy()})[0])
-            onnx_check[v] = _assert_agree(got, cpu_out[v], ONNX_RTOL, f"{label}: ONNX {v} vs torch")
-            if v in ("compact", "compact-round8", "masked-baked"):
-                diff, tol = _assert_agree(got, cpu_out["masked"], CHECK_RTOL + ONNX_RTOL, f"{label}: ONNX {v} vs masked")
-                checks[v] = {"check_ref": "masked", "check_max_abs_diff": diff, "check_tolerance": tol}
-            if cuda:
-                xt = x_cpu.to("cuda")
-                binding = sess.io_binding()
-                binding.bind_input(feed_name, "cuda", 0, _np_dtype(), tuple(xt.shape), xt.data_ptr())
-                binding.bind_output(sess.get_outputs()[0].name, "cuda")
-                keep_alive += [xt, binding]
-                fns[v] = (lambda s=sess, b=binding: s.run_with_iobinding(b))
-            else:
-                feed = {feed_name: x_cpu.numpy()}
-                fns[v] = (lambda s=sess, f=feed: s.run(None, f))
-            keep_alive.append(sess)
-    for v in names:
-        if v == "compact-drop" and v in prep.reports:
-            r = prep.reports[v]
-            checks[v] = {"check_ref": _CHECKED_AGAINST[v], "check_max_abs_diff": r.max_abs_diff,
-                         "check_tolerance": r.tolerance}
+            if v == "compact-drop" and v in prep.reports:
+                r = prep.reports[v]
+                checks[v] = {"check_ref": _DROP_CHECK, "check_max_abs_diff": r.max_abs_diff,
+                             "check_tolerance": r.tolerance}
+            elif v == "native" and prep.native_checked:
+                checks[v] = {"check_ref": "parameter names and shapes of " + " and ".join(prep.native_checked)}
 
-    say(len(names), steps, f"{label}: timing {len(names)} variants x {repeats} repeats")
-    slow = (prep.macs.get("dense", 0) * batch) > 2e8
-    w = warmup if warmup is not None else (1 if slow and not cuda else 3)
-    ctx = torch_threads(threads) if backend.startswith("torch") else contextlib.nullcontext()
-    with torch.inference_mode(), ctx:
+        say(len(names), steps, f"{label}: timing {len(names)} variants x {repeats} repeats")
+        slow = (prep.macs.get("dense", 0) * batch) > 2e8
+        w = warmup if warmup is not None else (1 if slow and not cuda else 3)
         t = timing.measure(fns, repeats=repeats, warmup=w, cuda=cuda, target_s=target_s)
     del keep_alive
+    fns.clear()
+    if spec.compiled:
+        torch._dynamo.reset()  # drop the compiled variants (and their CUDA graphs)
     if cuda:
-        for v in names:
-            prep.variants[v].to("cpu")
+        with _normal_tensors():
+            for v in dict.fromkeys(["masked", *names]):
+                prep.variants[v].to("cpu")
         torch.cuda.empty_cache()
     say(steps, steps, f"{label}: done")
-    return _rows(prep, backend, batch, threads, names, t, checks, onnx_bytes, onnx_check)
+    return _rows(prep, spec, device, layout, batch, names, t, checks, onnx_bytes, onnx_check, runtime_check)
 
 
-def _np_dtype():
-    import numpy as np
+def _torch_runners(prep: Prepared, names: list[str], spec: Backend, device: str, x_cpu: torch.Tensor, label: str,
+                   say: Callable, fns: dict, checks: dict, runtime_check: dict) -> str:
+    """Check the variants on ``device`` and build their timed callables in ``spec``'s runtime; returns the
+    memory format used (channels_last falls back to contiguous where the model cannot take it)."""
+    cuda = device == "cuda"
+    with _normal_tensors():
+        mods = {v: (prep.variants[v].to(device) if cuda else prep.variants[v]) for v in dict.fromkeys(["masked", *names])}
+    x = x_cpu.to(device)
+    with full_precision():  # exactness first: fp32, TF32 off
+        outs = {v: mods[v](x) for v in mods if v == "masked" or _equals_masked(v)}
+    for v in names:
+        if _equals_masked(v):
+            diff, tol = _assert_agree(outs[v], outs["masked"], CHECK_RTOL, f"{label}: {v} vs masked")
+            checks[v] = {"check_ref": "masked", "check_max_abs_diff": diff, "check_tolerance": tol}
+    del outs
+    plain = not (spec.converts or spec.cuda_graph or spec.compiled)
+    layout = "channels_last" if spec.channels_last else "contiguous"
+    if plain:
+        fns.update({v: (lambda m=mods[v]: m(x)) for v in names})
+        return layout
 
-    return np.float32
+    def runtime(obj: Any) -> Any:
+        if not spec.converts:
+            return obj
+        with _normal_tensors():
+            return _to_runtime(obj, spec, device, layout == "channels_last")
+
+    try:  # the reference: masked, run eagerly in this dtype and memory format
+        ref = _detached(runtime(mods["masked"])(runtime(x)))
+    except RuntimeError as exc:  # e.g. x.view() on a channels_last tensor (LeNet's flatten)
+        if layout != "channels_last":
+            raise
+        layout = f"contiguous (channels_last fails: {first_line(exc)[:60]})"
+        ref = _detached(runtime(mods["masked"])(runtime(x)))
+    xr = runtime(x)
+    for i, v in enumerate(names):
+        m = runtime(mods[v])
+        if spec.compiled:
+            say(i, len(names) + 2, f"{label}: torch.compile {v}")
+            fn = _compiled(m, xr, cuda)
+        else:
+            fn = (lambda m=m: m(xr))
+            if spec.cuda_graph and cuda:
+                say(i, len(names) + 2, f"{label}: CUDA graph capture {v}")
+                fn = _cuda_graph(fn)
+        got = _detached(fn())  # compiles / warms up, and is what will be timed
+        if _equals_masked(v):
+            runtime_check[v] = _assert_agree(got, ref, CHECK_RTOL, f"{label}: {v} vs masked in {spec.label}",
+                                             RuntimeMismatch)
+        fns[v] = fn
+    return layout
 
 
-def _rows(prep: Prepared, backend: str, batch: int, threads: int, names: list[str], t: dict[str, timing.Timing],
-          checks: dict, onnx_bytes: dict, onnx_check: dict) -> list[dict]:
+def _ort_runners(prep: Prepared, names: list[str], spec: Backend, x_cpu: torch.Tensor, label: str, say: Callable,
+                 fns: dict, checks: dict, onnx_bytes: dict, onnx_check: dict, keep_alive: list) -> None:
+    """Export, check (ONNX against torch, and against masked) and build an onnxruntime session per variant."""
+    with torch.inference_mode():  # torch CPU outputs: what each ONNX model must reproduce
+        cpu_out = {v: prep.variants[v](x_cpu) for v in dict.fromkeys(["masked", *names]) if v in prep.variants}
+    for i, v in enumerate(names):
+        say(i, len(names) + 2, f"{label}: ONNX export + check {v}")
+        path = prep.onnx_path(v)
+        onnx_bytes[v] = os.path.getsize(path)
+        sess = _ort_session(path, spec.name)
+        feed_name = sess.get_inputs()[0].name
+        got = torch.from_numpy(sess.run(None, {feed_name: x_cpu.numpy()})[0])
+        onnx_check[v] = _assert_agree(got, cpu_out[v], ONNX_RTOL, f"{label}: ONNX {v} vs torch", RuntimeMismatch)
+        if _equals_masked(v):
+            diff, tol = _assert_agree(got, cpu_out["masked"], CHECK_RTOL + ONNX_RTOL, f"{label}: ONNX {v} vs masked")
+            checks[v] = {"check_ref": "masked", "check_max_abs_diff": diff, "check_tolerance": tol}
+        if spec.device == "cuda":
+            xt = x_cpu.to("cuda")
+            binding = sess.io_binding()
+            binding.bind_input(feed_name, "cuda", 0, x_cpu.numpy().dtype, tuple(xt.shape), xt.data_ptr())
+            binding.bind_output(sess.get_outputs()[0].name, "cuda")
+            keep_alive += [xt, binding]
+            fns[v] = (lambda s=sess, b=binding: s.run_with_iobinding(b))
+        else:
+            feed = {feed_name: x_cpu.numpy()}
+            fns[v] = (lambda s=sess, f=feed: s.run(None, f))
+        keep_alive.append(sess)
+
+
+def _rows(prep: Prepared, spec: Backend, device: str, layout: str, batch: int, names: list[str], t: dict[str, timing.Timing],
+          checks: dict, onnx_bytes: dict, onnx_check: dict, runtime_check: dict) -> list[dict]:
     rows = []
     for v in names:
         tm = t[v]
@@ -554,8 +1000,12 @@ def _rows(prep: Prepared, backend: str, batch: int, threads: int, names: list[st
             "model": prep.model_name,
             "scenario": prep.scenario,
             "sparsity": prep.sparsity,
-            "backend": backend,
-            "threads": threads,
+            "backend": spec.name,
+            "runtime": spec.label,
+            "run_on": device,  # another device than the backend's: a dry run of its code path
+            "dtype": str(spec.dtype).replace("torch.", "") if spec.engine == "torch" else "float32",
+            "memory_format": layout,
+            "threads": backend_threads(spec.name),
             "batch": batch,
             "variant": v,
             "median_s": tm.median,
@@ -573,9 +1023,11 @@ def _rows(prep: Prepared, backend: str, batch: int, threads: int, names: list[st
             "check_tolerance": None,
             "onnx_max_abs_diff": onnx_check[v][0] if v in onnx_check else None,
             "onnx_tolerance": onnx_check[v][1] if v in onnx_check else None,
+            "runtime_max_abs_diff": runtime_check[v][0] if v in runtime_check else None,
+            "runtime_tolerance": runtime_check[v][1] if v in runtime_check else None,
         }
         row.update(checks.get(v, {}))
-        for ref in ("masked", "dense"):
+        for ref in ("masked", "dense", "native"):
             row[f"speedup_vs_{ref}"] = t[ref].median / tm.median if ref in t and tm.median else None
         dm, m = prep.macs.get("dense"), prep.macs.get(v)
         row["mac_ratio"] = dm / m if dm and m else None
@@ -583,6 +1035,51 @@ def _rows(prep: Prepared, backend: str, batch: int, threads: int, names: list[st
                              if row["speedup_vs_dense"] and row["mac_ratio"] else None)
         rows.append(row)
     return rows
+
+
+def fastest(rows: Sequence[dict], variant: str = "compact") -> Optional[str]:
+    """The backend that runs ``variant`` fastest over the batch sizes in ``rows``.
+
+    Each backend's latency at each batch is divided by the best at that batch; the lowest
+    geometric mean over batches wins (a backend missing a batch does not compete). None
+    when ``rows`` hold no ``variant``.
+    """
+    mine = [r for r in rows if r["variant"] == variant]
+    batches = {r["batch"] for r in mine}
+    best = {b: min(r["median_s"] for r in mine if r["batch"] == b) for b in batches}
+    score: dict[str, list[float]] = {}
+    for r in mine:
+        score.setdefault(r["backend"], []).append(math.log(r["median_s"] / best[r["batch"]]))
+    full = {b: sum(s) / len(s) for b, s in score.items() if len(s) == len(batches)}
+    return min(full, key=full.get) if full else None
+
+
+def _ratio_text(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}x"
+
+
+def verdict(rows: Sequence[dict], variant: str = "compact") -> str:
+    """One line: which runtime runs ``variant`` fastest, its latency per batch, and its speed-ups there.
+
+    Example:
+        >>> rows = [{"variant": "compact", "backend": b, "batch": 1, "median_s": s, "speedup_vs_masked": m,
+        ...          "speedup_vs_dense": d} for b, s, m, d in (("torch-cpu-1t", 2e-4, 2.0, 1.2), ("ort-cpu-1t", 5e-5, 3.1, 1.9))]
+        >>> verdict(rows)
+        'verdict: the compact model runs fastest on onnxruntime CPU, 1 thread (ort-cpu-1t): 0.050 ms at batch 1; 3.10x the masked model and 1.90x dense on that runtime'
+    """
+    backend = fastest(rows, variant)
+    if backend is None:
+        return f"verdict: no {variant} rows were timed"
+    mine = sorted((r for r in rows if r["variant"] == variant and r["backend"] == backend), key=lambda r: r["batch"])
+    times = ", ".join(f"{r['median_s'] * 1e3:.3f} ms at batch {r['batch']}" for r in mine)
+    ratios = []
+    for ref, what in (("masked", "the masked model"), ("dense", "dense")):
+        values = [r[f"speedup_vs_{ref}"] for r in mine if r.get(f"speedup_vs_{ref}")]
+        if values:
+            ratios.append(f"{_ratio_text(values)} {what}")
+    tail = f"; {' and '.join(ratios)} on that runtime" if ratios else ""
+    return f"verdict: the {variant} model runs fastest on {backend_spec(backend).label} ({backend}): {times}{tail}"
 
 
 _CACHE: dict[tuple, Prepared] = {}

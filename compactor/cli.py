@@ -190,21 +190,158 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _words(text: Optional[str]) -> list[str]:
+    return [w.strip() for w in (text or "").split(",") if w.strip()]
+
+
+def _batches(text: Optional[str]) -> list[int]:
+    words = _words(text)
+    if not all(w.isdigit() and int(w) > 0 for w in words):
+        raise UserError(f"--batch {text!r} should be positive integers separated by commas, e.g. --batch 1,8")
+    return list(dict.fromkeys(int(w) for w in words))
+
+
+def _backends(text: Optional[str], default: Sequence[str]) -> list[str]:
     from . import bench
 
-    try:
-        rows = bench.run_case(args.model, args.scenario, args.backend, args.batch, args.repeats)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    print(f"{args.model} {rows[0]['scenario']} - {args.backend} - batch {args.batch} "
-          f"(median of {args.repeats}; efficiency = speed-up vs dense / MAC ratio)")
-    print(f"{'variant':15s} {'median':>11s} {'IQR/med':>8s} {'params':>11s} {'MACs':>13s} {'x masked':>9s} "
-          f"{'x dense':>8s} {'eff.':>5s}")
-    for r in rows:
-        print(f"{r['variant']:15s} {r['median_s'] * 1e3:9.3f}ms {r['spread']:8.0%} {r['params']:11,} {r['macs']:13,} "
-              f"{r['speedup_vs_masked']:9.2f} {r['speedup_vs_dense']:8.2f} {r['efficiency']:5.2f}")
+    names = _words(text) or list(default)
+    available = bench.available_backends()
+    for name in names:
+        if name not in bench.BACKENDS:
+            raise UserError(f"--backends: {name!r} is not a backend; choose from {', '.join(bench.BACKENDS)}")
+        if name not in available:
+            raise UserError(f"--backends: {name} is not available on this machine; available here: "
+                            f"{', '.join(available)}")
+    return list(dict.fromkeys(names))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise UserError(f"--repeats {args.repeats} should be a positive integer")
+    outputs = _Outputs(args.force)
+    outputs.check("--json", args.json, [args.weights] if args.weights else [])
+    if args.model and ":" in args.model:
+        doc = _bench_user_model(args)
+    else:
+        doc = _bench_builtin(args)
+    if args.json:
+        import json
+
+        with outputs:
+            with open(outputs.temp(args.json), "w") as f:
+                json.dump(doc, f, indent=1, default=str)
+        print(f"wrote {args.json}")
     return 0
+
+
+def _bench_builtin(args: argparse.Namespace) -> dict:
+    from . import bench
+
+    model = args.model or "lenet"
+    if model not in bench.MODELS:
+        raise UserError(f"--model {model!r} is neither a built-in case ({', '.join(bench.MODELS)}) nor module:callable "
+                        "naming your model, e.g. --model mypkg.nets:LeNet")
+    for flag, value in (("--weights", args.weights), ("--input-shape", args.input_shape), ("--round-to", args.round_to)):
+        if value is not None:
+            raise UserError(f"{flag} is for your own model (--model module:callable); the built-in case {model} "
+                            "builds and prunes its own")
+    rows: list[dict] = []
+    for backend in _backends(args.backends, ["torch-cpu-1t"]):
+        for batch in _batches(args.batch) or [1]:
+            try:
+                case = bench.run_case(model, args.scenario, backend, batch, args.repeats)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+            print(f"{model} {case[0]['scenario']} - {backend} - batch {batch} "
+                  f"(median of {args.repeats}; efficiency = speed-up vs dense / MAC ratio)")
+            print(f"{'variant':15s} {'median':>11s} {'IQR/med':>8s} {'params':>11s} {'MACs':>13s} {'x masked':>9s} "
+                  f"{'x dense':>8s} {'eff.':>5s} {'x native':>8s}")
+            for r in case:
+                native = f"{r['speedup_vs_native']:8.2f}" if r.get("speedup_vs_native") else ""
+                print(f"{r['variant']:15s} {r['median_s'] * 1e3:9.3f}ms {r['spread']:8.0%} {r['params']:11,} "
+                      f"{r['macs']:13,} {r['speedup_vs_masked']:9.2f} {r['speedup_vs_dense']:8.2f} "
+                      f"{r['efficiency']:5.2f} {native}")
+            rows += case
+    return {"command": "compactor bench", "model": model, "scenario": rows[0]["scenario"], "repeats": args.repeats,
+            "machine": bench.machine_info(), "rows": rows}
+
+
+def _bench_user_model(args: argparse.Namespace) -> dict:
+    from . import bench
+
+    if args.weights is None or args.input_shape is None:
+        raise UserError(f"--model {args.model} (your model) needs --weights FILE and --input-shape N,C,H,W, as for "
+                        "compactor compact")
+    if args.scenario is not None:
+        raise UserError("--scenario is for the built-in cases (lenet, resnet50, vit); your model's masks come "
+                        "from --weights")
+    if args.round_to is not None and args.round_to < 1:
+        raise UserError(f"--round-to {args.round_to} should be a positive integer")
+    example = _example(args)
+    batches = _batches(args.batch) or [example.shape[0]]
+    backends = _backends(args.backends, bench.available_backends())
+    factory = _model_factory(args.model)
+    masked = _load_pruned(factory, args.weights)
+    dense = bench.dense_from_masked(factory, masked)
+    variants = ["compact", "compact-drop"] + ([f"compact-round{args.round_to}"] if args.round_to else [])
+    try:
+        prep = bench.prepare_models(dense, masked, example, model_name=args.model,
+                                    scenario=os.path.basename(args.weights), variants=variants,
+                                    source=f"{args.model} with {args.weights}", progress=bench.progress_bar)
+        rows: list[dict] = []
+        skipped: dict[str, str] = {}
+        for backend in backends:
+            try:
+                for batch in batches:
+                    rows += bench.time_case(prep, backend, batch, repeats=args.repeats, progress=bench.progress_bar)
+            except AssertionError as exc:
+                if not isinstance(exc, bench.RuntimeMismatch):
+                    raise
+                skipped[backend] = first_line(exc)
+            except Exception as exc:  # an export or a compiler that cannot take this model: time the others
+                if isinstance(exc, (VerificationError, CompactionError)):
+                    raise
+                skipped[backend] = f"{type(exc).__name__}: {first_line(exc)}"
+    except AssertionError as exc:  # compact differs from masked on a backend: a bug, like a VerificationError
+        raise VerificationError(str(exc)) from exc
+    shape = "x".join(map(str, prep.input_shape))
+    print(f"{args.model} with {args.weights}, input (batch)x{shape} {str(prep.input_dtype).replace('torch.', '')}: "
+          f"median of {args.repeats} interleaved repeats; x masked, x dense: speed-up on the same backend and batch")
+    print(_bench_table(rows))
+    for backend, why in skipped.items():
+        print(f"skipped {backend}: {why}")
+    line = bench.verdict(rows)
+    print(line)
+    report = prep.reports["compact"]
+    return {"command": "compactor bench", "model": args.model, "weights": args.weights,
+            "input_shape": list(prep.input_shape), "input_dtype": str(prep.input_dtype).replace("torch.", ""),
+            "batches": batches, "backends": backends, "repeats": args.repeats, "variants": list(prep.variants),
+            "params": prep.params, "macs": prep.macs,
+            "compact": {"params_before": report.params_before, "params_after": report.params_after,
+                        "max_abs_diff": report.max_abs_diff, "tolerance": report.tolerance},
+            "machine": bench.machine_info(), "skipped": skipped, "rows": rows,
+            "verdict": {"backend": bench.fastest(rows), "line": line}}
+
+
+def _bench_table(rows: Sequence[dict]) -> str:
+    """One table: a row per (backend, batch, variant); the last column says what was checked before timing."""
+    head = (f"{'backend':18s} {'batch':>5s}  {'variant':15s} {'median':>10s} {'IQR/med':>7s} {'params':>11s} "
+            f"{'MACs/sample':>13s} {'x masked':>8s} {'x dense':>7s}  checked before timing")
+    lines = [head]
+    for r in rows:
+        check = "-"
+        if r.get("check_max_abs_diff") is not None:
+            ref = "masked" if r["check_ref"] == "masked" else "masked, dropped constants zeroed"
+            check = f"= {ref}: |diff| {r['check_max_abs_diff']:.1e} <= {r['check_tolerance']:.1e}"
+            if r.get("runtime_max_abs_diff") is not None:
+                check += f"; {r['dtype']} run {r['runtime_max_abs_diff']:.1e} <= {r['runtime_tolerance']:.1e}"
+        elif r.get("onnx_max_abs_diff") is not None:
+            check = f"ONNX = torch: |diff| {r['onnx_max_abs_diff']:.1e} <= {r['onnx_tolerance']:.1e}"
+        median = r["median_s"] * 1e3
+        lines.append(f"{r['backend']:18s} {r['batch']:5d}  {r['variant']:15s} {median:8.3f}ms {r['spread']:7.0%} "
+                     f"{r['params']:11,} {r['macs']:13,} {r['speedup_vs_masked']:8.2f} {r['speedup_vs_dense']:7.2f}  "
+                     f"{check}")
+    return "\n".join(lines)
 
 
 def _compact(args: argparse.Namespace) -> int:
@@ -290,10 +427,11 @@ def _export(args: argparse.Namespace) -> int:
 _MODEL_HELP = "the architecture: module:callable importable from the current folder or PYTHONPATH, e.g. mypkg.nets:LeNet"
 
 
-def _model_options(p: argparse.ArgumentParser, weights_help: str) -> None:
-    p.add_argument("--model", required=True, metavar="MODULE:CALLABLE", help=_MODEL_HELP)
-    p.add_argument("--weights", required=True, metavar="FILE", help=weights_help)
-    p.add_argument("--input-shape", required=True, metavar="N,C,H,W",
+def _model_options(p: argparse.ArgumentParser, weights_help: str, *, required: bool = True,
+                   model_help: str = _MODEL_HELP) -> None:
+    p.add_argument("--model", required=required, metavar="MODULE:CALLABLE", help=model_help)
+    p.add_argument("--weights", required=required, metavar="FILE", help=weights_help)
+    p.add_argument("--input-shape", required=required, metavar="N,C,H,W",
                    help="shape of one example input, batch first, e.g. 1,1,28,28 (random values, seed 0)")
     p.add_argument("--input-dtype", default="float32", choices=("float32", "float64", "int64"),
                    help="dtype of the example input; int64 draws 0/1 token ids (default: %(default)s)")
@@ -324,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  compactor compact --model mypkg.nets:LeNet --weights pruned_model.pth --input-shape 1,1,28,28 \\\n"
                "      --out lenet_small.pt --onnx lenet_small.onnx\n"
                "  compactor export --model mypkg.nets:LeNet --weights lenet_small.pt --input-shape 1,1,28,28 \\\n"
-               "      --onnx lenet_small.onnx\n\n"
+               "      --onnx lenet_small.onnx\n"
+               "  compactor bench --model mypkg.nets:LeNet --weights pruned_model.pth --input-shape 1,1,28,28\n\n"
                "User errors print one line and exit with status 2.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -391,21 +530,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="time one benchmark case: dense vs masked vs compact, with a progress bar",
+        help="time dense vs masked vs compact: your pruned model on every backend here, or a built-in case",
+        description="Two forms, told apart by --model:\n"
+                    "  your model (--model MODULE:CALLABLE --weights FILE --input-shape N,C,H,W, the same arguments\n"
+                    "    as `compactor compact`): times dense (the weights before masking, *_orig), masked, compact\n"
+                    "    (exact), compact-drop (mode='drop') and compact-round<N> (--round-to N) on every backend\n"
+                    "    available here, each checked against the masked model before timing, interleaved; prints one\n"
+                    "    table and a verdict naming the fastest runtime for the compact model;\n"
+                    "  a built-in case (--model lenet|resnet50|vit [--scenario ...]): the benchmark suite's models\n"
+                    "    (benchmarks/README.md), with 'native', the architecture designed at the compact widths.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  compactor bench                                   # the seeds' LeNet, torch CPU 1 thread, batch 1\n"
+               "  compactor bench --model mypkg.nets:LeNet --weights pruned_model.pth --input-shape 1,1,28,28 \\\n"
+               "      --batch 1,8 --json bench.json\n"
+               "  compactor bench --model mypkg.nets:LeNet --weights pruned_model.pth --input-shape 1,1,28,28 \\\n"
+               "      --backends torch-cpu-1t,ort-cpu-1t --round-to 8\n"
+               "  compactor bench                                   # built-in: the seeds' LeNet, torch CPU 1 thread, batch 1\n"
                "  compactor bench --model resnet50 --scenario bottleneck-inner-50 --backend ort-cpu-1t --batch 8\n"
+               "Backends: torch-cpu-1t, torch-cpu, ort-cpu-1t, ort-cpu, torch-cuda, torch-cuda-fp16, torch-cuda-bf16,\n"
+               "torch-cuda-graph, torch-cuda-compile, ort-cuda (those this machine has).\n"
                "The whole suite, with JSON / markdown / plots: python benchmarks/run_all.py",
     )
-    p.add_argument("--model", default="lenet", choices=("lenet", "resnet50", "vit"), help="(default: %(default)s)")
+    _model_options(p, "your model: the pruned state_dict (*_orig/*_mask keys), as for compactor compact",
+                   required=False,
+                   model_help="your model as module:callable (with --weights and --input-shape), or a built-in case: "
+                              "lenet, resnet50, vit (default: lenet)")
+    p.add_argument("--round-to", type=int, default=None, metavar="N",
+                   help="your model: also time compact(round_to=N) (widths kept at multiples of N)")
     p.add_argument("--scenario", default=None,
-                   help="seeds-<pct> (lenet), bottleneck-inner-<pct> or all-<pct> (resnet50), mlp-<pct> (vit); "
-                        "default: the model's 50 %% case")
-    p.add_argument("--backend", default="torch-cpu-1t",
-                   help="torch-cpu-1t, torch-cpu, ort-cpu-1t, ort-cpu, torch-cuda, ort-cuda (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=1, help="samples per forward (default: %(default)s)")
+                   help="built-in case: seeds-<pct> (lenet), bottleneck-inner-<pct> or all-<pct> (resnet50), "
+                        "mlp-<pct> (vit); default: the model's 50 %% case")
+    p.add_argument("--backends", "--backend", dest="backends", default=None, metavar="LIST",
+                   help="comma list (default: every backend available here for your model; torch-cpu-1t for a "
+                        "built-in case)")
+    p.add_argument("--batch", default=None, metavar="LIST",
+                   help="batch sizes, comma list (default: the batch of --input-shape; 1 for a built-in case)")
     p.add_argument("--repeats", type=int, default=20, help="timed repeats per variant (default: %(default)s)")
+    p.add_argument("--json", metavar="FILE.json", help="also write every row, the checks and the verdict as JSON")
+    p.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
     p.set_defaults(func=_bench)
     return parser
 

@@ -371,3 +371,92 @@ def test_bench_unknown_backend_is_one_line(capsys):
     assert cli_main(["bench", "--backend", "tpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tpu" in err[0]
+
+
+def _bench_args(name, *extra):
+    return ["bench", "--model", f"{name}:LeNet", "--weights", "pruned_model.pth", "--input-shape", "1,1,28,28",
+            "--backends", "torch-cpu-1t,ort-cpu-1t", "--batch", "1,2", "--repeats", "2", *extra]
+
+
+def test_bench_on_the_users_model_times_every_variant_checked_and_names_the_fastest(user, capsys):
+    """`compactor bench --model nets:LeNet --weights pruned_model.pth`: one table, a row per (backend, batch,
+    variant); dense is the *_orig weights (199,968 MACs, 60,074 params), compact the 15,306-parameter model
+    checked against masked before timing; one verdict line naming a timed backend; --json holds the same rows
+    and refuses to be overwritten without --force."""
+    import json
+
+    name, _, _, folder = user
+    assert main(_bench_args(name, "--json", "bench.json")) == 0
+    out = capsys.readouterr().out.splitlines()
+    table = {tuple(line.split()[:3]): line for line in out if line.split()[:1] in (["torch-cpu-1t"], ["ort-cpu-1t"])}
+    variants = ("dense", "masked", "compact", "compact-drop")
+    assert sorted(table) == sorted((b, str(n), v) for b in ("torch-cpu-1t", "ort-cpu-1t") for n in (1, 2)
+                                   for v in variants)
+    for backend in ("torch-cpu-1t", "ort-cpu-1t"):
+        assert "= masked: |diff|" in table[(backend, "1", "compact")]
+        assert "15,306" in table[(backend, "2", "compact")] and "60,074" in table[(backend, "2", "dense")]
+    verdicts = [line for line in out if line.startswith("verdict: ")]
+    assert len(verdicts) == 1 and "the compact model runs fastest on " in verdicts[0]
+    assert "x the masked model" in verdicts[0] and "dense on that runtime" in verdicts[0]
+    assert out[-1] == "wrote bench.json"
+
+    with open(folder / "bench.json") as f:
+        doc = json.load(f)
+    assert doc["model"] == f"{name}:LeNet" and doc["weights"] == "pruned_model.pth" and doc["batches"] == [1, 2]
+    assert len(doc["rows"]) == 16 and {r["variant"] for r in doc["rows"]} == set(variants)
+    assert doc["params"] == {"dense": 60074, "masked": 60074, "compact": 15306, "compact-drop": 15306}
+    assert doc["macs"]["dense"] == 199968 and doc["macs"]["compact"] == 59328
+    compact_rows = [r for r in doc["rows"] if r["variant"] == "compact"]
+    assert all(r["check_ref"] == "masked" and 0 <= r["check_max_abs_diff"] <= r["check_tolerance"] for r in compact_rows)
+    assert all(r["median_s"] > 0 and r["speedup_vs_masked"] > 0 for r in doc["rows"])
+    assert doc["verdict"]["backend"] in ("torch-cpu-1t", "ort-cpu-1t") and doc["verdict"]["line"] == verdicts[0]
+    assert f"({doc['verdict']['backend']})" in verdicts[0]
+
+    before = (folder / "bench.json").read_bytes()
+    assert main(_bench_args(name, "--json", "bench.json")) == 2
+    assert "--json bench.json exists; pass --force" in one_line_error(capsys)
+    assert (folder / "bench.json").read_bytes() == before
+
+
+def test_bench_dense_is_the_weights_before_masking(user, capsys):
+    """The dense row is the model before masking: built from *_orig with the masks dropped, it computes what
+    the model computed before ln_structured, not the masked (or prune.remove'd) model."""
+    from compactor import bench
+
+    name, module, masked, _ = user
+    loaded = compactor.load_pruned(module.LeNet, "pruned_model.pth")
+    dense = bench.dense_from_masked(module.LeNet, loaded)
+    torch.manual_seed(0)
+    original = module.LeNet().eval()  # the same seed as the fixture, before pruning
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), original(x), rtol=0, atol=0)
+        assert not torch.allclose(dense(x), masked(x))
+    assert not any(k.endswith(("_orig", "_mask")) for k in dense.state_dict())
+
+
+@pytest.mark.parametrize("over, keyword", [
+    (["--input-shape", "1,one,28,28"], "--input-shape '1,one,28,28' should be positive integers"),
+    (["--batch", "0"], "--batch '0' should be positive integers"),
+    (["--backends", "tpu"], "'tpu' is not a backend"),
+    (["--scenario", "all-50"], "--scenario is for the built-in cases"),
+])
+def test_bench_user_errors_are_one_line_exit_2(over, keyword, user, capsys):
+    name, _, _, folder = user
+    before = sorted(os.listdir(folder))
+    args = _bench_args(name, "--json", "bench.json")
+    for flag, value in zip(over[::2], over[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    code = main(args)
+    line = one_line_error(capsys)
+    assert code == 2 and line.startswith("compactor bench: error: ") and keyword in line, line
+    assert sorted(os.listdir(folder)) == before
+
+
+def test_bench_builtin_name_with_weights_is_refused(capsys):
+    """A built-in name (lenet) and --weights: one line saying --weights is for module:callable models."""
+    assert main(["bench", "--model", "lenet", "--weights", "pruned_model.pth"]) == 2
+    assert "--weights is for your own model (--model module:callable)" in one_line_error(capsys)
