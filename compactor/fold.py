@@ -13,7 +13,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from .layers import with_border_correction
+from .layers import is_transposed_linear, with_border_correction
 from .planner import Cut, Fold, Plan
 
 __all__ = ["apply", "new_shapes"]
@@ -36,6 +36,8 @@ def _slicing(layer: Union[nn.Module, nn.Parameter], cut: Cut) -> Slicing:
         return {**spec, "border_kernel": out, "border_offset": out}
     if isinstance(layer, nn.Linear):
         return {"weight": out + inp, "bias": out}
+    if is_transposed_linear(layer):  # weight (in, out)
+        return {"weight": ((1, cut.out), (0, cut.inputs)), "bias": out}
     if isinstance(layer, _BN):
         return {"weight": out, "bias": out, "running_mean": out, "running_var": out}
     if isinstance(layer, nn.PReLU):
@@ -116,6 +118,10 @@ def _sync_widths(layer: nn.Module, cut: Cut) -> None:
         layer.in_channels -= len(cut.inputs)
     elif isinstance(layer, nn.Linear):
         layer.out_features, layer.in_features = layer.weight.shape
+    elif is_transposed_linear(layer):
+        layer.nf = layer.weight.shape[1]
+        if hasattr(layer, "nx"):
+            layer.nx = layer.weight.shape[0]
     elif isinstance(layer, _BN):
         layer.num_features -= len(cut.out)
     elif isinstance(layer, nn.PReLU):

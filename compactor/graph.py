@@ -29,6 +29,7 @@ from torch_pruning import ops as tp_ops
 from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import index_mapping, shape_infer
 
+from .layers import is_transposed_linear
 from .tensors import Kwargs, flatten_outputs
 
 __all__ = ["Item", "Group", "trace"]
@@ -155,9 +156,12 @@ def _classify(node, handler, DG) -> tuple[str, str, str, int]:
             return "pass", op, "", 0
         if op in ("Slice", "Select"):
             return "blocked", op, f"a fixed '{op.lower()}' of the tensor keeps these channels", 0
-        if op in ("Addmm", "Mm") and node.outputs and all(o.type == O.LINEAR for o in node.outputs):
-            return "pass", op, "", 0  # the matmul inside an nn.Linear applied to a (N, L, F) input
+        if op in ("Addmm", "Mm") and node.outputs and all(
+                o.type == O.LINEAR or is_transposed_linear(o.module) for o in node.outputs):
+            return "pass", op, "", 0  # the matmul inside an nn.Linear (or a Conv1D) applied to a (N, L, F) input
         return "blocked", op, f"operation '{op}' may mix channels", 0
+    if t == O.CUSTOMIZED and is_transposed_linear(module):
+        return ("out" if DG.is_out_channel_pruning_fn(handler) else "in"), "Conv1D", "", 0
     op = type(module).__name__ if isinstance(module, nn.Module) else t.name
     what = {O.LN: "normalizes across channels", O.GN: "normalizes across channels",
             O.IN: "is not supported", O.MHA: "attention heads are not sliced",
@@ -166,6 +170,25 @@ def _classify(node, handler, DG) -> tuple[str, str, str, int]:
 
 
 _PAIR_BUDGET = 150_000  # (index, root) pairs one group may reach (~150 bytes each) before it counts as not understood
+
+
+class _TransposedLinearPruner(tp.pruner.function.BasePruningFunc):
+    """Tells torch-pruning the widths of Hugging Face's Conv1D (weight (in, out)); compactor slices it itself."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise NotImplementedError("compactor slices layers itself")
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise NotImplementedError("compactor slices layers itself")
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[1]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[0]
+
+
+_TRANSPOSED_LINEAR = _TransposedLinearPruner()
 
 
 def _build(model: nn.Module, example_inputs: Sequence) -> tuple[Any, dict[Any, str], set]:
@@ -177,6 +200,8 @@ def _build(model: nn.Module, example_inputs: Sequence) -> tuple[Any, dict[Any, s
     DG.model = model
     DG._module2name = {m: n for n, m in model.named_modules()}
     DG.ignored_params = []
+    for cls in {type(m) for m in model.modules() if is_transposed_linear(m)}:
+        DG.register_customized_layer(cls, _TRANSPOSED_LINEAR)
     DG._param_to_name, DG.unwrapped_parameters = DG._detect_unwrapped_parameters(None)
     returned: set = set()
 
@@ -332,7 +357,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for m in list(DG.module2node):
-            if not isinstance(m, roots) or m in visited or m in ignored:
+            if not (isinstance(m, roots) or is_transposed_linear(m)) or m in visited or m in ignored:
                 continue
             check()
             pruner = DG.get_pruner_of_module(m)

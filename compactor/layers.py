@@ -1,4 +1,4 @@
-"""Layers the compact model may contain beyond plain torch ones."""
+"""Layer kinds compactor slices beyond torch's own, and the layers a compact model may contain beyond plain torch ones."""
 
 from __future__ import annotations
 
@@ -8,7 +8,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BorderCorrectedConv1d", "BorderCorrectedConv2d", "BorderCorrectedConv3d", "with_border_correction"]
+__all__ = ["BorderCorrectedConv1d", "BorderCorrectedConv2d", "BorderCorrectedConv3d", "with_border_correction",
+           "is_transposed_linear", "out_major", "is_linear_like"]
+
+
+def is_transposed_linear(module: object) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2 and kin): ``x @ weight + bias`` with ``weight`` stored (in, out)."""
+    return isinstance(module, nn.Module) and type(module).__name__ == "Conv1D" and hasattr(module, "nf") \
+        and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
+
+
+def is_linear_like(module: object) -> bool:
+    """``nn.Linear`` or a transposed one: reads and writes the last dimension."""
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
+
+
+def out_major(module: nn.Module) -> torch.Tensor:
+    """The layer's weight, detached, with output channels first and input channels second (a view)."""
+    w = module.weight.detach()
+    return w.t() if is_transposed_linear(module) or isinstance(module, nn.Embedding) else w
 
 
 class _BorderCorrected:

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import graph, probe
 from .errors import CompactionError
+from .layers import is_linear_like, out_major
 from .progress import Progress
 
 __all__ = ["Mode", "Cut", "Fold", "GroupNote", "Plan", "Ledger", "make_plan", "select", "settle", "place_folds",
@@ -132,15 +133,14 @@ class Ledger:
 
 def dead_rows(module: Any) -> torch.Tensor:
     """Boolean per output channel: True where the layer's weights for it are all zero."""
-    if isinstance(module, nn.Embedding):
-        return module.weight.detach().eq(0).all(0)
-    w = module.weight.detach().reshape(module.weight.shape[0], -1)
+    w = out_major(module)
+    w = w.reshape(w.shape[0], -1)
     return (w.amax(1) == 0) & (w.amin(1) == 0)  # weights are finite (checked): faster than counting nonzeros
 
 
 def zero_columns(module: Any) -> torch.Tensor:
     """Boolean per input channel of a conv (groups=1) / linear: True where no output reads it."""
-    w = module.weight.detach()
+    w = out_major(module)
     flat = w.reshape(w.shape[0], -1)
     zero = (flat.amax(0) == 0) & (flat.amin(0) == 0)  # per (input, kernel position)
     return zero.reshape(w.shape[1], -1).all(1)
@@ -410,10 +410,10 @@ def place_folds(ledger: Ledger, modules: Mapping[str, nn.Module], stats: Mapping
             acc = sums.setdefault(it.name, {"bias": None, "border": None, "sources": []})
             acc["sources"].append(ledger.groups[gi].root)
             module = modules[it.name]
-            w = module.weight.detach().index_select(1, torch.tensor(local, dtype=torch.long,
-                                                                    device=module.weight.device)).double()
+            w = out_major(module).index_select(1, torch.tensor(local, dtype=torch.long,
+                                                               device=module.weight.device)).double()
             v = values.to(w.device)
-            if isinstance(module, nn.Linear):
+            if is_linear_like(module):
                 key, delta = "bias", w @ v
             else:
                 kernel = torch.einsum("oc...,c->o...", w, v)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from .layers import is_linear_like, out_major
 from .tensors import call, flatten_outputs
 
 __all__ = ["ChannelStats", "Measurements", "Recording", "recording", "measure", "nan_probe", "zeroed_outputs", "count_macs", "channel_view"]
@@ -75,8 +76,8 @@ class Measurements:
 
 def _count(macs: dict[str, int], name: str, mod: nn.Module, out: torch.Tensor) -> None:
     n = out.shape[0] if out.dim() > 1 else 1
-    if isinstance(mod, nn.Linear):
-        per = out.numel() // n * mod.in_features
+    if is_linear_like(mod):
+        per = out.numel() // n * out_major(mod).shape[1]
     else:
         k = 1
         for d in mod.kernel_size:
@@ -131,7 +132,7 @@ def recording(model: nn.Module) -> Iterator[Recording]:
 
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear,) + _CONV):
+        if isinstance(m, _CONV) or is_linear_like(m):
             hooks.append(m.register_forward_pre_hook(functools.partial(layer_in, name)))
             hooks.append(m.register_forward_hook(functools.partial(layer_out, name)))
         elif isinstance(m, _BN):
@@ -225,7 +226,7 @@ def nan_probe(model: nn.Module, produce: Mapping[str, set[int]], expect: Mapping
             return (torch.nan_to_num(x, nan=0.0),) + tuple(args[1:])
         return None
 
-    readers = set(expect) | {n for n, m in modules.items() if isinstance(m, _CONV + (nn.Linear,))}
+    readers = set(expect) | {n for n, m in modules.items() if isinstance(m, _CONV) or is_linear_like(m)}
     hooks = _hook_inputs(model, readers, pre)
     hooks += [modules[n].register_forward_hook(lambda m, a, o, _i=idx: _filled(m, o, _i, float("nan")))
               for n, idx in produce.items() if idx]

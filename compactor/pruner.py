@@ -32,6 +32,7 @@ from torch.nn.utils import prune
 
 from . import graph, masks, planner
 from .errors import CompactionError
+from .layers import is_transposed_linear, out_major
 from .tensors import Inputs, as_inputs, make_batches
 
 __all__ = ["Importance", "GroupPruning", "PruneReport", "prune_channels"]
@@ -159,9 +160,8 @@ def _units(groups: list[graph.Group], ok: set[int]) -> tuple[list[list[Unit]], s
 def _rows(item: graph.Item, roots: set[int]) -> torch.Tensor:
     """The weight rows (Embedding: columns) of ``item`` that belong to ``roots``."""
     local = [i for i, r in zip(item.idxs, item.root_idxs) if r in roots]
-    w = item.module.weight.detach()
-    index = torch.tensor(local, dtype=torch.long, device=w.device)
-    return w.index_select(1, index).t() if isinstance(item.module, nn.Embedding) else w.index_select(0, index)
+    w = out_major(item.module)
+    return w.index_select(0, torch.tensor(local, dtype=torch.long, device=w.device))
 
 
 def _score(groups: list[graph.Group], unit: list[Unit], importance: Importance) -> float:
@@ -236,8 +236,7 @@ def _masks(groups: list[graph.Group], units: Iterable[list[Unit]]) -> dict[str, 
             for it in groups[gi].items:
                 if it.role not in _PRODUCERS:
                     continue
-                w = it.module.weight
-                n = w.shape[1] if isinstance(it.module, nn.Embedding) else w.shape[0]
+                n = out_major(it.module).shape[0]
                 flags = rows.setdefault(it.name, torch.zeros(n, dtype=torch.bool))
                 for i, r in zip(it.idxs, it.root_idxs):
                     if r in roots:
@@ -246,12 +245,9 @@ def _masks(groups: list[graph.Group], units: Iterable[list[Unit]]) -> dict[str, 
 
 
 def _mask(module: nn.Module, flags: torch.Tensor) -> torch.Tensor:
-    w = module.weight
-    mask = torch.ones_like(w)
-    if isinstance(module, nn.Embedding):
-        mask[:, flags.to(w.device)] = 0
-    else:
-        mask[flags.to(w.device)] = 0
+    mask = torch.ones_like(module.weight)
+    rows = mask.t() if isinstance(module, nn.Embedding) or is_transposed_linear(module) else mask
+    rows[flags.to(mask.device)] = 0
     return mask
 
 

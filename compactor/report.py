@@ -9,6 +9,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from .layers import is_transposed_linear
 from .planner import GroupNote, Plan
 
 __all__ = ["LayerRow", "GroupNote", "Report", "Layout", "layout", "build", "report_of"]
@@ -117,7 +118,7 @@ class Layout:
 def layout(model: nn.Module) -> Layout:
     """The :class:`Layout` of ``model``; its ``shapes`` are what :func:`compactor.fold.new_shapes` predicts."""
     layers = {name: type(m).__name__ for name, m in model.named_modules()
-              if isinstance(m, _REPORTED) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+              if (isinstance(m, _REPORTED) or is_transposed_linear(m)) and isinstance(getattr(m, "weight", None), torch.Tensor)}
     first = {k for k, _ in model.named_parameters()}
     shapes = {k: tuple(p.shape) for k, p in model.named_parameters(remove_duplicate=False)}
     return Layout(layers, shapes, frozenset(shapes) - first)

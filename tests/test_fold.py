@@ -212,3 +212,33 @@ def test_folds_from_two_groups_into_one_consumer_add_up():
     torch.testing.assert_close(f.values, 0.25 * w[:, 0] + 0.75 * w[:, 5], rtol=1e-12, atol=0.0)
     assert plan.cuts["c"].inputs == (0, 5)
     _assert_compact_equals_masked(m, x)
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's Conv1D as GPT-2 uses it: weight stored (in, out), x @ weight + bias."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.5)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(x.size()[:-1] + (self.nf,))
+
+
+def test_a_transposed_linear_loses_columns_and_folds_like_a_linear():
+    """Conv1D(4 -> 6) -> relu -> Conv1D(6 -> 3), output columns 1 and 4 of the first masked (bias b1): the first
+    keeps columns 0, 2, 3, 5; the second loses rows 1, 4 and its bias gains W2[1] relu(b1[1]) + W2[4] relu(b1[4])."""
+    torch.manual_seed(0)
+    m = nn.Sequential(Conv1D(6, 4), nn.ReLU(), Conv1D(3, 6)).eval()
+    mask = torch.ones(4, 6)
+    mask[:, [1, 4]] = 0
+    torch.nn.utils.prune.custom_from_mask(m[0], "weight", mask)
+    w2, b1, b2 = m[2].weight.detach().clone(), m[0].bias.detach(), m[2].bias.detach().clone()
+    x = torch.randn(2, 5, 4)
+    small = _assert_compact_equals_masked(m, x)
+    assert small[0].weight.shape == (4, 4) and small[0].nf == 4 and small[2].weight.shape == (4, 3)
+    expected = b2 + w2[1] * torch.relu(b1[1]) + w2[4] * torch.relu(b1[4])
+    torch.testing.assert_close(small[2].bias, expected, rtol=1e-6, atol=1e-7)

@@ -66,3 +66,30 @@ def test_bert_with_per_layer_masks_and_keyword_inputs():
         torch.testing.assert_close(small(**inputs).last_hidden_state, model(**inputs).last_hidden_state,
                                    rtol=1e-5, atol=1e-5)
     assert compactor.plan(model, inputs).params_after == compactor.report_of(small).params_after
+
+
+def test_gpt2_conv1d_layers_are_sliced_and_generation_is_unchanged():
+    """GPT-2's projections are Conv1D (weight stored (in, out)): per-layer masks on their output columns let the
+    MLP neurons go (c_fc columns, c_proj rows), exactly, with greedy generate() unchanged; prune_channels masks
+    whole MLP neurons and compact() removes all of them."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    model = T.GPT2LMHeadModel(cfg).eval()
+    for m in [m for m in model.modules() if isinstance(m, Conv1D)]:
+        prune.ln_structured(m, "weight", amount=0.5, n=2, dim=1)  # Conv1D's output channels are its columns
+    inputs = {"input_ids": _tokens()["input_ids"]}
+    small = compactor.compact(model, inputs)
+    for block in small.transformer.h:
+        assert block.mlp.c_fc.weight.shape == (32, 64) and block.mlp.c_fc.nf == 64
+        assert block.mlp.c_proj.weight.shape == (64, 32)
+    prompt = inputs["input_ids"][:1]
+    assert torch.equal(small.generate(prompt, max_new_tokens=12, do_sample=False),
+                       model.generate(prompt, max_new_tokens=12, do_sample=False))
+    fresh = T.GPT2LMHeadModel(cfg).eval()
+    report = compactor.prune_channels(fresh, inputs, 0.5)
+    assert sum(g.masked for g in report.groups) == 128  # 64 neurons in each of the two MLPs
+    again = compactor.compact(fresh, inputs)
+    assert [g for g in compactor.report_of(again).groups if g.status != "removed"] == []
+    assert again.transformer.h[1].mlp.c_fc.nf == 64
