@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -32,49 +31,14 @@ RESULTS = os.path.join(HERE, "results")
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return bench.machine_info()["cpu"]
 
 
 def _cpu_cores() -> int:
     return bench.backend_threads("torch-cpu")  # every CPU this process may use
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model and cores, torch / onnx / onnxruntime versions, threads, GPU name if any."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        ort = None
-    info: dict[str, Any] = {
-        "cpu": _cpu_model(),
-        "cpu_cores": _cpu_cores(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "onnxruntime": getattr(ort, "__version__", None),
-        "ort_providers": ort.get_available_providers() if ort else [],
-        "gpu": None,
-    }
-    try:
-        import onnx
-
-        info["onnx"] = onnx.__version__
-    except ImportError:
-        info["onnx"] = None
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-        info["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
-        info["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
-    return info
+machine_info = bench.machine_info
 
 
 def _slug(s: str) -> str:
@@ -200,11 +164,23 @@ LATENCY_COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("ONNX", lambda r: fmt_n(r["onnx_bytes"]) + "B" if r.get("onnx_bytes") else ""),
     ("x masked", lambda r: fmt_x(r["speedup_vs_masked"])),
     ("x dense", lambda r: fmt_x(r["speedup_vs_dense"])),
+    ("x native", lambda r: fmt_x(r.get("speedup_vs_native"))),
     ("MAC ratio", lambda r: fmt_x(r["mac_ratio"])),
     ("efficiency", lambda r: fmt_x(r["efficiency"])),
-    ("max abs diff (vs)", lambda r: "" if r.get("check_max_abs_diff") is None
-        else f"{r['check_max_abs_diff']:.1e} <= {r['check_tolerance']:.1e} ({'masked' if r['check_ref'] == 'masked' else 'zeroed'})"),
+    ("max abs diff (vs)", lambda r: _check_text(r)),
 ]
+
+
+def _check_text(r: dict) -> str:
+    if r["variant"] == "native" and r.get("check_ref"):
+        return "shapes = compact"
+    if r.get("check_max_abs_diff") is None:
+        return ""
+    text = (f"{r['check_max_abs_diff']:.1e} <= {r['check_tolerance']:.1e} "
+            f"({'masked' if r['check_ref'] == 'masked' else 'zeroed'})")
+    if r.get("runtime_max_abs_diff") is not None:
+        text += f"; {r['dtype']}: {r['runtime_max_abs_diff']:.1e} <= {r['runtime_tolerance']:.1e}"
+    return text
 
 
 def group_key(r: dict) -> tuple:
@@ -225,6 +201,39 @@ def latency_markdown(rows: Sequence[dict]) -> str:
         parts.append(f"### {model} {scenario} - {backend} ({threads} thread{'s' if threads != 1 else ''}) - batch {batch}\n")
         parts.append(table(rs, LATENCY_COLUMNS))
         parts.append("")
+    return "\n".join(parts)
+
+
+def native_markdown(rows: Sequence[dict]) -> str:
+    """Per case, a row per (backend, batch): compact (exact / drop / round_to=8) vs the natively designed model,
+    next to MAC efficiency. Empty when no row has a native variant."""
+    parts = []
+    cases: dict[tuple, dict[tuple, dict[str, dict]]] = {}
+    for r in rows:
+        cases.setdefault((r["model"], r["scenario"]), {}).setdefault((r["backend"], r["batch"]), {})[r["variant"]] = r
+    for (model, scenario), cells in cases.items():
+        entries = [dict(g, _backend=b, _batch=n) for (b, n), g in cells.items() if "native" in g and "compact" in g]
+        if not entries:
+            continue
+
+        def x(g: dict, variant: str, key: str) -> str:
+            return fmt_x(g[variant].get(key)) if variant in g else ""
+
+        cols = [
+            ("backend", lambda g: g["_backend"]),
+            ("batch", lambda g: str(g["_batch"])),
+            ("MAC ratio", lambda g: x(g, "compact", "mac_ratio")),
+            ("native x dense", lambda g: x(g, "native", "speedup_vs_dense")),
+            ("drop x native", lambda g: x(g, "compact-drop", "speedup_vs_native")),
+            ("**exact x native**", lambda g: x(g, "compact", "speedup_vs_native")),
+            ("round8 x native", lambda g: x(g, "compact-round8", "speedup_vs_native")),
+            ("exact x dense", lambda g: x(g, "compact", "speedup_vs_dense")),
+            ("exact x masked", lambda g: x(g, "compact", "speedup_vs_masked")),
+            ("eff. exact / drop / native", lambda g: " / ".join(
+                x(g, v, "efficiency") or "-" for v in ("compact", "compact-drop", "native"))),
+            ("IQR/median (exact)", lambda g: f"{g['compact']['spread']:.0%}"),
+        ]
+        parts += [f"### {model} {scenario}\n", table(entries, cols), ""]
     return "\n".join(parts)
 
 

@@ -1,11 +1,14 @@
 """How much faster is the compact model than the masked one, per backend, batch and sparsity?
 
 Variants: dense (never pruned), masked (live prune hooks), masked-baked (prune.remove:
-same shapes, zeros inside), compact (exact), compact-drop (mode="drop"),
-compact-round8 (round_to=8). Backends: torch eager CPU (1 thread / all), onnxruntime
-CPU (1 thread / all), torch CUDA eager (+ torch.compile with --compile) and onnxruntime
-CUDA where present. Every case is checked before it is timed (compact == masked with
-torch.testing.assert_close; ONNX == torch), and variants are timed interleaved.
+same shapes, zeros inside), native (the architecture designed at the compact widths,
+checked to have compact's layer shapes: what those widths can run at), compact (exact),
+compact-drop (mode="drop"), compact-round8 (round_to=8). Backends: torch eager CPU
+(1 thread / all), onnxruntime CPU (1 thread / all), torch CUDA eager (+ torch.compile with
+--compile) and onnxruntime CUDA where present; the other GPU runtimes (fp16 / bf16,
+CUDA graphs) are gpu_runtimes.py's question. Every case is checked before it is timed
+(compact == masked with compactor.verify.compare; ONNX == torch), and variants are timed
+interleaved.
 
     python benchmarks/latency.py                 # the CPU suite (+ CUDA where present)
     python benchmarks/latency.py --smoke --out /tmp/b   # seconds: tiny models, batch 1 and 2, 3 repeats
@@ -29,6 +32,8 @@ from common import bench  # noqa: E402
 SCENARIOS = {"lenet": ["seeds-50"], "resnet50": ["bottleneck-inner-50", "all-50"], "vit": ["mlp-50"]}
 SWEEP_KIND = {"lenet": "seeds", "resnet50": "bottleneck-inner", "vit": "mlp"}
 BIG = ("resnet50", "vit")
+#: what latency.py times by default (torch-cuda-compile too with --compile)
+DEFAULT_BACKENDS = ("torch-cpu-1t", "torch-cpu", "ort-cpu-1t", "ort-cpu", "torch-cuda", "ort-cuda")
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -66,7 +71,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.repeats = args.big_repeats = 3
         args.sparsities = [0.3, 0.7]
         args.big_sparsities = []
-        args.big_variants = ["dense", "masked", "compact"]
+        args.big_variants = ["dense", "masked", "native", "compact"]
         args.out = common.smoke_base(args.out)
         if args.backends is None:
             args.backends = [b for b in ("torch-cpu-1t", "ort-cpu-1t") if b in bench.available_backends()]
@@ -101,7 +106,8 @@ def run(args: argparse.Namespace, after_case: Optional[Callable[[bench.Prepared]
 
 def _run(args: argparse.Namespace, after_case: Optional[Callable[[bench.Prepared], None]], t0: float) -> dict:
     available = bench.available_backends()
-    wanted = args.backends or [b for b in available if b != "torch-cuda-compile" or args.compile]
+    wanted = args.backends or [b for b in available
+                               if b in DEFAULT_BACKENDS or (b == "torch-cuda-compile" and args.compile)]
     backends = [b for b in wanted if b in available]
     skipped = [b for b in wanted if b not in available]
     if skipped:
@@ -187,6 +193,10 @@ def write(args: argparse.Namespace, result: dict) -> list[str]:
         md = [common.header(f"Latency: compact vs masked vs dense ({device})", machine, settings)]
         md.append("## Targets\n")
         md.append(common.targets_markdown(doc["targets"]))
+        native = common.native_markdown(rows)
+        if native:
+            md.append("## Compact vs native (the same architecture designed at the compact widths)\n")
+            md.append(native)
         md.append("## Cases\n")
         md.append(common.latency_markdown(rows))
         if sweep:

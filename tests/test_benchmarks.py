@@ -46,6 +46,13 @@ def test_latency_smoke_rows_are_checked_and_positive(tmp_path):
     ort_rows = [r for r in rows if r["backend"].startswith("ort")]
     if ort_rows:
         assert all(r["onnx_max_abs_diff"] <= r["onnx_tolerance"] and r["onnx_bytes"] > 0 for r in ort_rows)
+    native = [r for r in rows if r["variant"] == "native"]
+    assert {r["model"] for r in native} == {"lenet", "resnet50"}
+    for r in native:  # designed at the compact widths: same parameters, checked before timing
+        twin = next(c for c in compact if (c["model"], c["backend"], c["batch"]) == (r["model"], r["backend"], r["batch"]))
+        assert r["params"] == twin["params"] and r["macs"] == twin["macs"]
+        assert r["check_ref"].startswith("parameter names and shapes of compact")
+        assert twin["speedup_vs_native"] == pytest.approx(r["median_s"] / twin["median_s"])
     lenet_c = next(r for r in compact if r["model"] == "lenet" and r["variant"] == "compact")
     assert lenet_c["params"] < next(r for r in rows if r["model"] == "lenet" and r["variant"] == "masked")["params"]
     assert lenet_c["macs"] == 59328 and lenet_c["mac_ratio"] == pytest.approx(199968 / 59328)
@@ -147,3 +154,84 @@ def test_bytes_moved_counts_lenet_by_hand():
     assert dense.macs == 199968 and masked.macs == 199968 and small.macs == 59328
     assert dense.ops == small.ops == 11 and masked.ops == 15 and masked.names["mul"] == 4
     assert dense.w_read == 4 * sum(p.numel() for p in prep.variants["dense"].parameters())
+
+
+def test_native_lenet_is_designed_at_the_compact_widths():
+    """seeds-50 prunes round(0.5 * n) of conv1 (6), conv2 (16), fc1 (120), fc2 (84): LeNetAt(3, 8, 60, 42),
+    fc1 reading 8 * 5 * 5 = 200 features; every parameter has compact's name and shape (15,306 in all)."""
+    native, source = bench.build_native("lenet", "seeds-50")
+    assert source == "LeNetAt(3, 8, 60, 42)" and native.fc1.in_features == 200
+    prep = bench.prepare("lenet", "seeds-50", variants=("native", "compact", "compact-drop"))
+    assert prep.native_checked == ["compact", "compact-drop"]
+    assert bench.layer_shapes(prep.variants["native"]) == bench.layer_shapes(prep.variants["compact"])
+    assert prep.params["native"] == prep.params["compact"] == 15306
+
+
+def test_native_with_other_shapes_is_refused():
+    """A 'native' model whose fc2 has 43 outputs where compact has 42 is not the yardstick: prepare_models
+    raises naming the first parameter that differs."""
+    from compactor.demo import prune_like_the_seeds
+
+    dense = bench.LeNetAt().eval()
+    masked = prune_like_the_seeds(bench.masks.clone(dense), 0.5)
+    with pytest.raises(AssertionError, match=r"fc2.bias: native \(43,\), compact \(42,\)"):
+        bench.prepare_models(dense, masked, torch.randn(2, 1, 28, 28), model_name="lenet", scenario="seeds-50",
+                             source="test", variants=("native", "compact"),
+                             native=(bench.LeNetAt((3, 8, 60, 43)), "LeNetAt(3, 8, 60, 43)"))
+
+
+def test_gpu_runtimes_dry_run_on_cpu_checks_every_runtime(tmp_path):
+    """gpu_runtimes.py --device cpu --smoke runs gpu.sh's code path on the CPU: every CUDA runtime (fp32, fp16 /
+    bf16 channels_last, the graph runner, torch.compile with the eager backend) times dense / masked / native /
+    compact / drop; compact was checked against masked in fp32 and again in the runtime's own dtype; LeNet's
+    x.view() cannot take channels_last, so its fp16 run says it fell back to contiguous."""
+    doc = _script("gpu_runtimes.py", str(tmp_path), "--device", "cpu", "--cases",
+                  "resnet50:bottleneck-inner-50,lenet:seeds-50")
+    assert doc["errors"] == [] and doc["skipped"] == []
+    rows = doc["rows"]
+    runtimes = ["torch-cuda-fp16", "torch-cuda-graph", "torch-cuda", "torch-cuda-bf16"]
+    assert [(c["case"], c["runtime"]) for c in doc["cells"]] == (
+        [("resnet50:bottleneck-inner-50", r) for r in runtimes] + [("lenet:seeds-50", r) for r in runtimes]
+        + [("lenet:seeds-50", "torch-cuda-compile")])
+    assert all(r["run_on"] == "cpu" and r["median_s"] > 0 for r in rows)
+    compact = [r for r in rows if r["variant"] == "compact"]
+    assert len(compact) == 9 and all(r["check_ref"] == "masked" and r["check_max_abs_diff"] <= r["check_tolerance"]
+                                     for r in compact)
+    low = [r for r in compact if r["backend"] != "torch-cuda"]
+    assert all(r["runtime_max_abs_diff"] <= r["runtime_tolerance"] for r in low)
+    assert {r["dtype"] for r in low} == {"float16", "bfloat16"}
+    fp16 = {r["model"]: r["memory_format"] for r in compact if r["backend"] == "torch-cuda-fp16"}
+    assert fp16["resnet50"] == "channels_last" and fp16["lenet"].startswith("contiguous (channels_last fails")
+    assert {r["variant"] for r in rows if r["backend"] == "torch-cuda-compile"} == {
+        "dense", "native", "compact", "compact-drop"}
+    assert doc["cases"]["resnet50:bottleneck-inner-50"]["native_checked"] == ["compact", "compact-drop"]
+    (md,) = glob.glob(os.path.join(str(tmp_path), "cpu-*", "gpu_runtimes_smoke*.md"))
+    with open(md) as f:
+        text = f.read()
+    assert "DRY RUN ON CPU" in text and "**exact x native**" in text and "### resnet50 bottleneck-inner-50" in text
+
+
+def test_gpu_runtimes_budget_skips_and_still_writes(tmp_path, capsys):
+    """With no time left no cell starts: every planned cell is listed as skipped (ResNet-50 bottleneck-inner-50
+    first, torch.compile of the other cases last), and the JSON + markdown are written all the same."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import gpu_runtimes
+    finally:
+        sys.path.pop(0)
+    result = gpu_runtimes.main(["--device", "cpu", "--smoke", "--quiet", "--budget-s", "0", "--out", str(tmp_path),
+                                "--cases", "resnet50:bottleneck-inner-50,lenet:seeds-50"])
+    assert result["rows"] == [] and result["cells"] == []
+    order = [(s["case"], s["runtime"]) for s in result["skipped"]]
+    assert order[0] == ("resnet50:bottleneck-inner-50", "torch-cuda-fp16")
+    assert order[-1] == ("lenet:seeds-50", "torch-cuda-compile") and len(order) == 9
+    assert all(s["why"].startswith("budget:") for s in result["skipped"])
+    assert [os.path.splitext(f)[1] for f in result["files"]] == [".json", ".md"]
+
+
+def test_gpu_sh_parses():
+    """gpu.sh cannot run without a GPU; at least it is valid bash and names the script it runs."""
+    path = os.path.join(ROOT, "benchmarks", "gpu.sh")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    with open(path) as f:
+        assert "benchmarks/gpu_runtimes.py" in f.read()
