@@ -384,6 +384,21 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
 _NOT_UNDERSTOOD = "the traced channel mapping"
 
 
+def _mean_mixes(node: Any, channels_last: bool) -> bool:
+    """Whether a traced mean reduces over the channel dimension (the last one for linear layers' tensors, dim 1
+    for convs'): an RMSNorm or LayerNorm written by hand. A mean of everything counts too."""
+    fn = getattr(node, "grad_fn", None)
+    sizes = getattr(fn, "_saved_self_sym_sizes", None)
+    if sizes is None:
+        return False
+    dims = getattr(fn, "_saved_dim", None)
+    if dims is None:  # mean of every element
+        return True
+    ndim = len(sizes)
+    reduced = {(d if d < 2**63 else d - 2**64) % ndim for d in dims}
+    return (ndim - 1 if channels_last else min(1, ndim - 1)) in reduced
+
+
 def _group(DG: Any, module: nn.Module, fn: Any, n: int, names: dict, broken: dict, output_nodes: set) -> Group:
     group = Group(root=names.get(module, DG.module2node[module].name), size=n)
     reached, problem = _closure(DG, module, fn, n, names)
@@ -393,6 +408,7 @@ def _group(DG: Any, module: nn.Module, fn: Any, n: int, names: dict, broken: dic
         group.items.append(Item(group.root, module, "blocked", list(range(n)), list(range(n)),
                                 _classify(root, fn, DG)[1], problem))
         return group
+    channels_last = not isinstance(module, _CONV)  # Linear / Embedding / Conv1D groups: channels are the last dim
     for (node, handler), (dep, pairs) in reached.items():
         if isinstance(node.module, nn.Parameter) and any(node.module is p for p in DG.ignored_params):
             continue
@@ -411,6 +427,8 @@ def _group(DG: Any, module: nn.Module, fn: Any, n: int, names: dict, broken: dic
             unclear = f"{_NOT_UNDERSTOOD} through {name} is ambiguous (a channel with two sources)"
         elif width is not None and idxs and (idxs[0] < 0 or idxs[-1] >= width):
             unclear = f"{_NOT_UNDERSTOOD} does not fit {name} (channel {idxs[-1]} of {width})"
+        if role == "pass" and op == "Mean" and _mean_mixes(node, channels_last):
+            role, reason = "blocked", f"{name}: a mean over the channels (a norm computed by hand) mixes them"
         if unclear:
             role, reason = "blocked", unclear
             group.unclear = group.unclear or f"{unclear}; kept"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["BorderCorrectedConv1d", "BorderCorrectedConv2d", "BorderCorrectedConv3d", "with_border_correction",
-           "is_transposed_linear", "out_major", "is_linear_like"]
+           "is_transposed_linear", "out_major", "is_linear_like", "dead_rows", "zero_columns"]
 
 
 def is_transposed_linear(module: object) -> bool:
@@ -27,6 +27,22 @@ def out_major(module: nn.Module) -> torch.Tensor:
     """The layer's weight, detached, with output channels first and input channels second (a view)."""
     w = module.weight.detach()
     return w.t() if is_transposed_linear(module) or isinstance(module, nn.Embedding) else w
+
+
+def dead_rows(module: nn.Module) -> torch.Tensor:
+    """Boolean per output channel: True where the layer's weights for it are all zero."""
+    w = out_major(module)
+    w = w.reshape(w.shape[0], -1)
+    return (w.amax(1) == 0) & (w.amin(1) == 0)  # weights are finite (checked): faster than counting nonzeros
+
+
+def zero_columns(module: nn.Module) -> torch.Tensor:
+    """Boolean per input channel of a conv (groups=1) / linear: True where no output reads it."""
+    w = out_major(module)
+    flat = w.reshape(w.shape[0], -1)
+    zero = (flat.amax(0) == 0) & (flat.amin(0) == 0)  # per (input, kernel position)
+    return zero.reshape(w.shape[1], -1).all(1)
+
 
 
 class _BorderCorrected:

@@ -29,9 +29,9 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from . import graph, probe
+from . import graph, heads, probe
 from .errors import CompactionError
-from .layers import is_linear_like, out_major
+from .layers import dead_rows, is_linear_like, out_major, zero_columns
 from .progress import Progress
 
 __all__ = ["Mode", "Cut", "Fold", "GroupNote", "Plan", "Ledger", "make_plan", "select", "settle", "place_folds",
@@ -131,21 +131,6 @@ class Ledger:
 # --------------------------------------------------------------------------- reading masks
 
 
-def dead_rows(module: Any) -> torch.Tensor:
-    """Boolean per output channel: True where the layer's weights for it are all zero."""
-    w = out_major(module)
-    w = w.reshape(w.shape[0], -1)
-    return (w.amax(1) == 0) & (w.amin(1) == 0)  # weights are finite (checked): faster than counting nonzeros
-
-
-def zero_columns(module: Any) -> torch.Tensor:
-    """Boolean per input channel of a conv (groups=1) / linear: True where no output reads it."""
-    w = out_major(module)
-    flat = w.reshape(w.shape[0], -1)
-    zero = (flat.amax(0) == 0) & (flat.amin(0) == 0)  # per (input, kernel position)
-    return zero.reshape(w.shape[1], -1).all(1)
-
-
 def _local(item: graph.Item, roots: set[int]) -> list[int]:
     return [i for i, r in zip(item.idxs, item.root_idxs) if r in roots]
 
@@ -172,11 +157,14 @@ def _tied_layers(model: nn.Module) -> set[str]:
 # --------------------------------------------------------------------------- stage 1: select
 
 
-def select(groups: list[graph.Group], tied: set[str]) -> Ledger:
+def select(groups: list[graph.Group], tied: set[str], owned: frozenset[str] = frozenset()) -> Ledger:
     """Candidates per group: roots masked in every producer, or unread by every consumer.
 
     Notes what is masked only in part of a group, and keeps (with a note) groups that
     reach the model's output, hold tied weights or pass a blocked operation.
+
+    Groups rooted at a layer in ``owned`` (attention projections the head rule answers
+    for, :mod:`compactor.heads`) are left to that rule.
 
     Raises:
         CompactionError: the masks would remove every output channel of a layer.
@@ -194,6 +182,8 @@ def select(groups: list[graph.Group], tied: set[str]) -> Ledger:
                             else cols.setdefault(id(it.module), zero_columns(it.module)))
 
     for gi, g in enumerate(groups):
+        if g.root in owned:
+            continue
         if g.unclear:
             _note_unclear(ledger, g)
             continue
@@ -478,6 +468,24 @@ def cut_layers(ledger: Ledger) -> dict[str, Cut]:
             for name in sorted(set(out) | set(ins))}
 
 
+def _with_heads(cuts: dict[str, Cut], folds: tuple[Fold, ...], dropped: dict[str, tuple[int, ...]],
+                by_rule: heads.HeadPlan, ledger: Ledger, mode: Mode) -> tuple[dict[str, Cut], tuple[Fold, ...]]:
+    """Merge what the attention-head rule decided into the cuts, folds and notes."""
+    for layers, kv_heads, status, why in by_rule.notes:
+        ledger.notes.append(GroupNote(layers=layers, channels=kv_heads, status=status, reason=why))
+    for name, (out, inputs) in by_rule.cuts.items():
+        old = cuts.get(name, Cut(name=name))
+        cuts[name] = Cut(name=name, out=tuple(sorted(set(old.out) | out)), inputs=tuple(sorted(set(old.inputs) | inputs)),
+                         why=old.why or "attention head(s) removed", parameter_dim=old.parameter_dim)
+    if mode == "exact":
+        folds = folds + tuple(Fold(layer=o, target="bias", values=delta, sources=(o.rpartition(".")[0] or o,))
+                              for o, delta in by_rule.folds.items())
+    else:  # drop: the reference reads zeros where the removed heads' V bias was
+        for o in by_rule.folds:
+            dropped[o] = tuple(sorted(set(dropped.get(o, ())) | by_rule.cuts[o][1]))
+    return dict(sorted(cuts.items())), folds
+
+
 # --------------------------------------------------------------------------- all stages
 
 
@@ -492,7 +500,9 @@ def make_plan(work: nn.Module, batches: Sequence[tuple], *, mode: Mode = "exact"
     with progress.stage("tracing the channel dependencies"):
         with probe.recording(work) as first:  # the trace's forward is the first batch's measurement too
             groups, bn_pairs = graph.trace(work, batches[0], check=progress.check)
-        ledger = select(groups, _tied_layers(work))
+        tied = _tied_layers(work)
+        by_rule = heads.plan_heads(work, tied)
+        ledger = select(groups, tied, frozenset(by_rule.owned))
     with progress.stage(f"measuring channels on {len(batches)} input(s)"):
         watch: dict[str, list[int]] = {}
         if mode == "exact":
@@ -507,6 +517,7 @@ def make_plan(work: nn.Module, batches: Sequence[tuple], *, mode: Mode = "exact"
     with progress.stage("planning folds and cuts"):
         folds, dropped = place_folds(ledger, modules, measured.stats, measured.bn_pairs, mode)
         cuts = cut_layers(ledger)
+        cuts, folds = _with_heads(cuts, folds, dropped, by_rule, ledger, mode)
     plan = Plan(mode=mode, round_to=round_to, cuts=MappingProxyType(cuts), folds=folds, notes=tuple(ledger.notes),
-                dropped=MappingProxyType(dropped), any_masked=ledger.any_masked)
+                dropped=MappingProxyType(dropped), any_masked=ledger.any_masked or by_rule.any_masked)
     return plan, measured

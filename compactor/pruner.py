@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import graph, masks, planner
+from . import heads as heads_rule
 from .errors import CompactionError
 from .layers import is_transposed_linear, out_major
 from .tensors import Inputs, as_inputs, make_batches
@@ -310,13 +311,55 @@ def _dry_run(work: nn.Module, groups: list[graph.Group], clusters: list[list[lis
     return accepted
 
 
+def _prune_heads(model: nn.Module, work: nn.Module, amount: Union[float, int], ignored: set[str], tied: set[str],
+                 importance: Importance, report: PruneReport) -> None:
+    """Mask whole key/value heads (with their query heads) in each attention module the head rule understands."""
+    modules = dict(work.named_modules())
+    for att in heads_rule.find(work):
+        layers = (att.q, att.k, att.v, att.o)
+        if set(layers) & (ignored | tied) or att.name in ignored:
+            report.skipped.append((layers, "in ignore" if set(layers) & ignored else "weights tied with another layer"))
+            continue
+        hd, rep = att.head_dim, att.group
+        q, k, v, o = (out_major(modules[n]) for n in layers)
+        scores = []
+        for j in range(att.kv_heads):
+            kv = slice(j * hd, (j + 1) * hd)
+            qo = slice(j * rep * hd, (j + 1) * rep * hd)
+            rows = [q[qo], k[kv], v[kv], o[:, qo].t()]
+            scores.append(float(importance(rows)) if callable(importance) else
+                          float(sum(r.double().abs().sum() for r in rows)) if importance == "l1" else
+                          math.sqrt(float(sum(r.double().pow(2).sum() for r in rows))))
+        n = _keep_enough(att.kv_heads, _quota(amount, att.kv_heads), None, None)
+        gone = sorted(sorted(range(att.kv_heads), key=lambda j: (scores[j], j))[:n])
+        if not gone:
+            continue
+        flags_kv = torch.zeros(att.kv_heads * hd, dtype=torch.bool)
+        flags_q = torch.zeros(att.heads * hd, dtype=torch.bool)
+        for j in gone:
+            flags_kv[j * hd:(j + 1) * hd] = True
+            flags_q[j * rep * hd:(j + 1) * rep * hd] = True
+        _apply(model, {att.q: flags_q, att.k: flags_kv, att.v: flags_kv})
+        o_mod = model.get_submodule(att.o)
+        mask = torch.ones_like(o_mod.weight)
+        cols = flags_q.to(mask.device)  # O's input columns of the removed query heads
+        if is_transposed_linear(o_mod):
+            mask[cols] = 0
+        else:
+            mask[:, cols] = 0
+        prune.custom_from_mask(o_mod, "weight", mask)
+        report.groups.append(GroupPruning(layers=layers, units=att.kv_heads, masked=len(gone),
+                                          channels=int(flags_q.sum() + 2 * flags_kv.sum()),
+                                          score=sum(scores[j] for j in gone) / len(gone)))
+
+
 # --------------------------------------------------------------------------- the function
 
 
-def _check_args(amount, importance, scope, round_to, max_amount) -> None:
+def _check_args(amount, importance, scope, round_to, max_amount, what: str = "amount") -> None:
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or (
             isinstance(amount, float) and not 0.0 <= amount < 1.0) or (isinstance(amount, int) and amount < 0):
-        raise ValueError(f"prune_channels: amount={amount!r} should be a float in [0, 1) or a non-negative integer")
+        raise ValueError(f"prune_channels: {what}={amount!r} should be a float in [0, 1) or a non-negative integer")
     if not (callable(importance) or importance in ("l1", "l2")):
         raise ValueError(f"prune_channels: importance={importance!r} should be 'l2', 'l1' or a callable")
     if scope not in ("local", "global"):
@@ -355,6 +398,7 @@ def prune_channels(
     round_to: Optional[int] = None,
     ignore: Sequence[Union[str, nn.Module]] = (),
     max_amount: Optional[float] = None,
+    heads: Optional[Union[float, int]] = None,
 ) -> PruneReport:
     """Mask whole coupled channel groups of ``model`` in place, so that :func:`compactor.compact` removes them all.
 
@@ -375,6 +419,10 @@ def prune_channels(
             anything coupled with them.
         max_amount: at most this fraction of any one group (default for ``"global"``: 0.9).
             Every group keeps at least one unit.
+        heads: in attention modules the head rule understands (LLaMA, Mistral, Qwen2:
+            :mod:`compactor.heads`), this fraction (or count) of key/value heads per module,
+            each with its query heads: their Q, K, V rows and O columns are masked, lowest
+            norm first; at least one stays. ``None`` leaves attention alone.
 
     Returns:
         A :class:`PruneReport`: per group, its units, how many were masked and their score.
@@ -392,6 +440,8 @@ def prune_channels(
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune_channels expects a torch.nn.Module, got {type(model).__name__}")
     _check_args(amount, importance, scope, round_to, max_amount)
+    if heads is not None:
+        _check_args(heads, importance, scope, round_to, max_amount, what="heads")
     example = as_inputs(example_inputs, who="prune_channels")
     ignored = _names(model, ignore)
     work = masks.bake(model).eval()
@@ -399,7 +449,10 @@ def prune_channels(
     tied = planner._tied_layers(work)
     report = PruneReport(amount=amount, scope=scope)
     ok = set()
+    owned = {n for att in heads_rule.find(work) for n in (att.q, att.k, att.v)}  # left to the head rule
     for gi, g in enumerate(groups):
+        if g.root in owned:
+            continue
         why = _why_not(g, tied, ignored)
         if why:
             if any(it.role in _PRODUCERS for it in g.items) and not g.reaches_output:
@@ -420,6 +473,8 @@ def prune_channels(
     chosen = _select(clusters, scores, amount, scope, round_to, max_amount)
     picked = _dry_run(work, groups, clusters, scores, chosen, example, report)
     _apply(model, _masks(groups, [clusters[c][i] for c, i in picked]))
+    if heads is not None:
+        _prune_heads(model, work, heads, ignored, tied, importance, report)
     for c, (k, units_c) in enumerate(zip(keys, clusters)):
         idx = sorted(i for cc, i in picked if cc == c)
         rows = _masks(groups, [units_c[i] for i in idx])

@@ -14,9 +14,9 @@ PACKAGE = pathlib.Path(compactor.__file__).parent
 # Each module may import only modules listed before it.
 ORDER = [
     "errors", "tensors", "timing", "progress", "files",            # base: no pipeline knowledge
-    "layers", "masks", "graph", "probe", "planner", "fold", "report", "verify",  # the pipeline
-    "api", "pruner", "saving", "export", "plot",                          # what users call
-    "demo", "testing", "bench", "cli",                  # built on all of the above
+    "layers", "masks", "graph", "probe", "heads", "planner", "fold", "report", "verify",  # the pipeline
+    "api", "pruner", "saving", "export", "plot",        # what users call
+    "testing", "demo", "bench", "cli",                  # built on all of the above
 ]
 
 

@@ -8,6 +8,15 @@ grouped convs, channel concatenation, channel shuffle, channels-last LayerNorm a
 Linear, bare ``nn.Parameter`` layer-scales, multi-head attention, squeeze-and-
 excitation gating, padded average pooling, 1-d convs and embeddings.
 
+Six entries are written-out shapes of third-party models on which channel-group
+tracing once crashed, hung or blew up memory, one per failure class:
+``shuffle_unit`` (ShuffleNetV2 chunk / cat / channel shuffle), ``c2f`` (YOLOv8
+C2f + SPPF, a list of two detection maps), ``swin_window`` (pad, roll and window
+partition in NHWC), ``partial_residual`` (ReXNet shortcut into a channel slice),
+``enc_dec`` (T5-like encoder-decoder: two token inputs, cross-attention, relative
+position bias) and ``gqa`` (LLaMA grouped-query attention, RMSNorm, GLU MLP).
+A model returns a tensor or, for ``c2f``, a list of tensors.
+
 Builds are deterministic: :attr:`ZooEntry.build` seeds ``torch.manual_seed(0)``
 before constructing the model and then, with a separately seeded generator, gives
 every normalisation layer a non-trivial ``weight``/``bias`` (and, for BatchNorm,
@@ -29,6 +38,7 @@ Typical use::
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -36,7 +46,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compactor.demo import LeNet
 
 __all__ = [
     "ZooEntry",
@@ -70,6 +79,22 @@ __all__ = [
     "EmbeddingMLP",
     "ActivationsNet",
     "PaddedAvgPoolNet",
+    "ShuffleV2Unit",
+    "ShuffleNetV2Small",
+    "YoloBottleneck",
+    "C2f",
+    "SPPF",
+    "C2fNet",
+    "WindowAttention",
+    "SwinBlock",
+    "SwinSmall",
+    "PartialResidualBlock",
+    "ReXNetSmall",
+    "Seq2SeqAttention",
+    "EncoderDecoder",
+    "RMSNorm",
+    "GQAttention",
+    "GQADecoder",
 ]
 
 
@@ -138,6 +163,27 @@ class _Head(nn.Sequential):
 
 
 # --------------------------------------------------------------------------- models
+
+
+class LeNet(nn.Module):
+    """The tutorials' LeNet: 1x28x28 input (16*5*5 = 400 holds only for 28x28)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3)
+        self.conv2 = nn.Conv2d(6, 16, 3)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(-1, int(x.nelement() / x.shape[0]))
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
 
 
 class VGGSmall(nn.Module):
@@ -644,6 +690,447 @@ class PaddedAvgPoolNet(nn.Module):
         return self.head(F.relu(self.conv2(x)))
 
 
+# --------------------------------------------------------------------------- third-party shapes
+# One model per failure class seen on third-party models (issue 9): each is the smallest
+# faithful rewrite of the pattern that crashed, hung or blew memory in channel-group tracing.
+
+
+def _channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """torchvision's ``channel_shuffle``: view(b, g, c//g, h, w) -> transpose(1, 2) -> view(b, c, h, w)."""
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(b, -1, h, w)
+
+
+class ShuffleV2Unit(nn.Module):
+    """torchvision's ShuffleNetV2 ``InvertedResidual``. Stride 1: ``x1, x2 = x.chunk(2, 1)``, x2 through
+    branch2 (1x1 conv+BN+ReLU, 3x3 depthwise conv+BN, 1x1 conv+BN+ReLU), ``cat((x1, branch2(x2)))``.
+    Stride 2: ``cat((branch1(x), branch2(x)))`` with branch1 = depthwise conv+BN, 1x1 conv+BN+ReLU.
+    Then ``channel_shuffle(out, 2)``.
+
+    Exercises chunk feeding a cat whose halves are then interleaved by a channel shuffle.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        half = cout // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(
+                nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                nn.Conv2d(cin, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+            )
+        else:
+            self.branch1 = nn.Sequential()
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(cin if stride > 1 else half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return _channel_shuffle(out, 2)
+
+
+class ShuffleNetV2Small(nn.Module):
+    """ShuffleNetV2 written out: stem 3x3 conv+BN+ReLU (3 -> 8), a stride-2 ShuffleV2Unit (8 -> 16, both
+    branches), a stride-1 unit (16 -> 16, chunk), 1x1 conv+BN+ReLU (16 -> 32), avgpool, Linear.
+    """
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 8, 3, padding=1, act=nn.ReLU(inplace=True))
+        self.stage = nn.Sequential(ShuffleV2Unit(8, 16, 2), ShuffleV2Unit(16, 16, 1))
+        self.conv5 = _conv_bn(16, 32, 1, act=nn.ReLU(inplace=True))
+        self.head = _Head(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv5(self.stage(self.stem(x))))
+
+
+def _cbs(cin: int, cout: int, k: int = 1, stride: int = 1) -> nn.Sequential:
+    """ultralytics' ``Conv``: bias-free conv (padding k // 2) -> BN -> SiLU."""
+    return _conv_bn(cin, cout, k, stride=stride, padding=k // 2, act=nn.SiLU(inplace=True))
+
+
+class YoloBottleneck(nn.Module):
+    """ultralytics' ``Bottleneck``: two 3x3 Conv-BN-SiLU, ``x + cv2(cv1(x))`` when ``shortcut``."""
+
+    def __init__(self, c: int, shortcut: bool = True) -> None:
+        super().__init__()
+        self.cv1 = _cbs(c, c, 3)
+        self.cv2 = _cbs(c, c, 3)
+        self.add = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class C2f(nn.Module):
+    """ultralytics' C2f: ``y = list(cv1(x).chunk(2, 1)); y.extend(m(y[-1]) for m in self.m);
+    return cv2(torch.cat(y, 1))``.
+
+    Exercises a chunk whose second half feeds both a cat and a residual bottleneck chain.
+    """
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True) -> None:
+        super().__init__()
+        self.c = c2 // 2
+        self.cv1 = _cbs(c1, 2 * self.c, 1)
+        self.cv2 = _cbs((2 + n) * self.c, c2, 1)
+        self.m = nn.ModuleList(YoloBottleneck(self.c, shortcut) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class SPPF(nn.Module):
+    """ultralytics' SPPF: Conv, the same MaxPool2d(5, 1, 2) applied 3 times in a row, cat of the four, Conv."""
+
+    def __init__(self, c1: int, c2: int, k: int = 5) -> None:
+        super().__init__()
+        hidden = c1 // 2
+        self.cv1 = _cbs(c1, hidden, 1)
+        self.cv2 = _cbs(hidden * 4, c2, 1)
+        self.m = nn.MaxPool2d(k, stride=1, padding=k // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv1(x)]
+        y.extend(self.m(y[-1]) for _ in range(3))
+        return self.cv2(torch.cat(y, 1))
+
+
+class C2fNet(nn.Module):
+    """YOLOv8-style: Conv/2 (3 -> 8), C2f (8, shortcut), Conv/2 (8 -> 16), SPPF (16), and a detection
+    head returning a **list** of two maps: a 1x1 conv on each of the two feature levels.
+
+    Exercises chunk + extend + cat, repeated pooling of one tensor, and a list output.
+    """
+
+    def __init__(self, outputs: int = 6) -> None:
+        super().__init__()
+        self.stem = _cbs(3, 8, 3, 2)
+        self.c2f = C2f(8, 8, n=1, shortcut=True)
+        self.down = _cbs(8, 16, 3, 2)
+        self.sppf = SPPF(16, 16)
+        self.detect = nn.ModuleList([nn.Conv2d(8, outputs, 1), nn.Conv2d(16, outputs, 1)])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        p3 = self.c2f(self.stem(x))
+        p4 = self.sppf(self.down(p3))
+        return [self.detect[0](p3), self.detect[1](p4)]
+
+
+class WindowAttention(nn.Module):
+    """Swin window attention on (windows, tokens, C): qkv Linear, heads, a learned relative position
+    bias (a bare ``(heads, N, N)`` parameter) added to the scores, softmax, proj Linear."""
+
+    def __init__(self, dim: int, heads: int, window: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        n = window * window
+        self.relative_position_bias = nn.Parameter(0.1 * torch.randn(heads, n, n))
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * self.scale) @ k.transpose(-2, -1) + self.relative_position_bias
+        if mask is not None:  # (windows, n, n), per image: view the window batch as (images, windows)
+            windows = mask.shape[0]
+            attn = attn.view(b // windows, windows, self.heads, n, n) + mask[None, :, None]
+            attn = attn.view(b, self.heads, n, n)
+        x = (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return self.proj(x)
+
+
+class SwinBlock(nn.Module):
+    """Swin block in NHWC: LayerNorm -> ``F.pad`` H, W to a multiple of the window -> ``torch.roll``
+    by ``-shift`` -> view/permute into windows -> WindowAttention (with torchvision's shifted-window
+    mask, -100 between regions the roll brought together) -> windows back -> roll by ``shift`` ->
+    crop -> residual; LayerNorm -> Linear -> GELU -> Linear -> residual.
+    """
+
+    def __init__(self, dim: int, heads: int, window: int, shift: int) -> None:
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, heads, window)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        ws, s = self.window, self.shift
+        y = F.pad(self.norm1(x), (0, 0, 0, (ws - w % ws) % ws, 0, (ws - h % ws) % ws))
+        hp, wp = y.shape[1], y.shape[2]
+        y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
+        y = y.view(b, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
+        y = self.attn(y, self._shift_mask(y, hp, wp) if s else None)
+        y = y.view(b, hp // ws, wp // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
+        y = torch.roll(y, shifts=(s, s), dims=(1, 2))[:, :h, :w, :].contiguous()
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+    def _shift_mask(self, like: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+        """torchvision's ``shifted_window_attention`` mask, (windows, ws * ws, ws * ws)."""
+        ws, s = self.window, self.shift
+        region = like.new_zeros((hp, wp))
+        count = 0
+        for h0, h1 in ((0, -ws), (-ws, -s), (-s, None)):
+            for w0, w1 in ((0, -ws), (-ws, -s), (-s, None)):
+                region[h0:h1, w0:w1] = count
+                count += 1
+        region = region.view(hp // ws, ws, wp // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
+        diff = region.unsqueeze(1) - region.unsqueeze(2)
+        return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+class SwinSmall(nn.Module):
+    """Swin written out: patch-embed conv (2x2, stride 2, 3 -> 16), permute to NHWC, LayerNorm, one
+    shifted-window SwinBlock (window 3, shift 1: an 8x8 map is padded to 9x9), LayerNorm, mean over
+    H, W, Linear.
+
+    Exercises pad and roll on channels-last maps, window partition views, and attention.
+    """
+
+    def __init__(self, classes: int = 10, dim: int = 16, heads: int = 2, window: int = 3) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 2, stride=2)
+        self.patch_norm = nn.LayerNorm(dim)
+        self.block = SwinBlock(dim, heads, window, shift=window // 2)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_norm(self.patch_embed(x).permute(0, 2, 3, 1))
+        x = self.norm(self.block(x))
+        return self.head(x.mean((1, 2)))
+
+
+class PartialResidualBlock(nn.Module):
+    """ReXNet ``LinearBottleneck``: 1x1 expand conv+BN+SiLU, 3x3 depthwise conv+BN+ReLU6, 1x1 project
+    conv+BN, then the shortcut added into the first ``cin`` of ``cout`` channels only. ``inplace=False``:
+    timm's ``torch.cat([out[:, :cin] + x, out[:, cin:]], 1)``; ``inplace=True``: the original
+    ``out[:, 0:cin] += x``.
+
+    Exercises a residual that ties a channel *slice* of the output to the input.
+    """
+
+    def __init__(self, cin: int, cout: int, expand: int = 2, inplace: bool = False) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.cin, self.inplace = cin, inplace
+        self.expand = _conv_bn(cin, hidden, 1, act=nn.SiLU(inplace=True))
+        self.depthwise = _conv_bn(hidden, hidden, 3, padding=1, groups=hidden, act=nn.ReLU6(inplace=True))
+        self.project = _conv_bn(hidden, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.depthwise(self.expand(x)))
+        if self.inplace:
+            out[:, 0:self.cin] += x
+            return out
+        return torch.cat([out[:, :self.cin] + x, out[:, self.cin:]], 1)
+
+
+class ReXNetSmall(nn.Module):
+    """ReXNet-style: stem conv/2+BN+SiLU (3 -> 8), PartialResidualBlock 8 -> 12 (cat form),
+    PartialResidualBlock 12 -> 16 (in-place slice add), 1x1 conv+BN+SiLU (16 -> 32), avgpool, Linear.
+    """
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 8, 3, stride=2, padding=1, act=nn.SiLU(inplace=True))
+        self.block1 = PartialResidualBlock(8, 12)
+        self.block2 = PartialResidualBlock(12, 16, inplace=True)
+        self.head_conv = _conv_bn(16, 32, 1, act=nn.SiLU(inplace=True))
+        self.head = _Head(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_conv(self.block2(self.block1(self.stem(x)))))
+
+
+def _relative_buckets(q_len: int, k_len: int, buckets: int, max_distance: int, bidirectional: bool,
+                      device: torch.device) -> torch.Tensor:
+    """T5's ``_relative_position_bucket`` for every (query, key) pair: exact buckets for small
+    distances, log-spaced up to ``max_distance``; half the buckets per sign when bidirectional."""
+    rel = torch.arange(k_len, device=device)[None, :] - torch.arange(q_len, device=device)[:, None]
+    out = torch.zeros_like(rel)
+    if bidirectional:
+        buckets //= 2
+        out = out + (rel > 0).long() * buckets
+        rel = rel.abs()
+    else:
+        rel = -torch.clamp(rel, max=0)
+    exact = buckets // 2
+    large = exact + (torch.log(rel.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                     * (buckets - exact)).long()
+    large = torch.clamp(large, max=buckets - 1)
+    return out + torch.where(rel < exact, rel, large)
+
+
+class Seq2SeqAttention(nn.Module):
+    """Attention with Linear q/k/v/o, ``softmax(q k^T / sqrt(d) + bias) v``. With ``buckets`` it owns a
+    T5 relative position bias ``nn.Embedding(buckets, heads)`` added to the scores; ``causal`` adds
+    a -inf mask above the diagonal."""
+
+    def __init__(self, dim: int, heads: int, *, buckets: int = 0, bidirectional: bool = True,
+                 causal: bool = False, max_distance: int = 16) -> None:
+        super().__init__()
+        self.heads, self.causal, self.bidirectional, self.max_distance = heads, causal, bidirectional, max_distance
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.relative_attention_bias = nn.Embedding(buckets, heads) if buckets else None
+
+    def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor] = None) -> torch.Tensor:
+        memory = x if memory is None else memory
+        b, lq, c = x.shape
+        lk, d = memory.shape[1], c // self.heads
+        q = self.q(x).view(b, lq, self.heads, d).transpose(1, 2)
+        k = self.k(memory).view(b, lk, self.heads, d).transpose(1, 2)
+        v = self.v(memory).view(b, lk, self.heads, d).transpose(1, 2)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d)
+        if self.relative_attention_bias is not None:
+            buckets = _relative_buckets(lq, lk, self.relative_attention_bias.num_embeddings,
+                                        self.max_distance, self.bidirectional, x.device)
+            scores = scores + self.relative_attention_bias(buckets).permute(2, 0, 1)[None]
+        if self.causal:
+            scores = scores + torch.full((lq, lk), float("-inf"), device=x.device).triu(1)
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, lq, c)
+        return self.o(out)
+
+
+class EncoderDecoder(nn.Module):
+    """A T5-like encoder-decoder written out, on (source, target) token ids. One shared Embedding;
+    encoder block: LayerNorm -> self-attention (bidirectional relative bias) -> residual,
+    LayerNorm -> Linear-ReLU-Linear -> residual, LayerNorm; decoder block: LayerNorm -> causal
+    self-attention (unidirectional relative bias) -> residual, LayerNorm -> cross-attention on the
+    encoder output -> residual, MLP -> residual, LayerNorm; LM head Linear.
+
+    Exercises two token inputs, cross-attention, and an Embedding whose columns are attention heads.
+    """
+
+    def __init__(self, vocab: int = 50, dim: int = 16, heads: int = 2, hidden: int = 32, buckets: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.enc_norm1 = nn.LayerNorm(dim)
+        self.enc_attn = Seq2SeqAttention(dim, heads, buckets=buckets, bidirectional=True)
+        self.enc_norm2 = nn.LayerNorm(dim)
+        self.enc_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.enc_norm = nn.LayerNorm(dim)
+        self.dec_norm1 = nn.LayerNorm(dim)
+        self.dec_attn = Seq2SeqAttention(dim, heads, buckets=buckets, bidirectional=False, causal=True)
+        self.dec_norm2 = nn.LayerNorm(dim)
+        self.cross_attn = Seq2SeqAttention(dim, heads)
+        self.dec_norm3 = nn.LayerNorm(dim)
+        self.dec_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.dec_norm = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab)
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        h = self.embed(source)
+        h = h + self.enc_attn(self.enc_norm1(h))
+        h = self.enc_norm(h + self.enc_mlp(self.enc_norm2(h)))
+        y = self.embed(target)
+        y = y + self.dec_attn(self.dec_norm1(y))
+        y = y + self.cross_attn(self.dec_norm2(y), h)
+        y = self.dec_norm(y + self.dec_mlp(self.dec_norm3(y)))
+        return self.lm_head(y)
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm written out: ``x * rsqrt(mean(x^2, -1) + eps) * weight``. The weight starts
+    random around 1 (not all ones) so that it is never an identity."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(0.5 + torch.rand(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((-x2, x1), -1)
+
+
+class GQAttention(nn.Module):
+    """LLaMA attention with grouped queries: q Linear to ``heads`` heads, k / v Linears to ``kv_heads``
+    (Qwen2-style biases on q, k, v; none on o), rotary embedding on q and k, ``repeat_kv``
+    (``k[:, :, None].expand(B, kvh, rep, L, d).reshape(B, kvh * rep, L, d)``), causal
+    ``F.scaled_dot_product_attention``, o Linear."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q_proj = nn.Linear(dim, heads * self.head_dim)
+        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim)
+        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim)
+        self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _repeat_kv(self, t: torch.Tensor) -> torch.Tensor:
+        b, kvh, length, d = t.shape
+        rep = self.heads // kvh
+        return t[:, :, None].expand(b, kvh, rep, length, d).reshape(b, kvh * rep, length, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x.shape
+        d = self.head_dim
+        q = self.q_proj(x).view(b, length, self.heads, d).transpose(1, 2)
+        k = self.k_proj(x).view(b, length, self.kv_heads, d).transpose(1, 2)
+        v = self.v_proj(x).view(b, length, self.kv_heads, d).transpose(1, 2)
+        freqs = torch.arange(length, device=x.device, dtype=torch.float32)[:, None] * self.inv_freq[None]
+        emb = torch.cat((freqs, freqs), -1)
+        cos, sin = emb.cos(), emb.sin()
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = F.scaled_dot_product_attention(q, self._repeat_kv(k), self._repeat_kv(v), is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, self.heads * d))
+
+
+class GQADecoder(nn.Module):
+    """A LLaMA-style decoder written out: token Embedding, one block (RMSNorm -> GQAttention (4 query
+    heads sharing 2 kv heads, rotary) -> residual; RMSNorm -> GLU MLP ``down(silu(gate(x)) * up(x))``
+    -> residual), RMSNorm, LM head Linear.
+
+    Exercises repeat_kv (expand + reshape of kv heads), rotary chunk/cat, a hand-written RMSNorm and a GLU.
+    """
+
+    def __init__(self, vocab: int = 50, dim: int = 16, heads: int = 4, kv_heads: int = 2, hidden: int = 32) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.input_norm = RMSNorm(dim)
+        self.attn = GQAttention(dim, heads, kv_heads)
+        self.post_attention_norm = RMSNorm(dim)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.norm = RMSNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(tokens)
+        h = h + self.attn(self.input_norm(h))
+        x = self.post_attention_norm(h)
+        h = h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.lm_head(self.norm(h))
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -651,7 +1138,8 @@ class PaddedAvgPoolNet(nn.Module):
 class ZooEntry:
     """One zoo model: a deterministic builder, an example-input generator and metadata.
 
-    ``sizes`` lists other spatial sizes (H, W) or sequence lengths (L,) the model accepts
+    ``sizes`` lists other spatial sizes (H, W), sequence lengths (L,) or, for two token
+    inputs, (source length, target length) pairs the model accepts
     (use :func:`example_inputs_at` to make inputs at them); empty when the input size is
     fixed, e.g. by a flatten->Linear.
     """
@@ -676,6 +1164,12 @@ def _float_inputs(batch: int, size: tuple[int, ...], *, channels: int) -> tuple:
 def _token_inputs(batch: int, size: tuple[int, ...], *, vocab: int) -> tuple:
     gen = torch.Generator().manual_seed(_INPUT_SEED)
     return (torch.randint(0, vocab, (batch, *size), generator=gen, dtype=torch.long),)
+
+
+def _seq2seq_inputs(batch: int, size: tuple[int, ...], *, vocab: int) -> tuple:
+    """(source, target) token ids of lengths ``size = (source_len, target_len)``."""
+    gen = torch.Generator().manual_seed(_INPUT_SEED)
+    return tuple(torch.randint(0, vocab, (batch, n), generator=gen, dtype=torch.long) for n in size)
 
 
 def _builder(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -712,6 +1206,12 @@ _SPECS["conv1d"] = (Conv1dNet, functools.partial(_float_inputs, channels=4), (32
 _SPECS["embedding"] = (EmbeddingMLP, functools.partial(_token_inputs, vocab=50), (12,), ((5,), (20,)))
 _SPECS["activations"] = (ActivationsNet, _IMG, (16, 16), _OTHER_HW)
 _SPECS["padded_avgpool"] = (PaddedAvgPoolNet, _IMG, (16, 16), _OTHER_HW)
+_SPECS["shuffle_unit"] = (ShuffleNetV2Small, _IMG, (16, 16), _OTHER_HW)
+_SPECS["c2f"] = (C2fNet, _IMG, (16, 16), _OTHER_HW)
+_SPECS["swin_window"] = (SwinSmall, _IMG, (16, 16), _OTHER_HW)
+_SPECS["partial_residual"] = (ReXNetSmall, _IMG, (16, 16), _OTHER_HW)
+_SPECS["enc_dec"] = (EncoderDecoder, functools.partial(_seq2seq_inputs, vocab=50), (12, 8), ((5, 7), (16, 16)))
+_SPECS["gqa"] = (GQADecoder, functools.partial(_token_inputs, vocab=50), (12,), ((5,), (16,)))
 _SPECS["resnet50"] = (functools.partial(resnet50_like, 1 / 16), _IMG, (64, 64), ((40, 40), (57, 57)))
 
 

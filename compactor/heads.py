@@ -1,0 +1,148 @@
+"""Attention heads and key/value groups, removed by rule where the traced graph cannot follow.
+
+Attention mixes positions (softmax over ``q k^T``), so the dependency graph keeps every
+channel that passes through it. But a head's output is ``softmax(q k^T) v``, and each
+softmax row sums to 1: when every V row of a head is masked, ``v`` is that head's V bias
+at every position, and so is the head's output, whatever the attention weights. The head
+then goes: its Q, K and V rows and the O-projection columns that read it, with
+``W_o[:, head] @ v_bias[head]`` folded into the O bias. A head also goes when every O
+column that reads it is masked (nothing reads it).
+
+In grouped-query attention a key/value head is shared by ``num_key_value_groups`` query
+heads: it goes with all of them, so the ratio stays valid. Masking only Q or K rows does
+not make a head constant (uniform attention still averages V): such heads stay, and so
+do heads masked in part (``head_dim`` must stay uniform). RoPE rotates pairs of
+dimensions inside a head, another reason to remove whole heads only.
+
+Recognized: attention modules with ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` linear
+layers, a ``head_dim`` and a ``num_key_value_groups`` (Hugging Face's LLaMA, Mistral,
+Qwen2 and kin), whose forward reshapes with ``-1`` heads, so a module with fewer heads
+runs as it is: nothing but the projections changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import dead_rows, is_linear_like, out_major, zero_columns
+
+__all__ = ["Attention", "HeadPlan", "find", "plan_heads"]
+
+
+@dataclass(frozen=True)
+class Attention:
+    """One recognized attention module and its projections' names."""
+
+    name: str
+    q: str
+    k: str
+    v: str
+    o: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head."""
+        return self.heads // self.kv_heads
+
+
+@dataclass
+class HeadPlan:
+    """What the head rule decided: cuts (layer -> out rows, input columns), O-bias folds, notes."""
+
+    cuts: dict[str, tuple[set[int], set[int]]] = field(default_factory=dict)
+    folds: dict[str, torch.Tensor] = field(default_factory=dict)  # o layer -> bias delta (float64)
+    notes: list[tuple[list[str], list[int], str, str]] = field(default_factory=list)  # layers, kv heads, status, why
+    owned: set[str] = field(default_factory=set)  # projections whose traced groups this rule answers for
+    any_masked: bool = False
+
+
+def _name(prefix: str, child: str) -> str:
+    return f"{prefix}.{child}" if prefix else child
+
+
+def find(model: nn.Module) -> list[Attention]:
+    """The attention modules of ``model`` the head rule understands."""
+    found = []
+    for name, m in model.named_modules():
+        projs = [getattr(m, p, None) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        head_dim, groups = getattr(m, "head_dim", None), getattr(m, "num_key_value_groups", None)
+        if not (all(is_linear_like(p) for p in projs) and isinstance(head_dim, int) and isinstance(groups, int)):
+            continue
+        q, k, v, o = (out_major(p) for p in projs)
+        heads, kv_heads = q.shape[0] // head_dim, k.shape[0] // head_dim
+        if head_dim < 1 or kv_heads < 1 or q.shape[0] != heads * head_dim or k.shape[0] != v.shape[0] \
+                or k.shape[0] != kv_heads * head_dim or heads != kv_heads * groups or o.shape[1] != q.shape[0]:
+            continue
+        found.append(Attention(name, *(_name(name, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+                               heads, kv_heads, head_dim))
+    return found
+
+
+def _rows(head: int, dim: int) -> set[int]:
+    return set(range(head * dim, (head + 1) * dim))
+
+
+def plan_heads(model: nn.Module, tied: set[str]) -> HeadPlan:
+    """Which key/value heads (with their query heads) go in every recognized attention module of ``model``."""
+    out = HeadPlan()
+    modules = dict(model.named_modules())
+    for att in find(model):
+        q, k, v, o = (modules[n] for n in (att.q, att.k, att.v, att.o))
+        out.owned |= {att.q, att.k, att.v}
+        layers = [att.q, att.k, att.v, att.o]
+        hd, rep = att.head_dim, att.group
+        v_dead, o_unread = dead_rows(v).tolist(), zero_columns(o).tolist()
+        q_dead, k_dead = dead_rows(q).tolist(), dead_rows(k).tolist()
+        gone, partial, qk_only = [], [], []
+        for j in range(att.kv_heads):
+            v_rows = sorted(_rows(j, hd))
+            o_cols = sorted(c for h in range(j * rep, (j + 1) * rep) for c in _rows(h, hd))
+            constant = all(v_dead[r] for r in v_rows)
+            unread = all(o_unread[c] for c in o_cols)
+            if constant or unread:
+                gone.append(j)
+            elif any(v_dead[r] for r in v_rows) or any(o_unread[c] for c in o_cols):
+                partial.append(j)
+            elif any(q_dead[c] for c in o_cols) or any(k_dead[r] for r in v_rows):
+                qk_only.append(j)
+        if gone or partial or qk_only:
+            out.any_masked = True
+        if partial:
+            out.notes.append((layers, partial, "partial", "key/value head(s) masked in part (or only some of the "
+                              "query heads sharing them): head_dim must stay uniform; kept"))
+        if qk_only:
+            out.notes.append((layers, qk_only, "kept", "only Q or K rows masked: the attention weights change but "
+                              "the head still averages V, so it is not constant; mask V rows (or O columns)"))
+        if not gone:
+            continue
+        if len(gone) == att.kv_heads:
+            out.notes.append((layers, gone, "kept", "every key/value head is masked: the attention would be empty; "
+                              "prune fewer heads"))
+            continue
+        shared = sorted(set(layers) & tied)
+        if shared:
+            out.notes.append((layers, gone, "kept", f"{', '.join(shared)}: weights tied with another layer"))
+            continue
+        kv_rows = set().union(*(_rows(j, hd) for j in gone))
+        q_rows = set().union(*(_rows(h, hd) for j in gone for h in range(j * rep, (j + 1) * rep)))
+        for name, rows in ((att.q, q_rows), (att.k, kv_rows), (att.v, kv_rows)):
+            out.cuts.setdefault(name, (set(), set()))[0].update(rows)
+        out.cuts.setdefault(att.o, (set(), set()))[1].update(q_rows)
+        if v.bias is not None:  # the constant heads emit their V bias; O reads it through the removed columns
+            bias = v.bias.detach().double()
+            cols = sorted(q_rows)
+            dev = bias.device
+            v_of_col = torch.tensor([(c // hd // rep) * hd + c % hd for c in cols], dtype=torch.long, device=dev)
+            w = out_major(o).index_select(1, torch.tensor(cols, dtype=torch.long, device=dev)).double()
+            delta = w @ bias[v_of_col]  # zero where O's columns are masked
+            if bool(delta.any()):
+                out.folds[att.o] = out.folds.get(att.o, 0) + delta
+        out.notes.append((layers, gone, "removed", f"key/value head(s) with every V row (or every O column "
+                          f"reading them) masked, with their {rep} query head(s) each"))
+    return out
