@@ -57,6 +57,8 @@ def test_latency_smoke_rows_are_checked_and_positive(tmp_path):
     assert lenet_c["params"] < next(r for r in rows if r["model"] == "lenet" and r["variant"] == "masked")["params"]
     assert lenet_c["macs"] == 59328 and lenet_c["mac_ratio"] == pytest.approx(199968 / 59328)
     assert doc["sweep_rows"] and {r["sparsity"] for r in doc["sweep_rows"]} == {0.3, 0.7}
+    if ort_rows:  # compactor's own exporter (checked parity), not the unchecked fallback
+        assert doc["cases"]["resnet50:all-50"]["exporter"].startswith("compactor.export_onnx"), doc["cases"]
     assert doc["machine"]["torch"] == torch.__version__
     assert glob.glob(os.path.join(str(tmp_path), "cpu-*", "latency_smoke*.md"))
 
