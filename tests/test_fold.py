@@ -119,12 +119,18 @@ def _conv_bn(padding: int) -> nn.Module:
     return m
 
 
-def test_bias_free_conv_feeding_a_batchnorm_alone_folds_into_its_running_mean():
-    """conv0 row 1 masked (constant 0.5) -> bias-free conv2 -> bn3 alone: Fold(bn_mean, bn='3'), mean -= 0.5 * sum W[:, 1]."""
-    m = _conv_bn(padding=0)
+def _conv_bn_fold(padding: int):
+    """The conv -> BN model of _conv_bn, an input, its baked copy, its plan and the one fold the plan makes."""
+    m = _conv_bn(padding=padding)
     x = torch.randn(2, 3, 6, 6)
     work, plan = _plan(m, x)
     [f] = plan.folds
+    return m, x, work, plan, f
+
+
+def test_bias_free_conv_feeding_a_batchnorm_alone_folds_into_its_running_mean():
+    """conv0 row 1 masked (constant 0.5) -> bias-free conv2 -> bn3 alone: Fold(bn_mean, bn='3'), mean -= 0.5 * sum W[:, 1]."""
+    m, x, work, plan, f = _conv_bn_fold(padding=0)
     assert (f.layer, f.target, f.bn) == ("2", "bn_mean", "3")
     expected = 0.5 * m[2].weight.detach()[:, 1].double().sum((1, 2))
     torch.testing.assert_close(f.values, expected, rtol=1e-12, atol=0.0)
@@ -173,10 +179,7 @@ def test_zero_padded_consumer_gets_a_border_kernel_sum_of_v_c_times_w_c():
 
 def test_border_fold_with_a_batchnorm_puts_the_interior_in_its_mean():
     """Bias-free padded conv -> BN alone: Fold(border, bn='3') with offset = kernel sum, subtracted from the BN mean."""
-    m = _conv_bn(padding=1)
-    x = torch.randn(2, 3, 6, 6)
-    work, plan = _plan(m, x)
-    [f] = plan.folds
+    m, x, work, plan, f = _conv_bn_fold(padding=1)
     assert (f.layer, f.target, f.bn) == ("2", "border", "3")
     torch.testing.assert_close(f.values, 0.5 * m[2].weight.detach()[:, 1].double(), rtol=1e-12, atol=0.0)
     torch.testing.assert_close(f.offset, f.values.sum((1, 2)), **EXACT)
