@@ -95,14 +95,17 @@ def test_gpt2_conv1d_layers_are_sliced_and_generation_is_unchanged():
     assert again.transformer.h[1].mlp.c_fc.nf == 64
 
 
-def test_llama_kv_groups_go_with_their_query_heads():
-    """8 query heads over 4 KV heads (attention_bias on): prune_channels(0.5, heads=0.25) masks one KV head per
-    layer with its 2 query heads, and half the MLP neurons; compact() removes all of it (q 64 -> 48 rows,
-    k/v 32 -> 24, o 64 -> 48 columns, V biases folded into o's), logits exact, greedy tokens unchanged."""
+@pytest.mark.parametrize("family", ["Llama", "Mistral", "Qwen2"])
+def test_kv_groups_go_with_their_query_heads(family):
+    """LLaMA / Mistral / Qwen2 (one attention code; Qwen2's q/k/v carry biases), 8 query heads over 4 KV heads:
+    prune_channels(0.5, heads=0.25) masks one KV head per layer with its 2 query heads, and half the MLP neurons;
+    compact() removes all of it (q 64 -> 48 rows, k/v 32 -> 24, o 64 -> 48 columns, V biases folded into o),
+    logits exact, greedy tokens unchanged."""
     torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=8, num_key_value_heads=4, attention_bias=True)
-    model = T.LlamaForCausalLM(cfg).eval()
+    extra = {"attention_bias": True} if family == "Llama" else {}
+    cfg = getattr(T, f"{family}Config")(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=8, num_key_value_heads=4, **extra)
+    model = getattr(T, f"{family}ForCausalLM")(cfg).eval()
     inputs = _tokens()
     report = compactor.prune_channels(model, inputs, 0.5, heads=0.25)
     assert sorted((g.units, g.masked) for g in report.groups if "self_attn.q_proj" in g.layers[0]) == [(4, 1), (4, 1)]
