@@ -175,4 +175,7 @@ def apply(work: nn.Module, plan: Plan) -> nn.Module:
             p = params[name]
             parent_name, _, attr = name.rpartition(".")
             _set(work.get_submodule(parent_name) if parent_name else work, attr, _sliced(p, _slicing(p, cut)[""]), p)
+    for name, values in plan.attributes.items():  # head counts stored on attention modules
+        for attr, value in values.items():
+            setattr(modules[name], attr, value)
     return work

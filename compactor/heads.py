@@ -14,10 +14,14 @@ not make a head constant (uniform attention still averages V): such heads stay, 
 do heads masked in part (``head_dim`` must stay uniform). RoPE rotates pairs of
 dimensions inside a head, another reason to remove whole heads only.
 
-Recognized: attention modules with ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` linear
-layers, a ``head_dim`` and a ``num_key_value_groups`` (Hugging Face's LLaMA, Mistral,
-Qwen2 and kin), whose forward reshapes with ``-1`` heads, so a module with fewer heads
-runs as it is: nothing but the projections changes.
+Recognized (Hugging Face's attention modules reshape with ``-1`` heads, so a module with
+fewer heads runs as it is; head counts stored on the module are updated, never the
+shared config):
+
+- ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` and a ``head_dim`` (LLaMA, Mistral, Qwen2
+  with ``num_key_value_groups``; ViT without);
+- ``query``, ``key``, ``value`` and an ``attention_head_size``, the O projection being the
+  parent's ``output.dense`` (BERT, RoBERTa and kin).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Attention:
     heads: int
     kv_heads: int
     head_dim: int
+    counts: tuple[str, ...] = ()  # attributes of the module that hold a head count or a width to update
 
     @property
     def group(self) -> int:
@@ -59,6 +64,7 @@ class HeadPlan:
     folds: dict[str, torch.Tensor] = field(default_factory=dict)  # o layer -> bias delta (float64)
     notes: list[tuple[list[str], list[int], str, str]] = field(default_factory=list)  # layers, kv heads, status, why
     owned: set[str] = field(default_factory=set)  # projections whose traced groups this rule answers for
+    attributes: dict[str, dict[str, int]] = field(default_factory=dict)  # module -> attribute -> new value
     any_masked: bool = False
 
 
@@ -66,21 +72,40 @@ def _name(prefix: str, child: str) -> str:
     return f"{prefix}.{child}" if prefix else child
 
 
+def _recognize(name: str, m: nn.Module, modules: dict) -> tuple | None:
+    """(q, k, v, o names, head_dim, query heads per KV head, attributes to update) or None."""
+    if isinstance(getattr(m, "head_dim", None), int) and all(
+            is_linear_like(getattr(m, p, None)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        groups = getattr(m, "num_key_value_groups", 1)
+        counts = ("num_attention_heads",) if isinstance(getattr(m, "num_attention_heads", None), int) else ()
+        return (*(_name(name, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")), m.head_dim, groups, counts)
+    if isinstance(getattr(m, "attention_head_size", None), int) and all(
+            is_linear_like(getattr(m, p, None)) for p in ("query", "key", "value")) and "." in name:
+        parent = name.rpartition(".")[0]
+        o = f"{parent}.output.dense"
+        if is_linear_like(modules.get(o)):
+            counts = tuple(a for a in ("num_attention_heads", "all_head_size") if isinstance(getattr(m, a, None), int))
+            return (*(_name(name, p) for p in ("query", "key", "value")), o, m.attention_head_size, 1, counts)
+    return None
+
+
 def find(model: nn.Module) -> list[Attention]:
     """The attention modules of ``model`` the head rule understands."""
+    modules = dict(model.named_modules())
     found = []
-    for name, m in model.named_modules():
-        projs = [getattr(m, p, None) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        head_dim, groups = getattr(m, "head_dim", None), getattr(m, "num_key_value_groups", None)
-        if not (all(is_linear_like(p) for p in projs) and isinstance(head_dim, int) and isinstance(groups, int)):
+    for name, m in modules.items():
+        seen = _recognize(name, m, modules)
+        if seen is None:
             continue
-        q, k, v, o = (out_major(p) for p in projs)
+        q_name, k_name, v_name, o_name, head_dim, groups, counts = seen
+        if not isinstance(groups, int) or head_dim < 1 or groups < 1:
+            continue
+        q, k, v, o = (out_major(modules[n]) for n in (q_name, k_name, v_name, o_name))
         heads, kv_heads = q.shape[0] // head_dim, k.shape[0] // head_dim
-        if head_dim < 1 or kv_heads < 1 or q.shape[0] != heads * head_dim or k.shape[0] != v.shape[0] \
+        if kv_heads < 1 or q.shape[0] != heads * head_dim or k.shape[0] != v.shape[0] \
                 or k.shape[0] != kv_heads * head_dim or heads != kv_heads * groups or o.shape[1] != q.shape[0]:
             continue
-        found.append(Attention(name, *(_name(name, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
-                               heads, kv_heads, head_dim))
+        found.append(Attention(name, q_name, k_name, v_name, o_name, heads, kv_heads, head_dim, counts))
     return found
 
 
@@ -143,6 +168,10 @@ def plan_heads(model: nn.Module, tied: set[str]) -> HeadPlan:
             delta = w @ bias[v_of_col]  # zero where O's columns are masked
             if bool(delta.any()):
                 out.folds[att.o] = out.folds.get(att.o, 0) + delta
+        left = att.heads - len(gone) * rep
+        values = {"num_attention_heads": left, "all_head_size": left * hd}
+        if att.counts:
+            out.attributes[att.name] = {a: values[a] for a in att.counts}
         out.notes.append((layers, gone, "removed", f"key/value head(s) with every V row (or every O column "
                           f"reading them) masked, with their {rep} query head(s) each"))
     return out

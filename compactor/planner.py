@@ -98,6 +98,7 @@ class Plan:
     notes: tuple[GroupNote, ...]
     dropped: Mapping[str, tuple[int, ...]]  # mode="drop": consumer inputs whose constants are discarded
     any_masked: bool  # some layer had a masked row or column (removed or not)
+    attributes: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # module -> width attribute -> value
 
 
 @dataclass
@@ -519,5 +520,6 @@ def make_plan(work: nn.Module, batches: Sequence[tuple], *, mode: Mode = "exact"
         cuts = cut_layers(ledger)
         cuts, folds = _with_heads(cuts, folds, dropped, by_rule, ledger, mode)
     plan = Plan(mode=mode, round_to=round_to, cuts=MappingProxyType(cuts), folds=folds, notes=tuple(ledger.notes),
-                dropped=MappingProxyType(dropped), any_masked=ledger.any_masked or by_rule.any_masked)
+                dropped=MappingProxyType(dropped), any_masked=ledger.any_masked or by_rule.any_masked,
+                attributes=MappingProxyType({k: MappingProxyType(v) for k, v in by_rule.attributes.items()}))
     return plan, measured

@@ -120,3 +120,34 @@ def test_kv_groups_go_with_their_query_heads(family):
     prompt = inputs["input_ids"][:1]
     assert torch.equal(small.generate(prompt, max_new_tokens=16, do_sample=False),
                        model.generate(prompt, max_new_tokens=16, do_sample=False))
+
+
+def test_bert_and_vit_heads_go_and_their_head_counts_follow():
+    """BERT (query / key / value, O = attention.output.dense) and ViT (q/k/v/o_proj, no KV groups), 4 heads of 8:
+    prune_channels(0.5, heads=0.5) masks 2 heads per layer; compact() removes them (Q 32 -> 16 rows, O 32 -> 16
+    columns), updates each module's own head count (never the shared config), and outputs are exact."""
+    torch.manual_seed(0)
+    bert = T.BertModel(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64)).eval()
+    inputs = _tokens()
+    compactor.prune_channels(bert, inputs, 0.5, heads=0.5)
+    small = compactor.compact(bert, inputs)
+    for layer in small.encoder.layer:
+        att = layer.attention
+        assert (att.self.query.out_features, att.output.dense.in_features) == (16, 16)
+        assert (att.self.num_attention_heads, att.self.all_head_size) == (2, 16)
+    assert small.config.num_attention_heads == 4
+    with torch.no_grad():
+        torch.testing.assert_close(small(**inputs).last_hidden_state, bert(**inputs).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+    vit = T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, intermediate_size=64, num_labels=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    compactor.prune_channels(vit, x, 0.5, heads=0.5)
+    small = compactor.compact(vit, x)
+    atts = [m for m in small.modules() if type(m).__name__ == "ViTAttention"]
+    assert len(atts) == 2 and all((a.q_proj.out_features, a.o_proj.in_features, a.num_attention_heads) == (16, 16, 2)
+                                  for a in atts)
+    assert [g for g in compactor.report_of(small).groups if g.status != "removed"] == []
+    with torch.no_grad():
+        torch.testing.assert_close(small(x).logits, vit(x).logits, rtol=1e-5, atol=1e-5)
