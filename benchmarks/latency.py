@@ -167,7 +167,8 @@ def settings_of(args: argparse.Namespace) -> dict:
             "big_batches": "-".join(map(str, args.big_batches)), "repeats": args.repeats,
             "big_repeats": args.big_repeats, "sparsities": ",".join(map(str, args.sparsities)),
             "big_sparsities": ",".join(map(str, args.big_sparsities)), "vit_depth": args.vit_depth,
-            "smoke": args.smoke}
+            "backends": ",".join(args.backends or ["available"]), "variants": ",".join(args.variants),
+            "big_variants": ",".join(args.big_variants or args.variants), "smoke": args.smoke}
 
 
 def write(args: argparse.Namespace, result: dict) -> list[str]:
