@@ -151,3 +151,27 @@ def test_bert_and_vit_heads_go_and_their_head_counts_follow():
     assert [g for g in compactor.report_of(small).groups if g.status != "removed"] == []
     with torch.no_grad():
         torch.testing.assert_close(small(x).logits, vit(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_compact_llama_exports_to_onnx_with_onnxruntime_parity_on_logits(tmp_path):
+    """The compact LLaMA (heads and GLU neurons removed) exports (a wrapper returning the logits, no cache) and
+    onnxruntime computes the same logits at two batch sizes."""
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=4, use_cache=False)
+    model = T.LlamaForCausalLM(cfg).eval()
+    ids = _tokens()["input_ids"]
+    compactor.prune_channels(model, {"input_ids": ids}, 0.5, heads=0.25)
+    small = compactor.compact(model, {"input_ids": ids})
+
+    class Logits(nn.Module):
+        def __init__(self, lm: nn.Module) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.lm(input_ids=input_ids, use_cache=False).logits
+
+    report = compactor.export_onnx(Logits(small), (ids,), tmp_path / "llama.onnx")
+    assert report.batch_sizes == [2, 1] and report.max_abs_diff <= report.tolerance
