@@ -281,12 +281,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = parse(argv)
-    res = run(args)
-    res["files"] = write(args, res)
-    for f in res["files"]:
-        print(f)
-    return res
+    return common.script_main(argv, parse, run, write)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,17 @@ def out_dir(base: Optional[str], device: str) -> str:
     return path
 
 
+def script_main(argv: Optional[Sequence[str]], parse: Callable, run: Callable, write: Callable) -> dict:
+    """A script's main: ``parse(argv)``, ``run(args)``, ``write(args, result)``; print the files written and
+    return the result with them under ``"files"``."""
+    args = parse(argv)
+    result = run(args)
+    result["files"] = write(args, result)
+    for f in result["files"]:
+        print(f)
+    return result
+
+
 def smoke_base(out: Optional[str]) -> str:
     return out or tempfile.mkdtemp(prefix="compactor-bench-smoke-")
 

@@ -194,13 +194,8 @@ def write(args: argparse.Namespace, result: dict) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = parse(argv)
     # written after every cell too: a run stopped from outside (a timeout) keeps what it measured
-    result = run(args, after_cell=lambda partial: write(args, partial))
-    result["files"] = write(args, result)
-    for f in result["files"]:
-        print(f)
-    return result
+    return common.script_main(argv, parse, lambda args: run(args, after_cell=lambda part: write(args, part)), write)
 
 
 if __name__ == "__main__":

@@ -239,12 +239,7 @@ def _by(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = parse(argv)
-    result = run(args)
-    result["files"] = write(args, result)
-    for f in result["files"]:
-        print(f)
-    return result
+    return common.script_main(argv, parse, run, write)
 
 
 if __name__ == "__main__":
