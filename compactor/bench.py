@@ -856,6 +856,11 @@ def time_case(prep: Prepared, backend: str, batch: int, *, repeats: int = 20, va
 
     Returns:
         One row per variant (see ``benchmarks/README.md``).
+
+    Raises:
+        ValueError: an unknown backend, or one this machine lacks.
+        RuntimeMismatch: ONNX, fp16 / bf16, a CUDA graph or torch.compile changed a variant's outputs.
+        AssertionError: a compact variant differs from masked in eager fp32 (a bug in compactor).
     """
     spec = backend_spec(backend)
     device = device or spec.device
