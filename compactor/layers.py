@@ -84,7 +84,7 @@ class _BorderCorrected:
     def _entry(self, x: torch.Tensor) -> tuple:
         """Cached per input size: (the interior constant, frame patches, full map)."""
         k, o = self.border_kernel, self.border_offset
-        key = (tuple(x.shape[2:]), x.dtype, x.device, k.data_ptr(), k._version, o.data_ptr(), o._version)
+        key = (tuple(x.shape[2:]), x.dtype, x.device, k.data_ptr(), _version(k), o.data_ptr(), _version(o))
         cache = self.__dict__.setdefault("_border_cache", {})
         hit = cache.get(key)
         if hit is None:
@@ -135,6 +135,12 @@ class _BorderCorrected:
         state = super().__getstate__()
         state.pop("_border_cache", None)
         return state
+
+
+def _version(t: torch.Tensor) -> int:
+    """A tensor's in-place version counter; inference tensors (made under torch.inference_mode) have none,
+    and cannot be changed in place outside it either."""
+    return -1 if t.is_inference() else t._version
 
 
 def _run_length(flags: list) -> int:

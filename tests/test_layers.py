@@ -1,5 +1,7 @@
 """compactor.layers: the border-corrected conv reproduces removed constant channels exactly."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -66,3 +68,17 @@ def test_border_corrected_conv_on_inputs_that_are_all_border(size):
     c = with_border_correction(conv, torch.randn(3, 3, 3))
     x = torch.randn(1, 2, *size)
     torch.testing.assert_close(c(x), conv(x) + c.border_map(x))
+
+
+def test_border_corrected_conv_runs_when_moved_under_inference_mode():
+    """A compact model converted inside torch.inference_mode() holds inference tensors (no version counter): the
+    border correction still runs, and equals the same layer built outside."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    layer = with_border_correction(conv, torch.randn(4, 3, 3), None)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = layer(x)
+    with torch.inference_mode():
+        moved = copy.deepcopy(layer).to(torch.float64).to(torch.float32)
+        torch.testing.assert_close(moved(x), expected)
