@@ -21,7 +21,9 @@ shared config):
 - ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` and a ``head_dim`` (LLaMA, Mistral, Qwen2
   with ``num_key_value_groups``; ViT without);
 - ``query``, ``key``, ``value`` and an ``attention_head_size``, the O projection being the
-  parent's ``output.dense`` (BERT, RoBERTa and kin).
+  parent's ``output.dense`` (BERT, RoBERTa and kin);
+- a fused ``c_attn`` (Q, K, V side by side, split by ``split_size``) and ``c_proj``, with
+  ``num_heads`` and ``head_dim`` (GPT-2 self-attention).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Attention:
     kv_heads: int
     head_dim: int
     counts: tuple[str, ...] = ()  # attributes of the module that hold a head count or a width to update
+    offsets: tuple[int, int, int] = (0, 0, 0)  # where Q, K, V start in their layers' outputs (a fused QKV layer)
 
     @property
     def group(self) -> int:
@@ -73,7 +76,7 @@ def _name(prefix: str, child: str) -> str:
 
 
 def _recognize(name: str, m: nn.Module, modules: dict) -> tuple | None:
-    """(q, k, v, o names, head_dim, query heads per KV head, attributes to update) or None."""
+    """(q, k, v, o names, head_dim, query heads per KV head, attributes to update[, Q/K/V offsets]) or None."""
     if isinstance(getattr(m, "head_dim", None), int) and all(
             is_linear_like(getattr(m, p, None)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
         groups = getattr(m, "num_key_value_groups", 1)
@@ -86,6 +89,13 @@ def _recognize(name: str, m: nn.Module, modules: dict) -> tuple | None:
         if is_linear_like(modules.get(o)):
             counts = tuple(a for a in ("num_attention_heads", "all_head_size") if isinstance(getattr(m, a, None), int))
             return (*(_name(name, p) for p in ("query", "key", "value")), o, m.attention_head_size, 1, counts)
+    if isinstance(getattr(m, "head_dim", None), int) and isinstance(getattr(m, "split_size", None), int) \
+            and isinstance(getattr(m, "num_heads", None), int) and not hasattr(m, "q_attn") \
+            and is_linear_like(getattr(m, "c_attn", None)) and is_linear_like(getattr(m, "c_proj", None)) \
+            and out_major(m.c_attn).shape[0] == 3 * m.split_size:
+        qkv = _name(name, "c_attn")
+        return (qkv, qkv, qkv, _name(name, "c_proj"), m.head_dim, 1, ("num_heads", "split_size"),
+                (0, m.split_size, 2 * m.split_size))
     return None
 
 
@@ -97,15 +107,20 @@ def find(model: nn.Module) -> list[Attention]:
         seen = _recognize(name, m, modules)
         if seen is None:
             continue
-        q_name, k_name, v_name, o_name, head_dim, groups, counts = seen
+        q_name, k_name, v_name, o_name, head_dim, groups, counts = seen[:7]
+        offsets = seen[7] if len(seen) > 7 else (0, 0, 0)
         if not isinstance(groups, int) or head_dim < 1 or groups < 1:
             continue
-        q, k, v, o = (out_major(modules[n]) for n in (q_name, k_name, v_name, o_name))
-        heads, kv_heads = q.shape[0] // head_dim, k.shape[0] // head_dim
-        if kv_heads < 1 or q.shape[0] != heads * head_dim or k.shape[0] != v.shape[0] \
-                or k.shape[0] != kv_heads * head_dim or heads != kv_heads * groups or o.shape[1] != q.shape[0]:
+        o = out_major(modules[o_name])
+        if offsets == (0, 0, 0):
+            q_rows, k_rows, v_rows = (out_major(modules[n]).shape[0] for n in (q_name, k_name, v_name))
+        else:
+            q_rows = k_rows = v_rows = offsets[1]
+        heads, kv_heads = q_rows // head_dim, k_rows // head_dim
+        if kv_heads < 1 or q_rows != heads * head_dim or k_rows != v_rows \
+                or k_rows != kv_heads * head_dim or heads != kv_heads * groups or o.shape[1] != q_rows:
             continue
-        found.append(Attention(name, q_name, k_name, v_name, o_name, heads, kv_heads, head_dim, counts))
+        found.append(Attention(name, q_name, k_name, v_name, o_name, heads, kv_heads, head_dim, counts, offsets))
     return found
 
 
@@ -120,10 +135,11 @@ def plan_heads(model: nn.Module, tied: set[str]) -> HeadPlan:
     for att in find(model):
         q, k, v, o = (modules[n] for n in (att.q, att.k, att.v, att.o))
         out.owned |= {att.q, att.k, att.v}
-        layers = [att.q, att.k, att.v, att.o]
+        layers = list(dict.fromkeys([att.q, att.k, att.v, att.o]))  # a fused QKV layer once
         hd, rep = att.head_dim, att.group
-        v_dead, o_unread = dead_rows(v).tolist(), zero_columns(o).tolist()
-        q_dead, k_dead = dead_rows(q).tolist(), dead_rows(k).tolist()
+        qo, ko, vo = att.offsets
+        v_dead, o_unread = dead_rows(v).tolist()[vo:], zero_columns(o).tolist()
+        q_dead, k_dead = dead_rows(q).tolist()[qo:], dead_rows(k).tolist()[ko:]
         gone, partial, qk_only = [], [], []
         for j in range(att.kv_heads):
             v_rows = sorted(_rows(j, hd))
@@ -156,20 +172,20 @@ def plan_heads(model: nn.Module, tied: set[str]) -> HeadPlan:
             continue
         kv_rows = set().union(*(_rows(j, hd) for j in gone))
         q_rows = set().union(*(_rows(h, hd) for j in gone for h in range(j * rep, (j + 1) * rep)))
-        for name, rows in ((att.q, q_rows), (att.k, kv_rows), (att.v, kv_rows)):
-            out.cuts.setdefault(name, (set(), set()))[0].update(rows)
+        for name, rows, off in ((att.q, q_rows, qo), (att.k, kv_rows, ko), (att.v, kv_rows, vo)):
+            out.cuts.setdefault(name, (set(), set()))[0].update(r + off for r in rows)
         out.cuts.setdefault(att.o, (set(), set()))[1].update(q_rows)
         if v.bias is not None:  # the constant heads emit their V bias; O reads it through the removed columns
             bias = v.bias.detach().double()
             cols = sorted(q_rows)
             dev = bias.device
-            v_of_col = torch.tensor([(c // hd // rep) * hd + c % hd for c in cols], dtype=torch.long, device=dev)
+            v_of_col = torch.tensor([vo + (c // hd // rep) * hd + c % hd for c in cols], dtype=torch.long, device=dev)
             w = out_major(o).index_select(1, torch.tensor(cols, dtype=torch.long, device=dev)).double()
             delta = w @ bias[v_of_col]  # zero where O's columns are masked
             if bool(delta.any()):
                 out.folds[att.o] = out.folds.get(att.o, 0) + delta
         left = att.heads - len(gone) * rep
-        values = {"num_attention_heads": left, "all_head_size": left * hd}
+        values = {"num_attention_heads": left, "all_head_size": left * hd, "num_heads": left, "split_size": left * hd}
         if att.counts:
             out.attributes[att.name] = {a: values[a] for a in att.counts}
         out.notes.append((layers, gone, "removed", f"key/value head(s) with every V row (or every O column "

@@ -321,12 +321,13 @@ def _prune_heads(model: nn.Module, work: nn.Module, amount: Union[float, int], i
             report.skipped.append((layers, "in ignore" if set(layers) & ignored else "weights tied with another layer"))
             continue
         hd, rep = att.head_dim, att.group
+        qo, ko, vo = att.offsets
         q, k, v, o = (out_major(modules[n]) for n in layers)
         scores = []
         for j in range(att.kv_heads):
             kv = slice(j * hd, (j + 1) * hd)
-            qo = slice(j * rep * hd, (j + 1) * rep * hd)
-            rows = [q[qo], k[kv], v[kv], o[:, qo].t()]
+            qs = slice(j * rep * hd, (j + 1) * rep * hd)
+            rows = [q[qo:][qs], k[ko:][kv], v[vo:][kv], o[:, qs].t()]
             scores.append(float(importance(rows)) if callable(importance) else
                           float(sum(r.double().abs().sum() for r in rows)) if importance == "l1" else
                           math.sqrt(float(sum(r.double().pow(2).sum() for r in rows))))
@@ -334,12 +335,15 @@ def _prune_heads(model: nn.Module, work: nn.Module, amount: Union[float, int], i
         gone = sorted(sorted(range(att.kv_heads), key=lambda j: (scores[j], j))[:n])
         if not gone:
             continue
-        flags_kv = torch.zeros(att.kv_heads * hd, dtype=torch.bool)
+        flags: dict[str, torch.Tensor] = {}
         flags_q = torch.zeros(att.heads * hd, dtype=torch.bool)
+        for name, off, per in ((att.q, qo, rep), (att.k, ko, 1), (att.v, vo, 1)):
+            f = flags.setdefault(name, torch.zeros(out_major(modules[name]).shape[0], dtype=torch.bool))
+            for j in gone:
+                f[off + j * per * hd:off + (j + 1) * per * hd] = True
         for j in gone:
-            flags_kv[j * hd:(j + 1) * hd] = True
             flags_q[j * rep * hd:(j + 1) * rep * hd] = True
-        _apply(model, {att.q: flags_q, att.k: flags_kv, att.v: flags_kv})
+        _apply(model, flags)
         o_mod = model.get_submodule(att.o)
         mask = torch.ones_like(o_mod.weight)
         cols = flags_q.to(mask.device)  # O's input columns of the removed query heads
@@ -348,8 +352,8 @@ def _prune_heads(model: nn.Module, work: nn.Module, amount: Union[float, int], i
         else:
             mask[:, cols] = 0
         prune.custom_from_mask(o_mod, "weight", mask)
-        report.groups.append(GroupPruning(layers=layers, units=att.kv_heads, masked=len(gone),
-                                          channels=int(flags_q.sum() + 2 * flags_kv.sum()),
+        report.groups.append(GroupPruning(layers=tuple(dict.fromkeys(layers)), units=att.kv_heads, masked=len(gone),
+                                          channels=int(sum(int(f.sum()) for f in flags.values())),
                                           score=sum(scores[j] for j in gone) / len(gone)))
 
 

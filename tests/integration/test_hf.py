@@ -71,7 +71,8 @@ def test_bert_with_per_layer_masks_and_keyword_inputs():
 def test_gpt2_conv1d_layers_are_sliced_and_generation_is_unchanged():
     """GPT-2's projections are Conv1D (weight stored (in, out)): per-layer masks on their output columns let the
     MLP neurons go (c_fc columns, c_proj rows), exactly, with greedy generate() unchanged; prune_channels masks
-    whole MLP neurons and compact() removes all of them."""
+    whole MLP neurons and whole heads of the fused c_attn, and compact() removes all of them (num_heads and
+    split_size follow on each attention module)."""
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
@@ -88,11 +89,17 @@ def test_gpt2_conv1d_layers_are_sliced_and_generation_is_unchanged():
     assert torch.equal(small.generate(prompt, max_new_tokens=12, do_sample=False),
                        model.generate(prompt, max_new_tokens=12, do_sample=False))
     fresh = T.GPT2LMHeadModel(cfg).eval()
-    report = compactor.prune_channels(fresh, inputs, 0.5)
-    assert sum(g.masked for g in report.groups) == 128  # 64 neurons in each of the two MLPs
+    report = compactor.prune_channels(fresh, inputs, 0.5, heads=0.5)
+    assert sorted(g.masked for g in report.groups if g.masked) == [2, 2, 64, 64]  # 2 of 4 heads, 64 of 128 neurons
     again = compactor.compact(fresh, inputs)
     assert [g for g in compactor.report_of(again).groups if g.status != "removed"] == []
     assert again.transformer.h[1].mlp.c_fc.nf == 64
+    for block in again.transformer.h:  # the fused QKV projection loses each removed head's Q, K and V columns
+        att = block.attn
+        assert (att.c_attn.weight.shape, att.c_proj.weight.shape, att.num_heads, att.split_size) == \
+            ((32, 48), (16, 32), 2, 16)
+    assert torch.equal(again.generate(prompt, max_new_tokens=12, do_sample=False),
+                       fresh.generate(prompt, max_new_tokens=12, do_sample=False))
 
 
 @pytest.mark.parametrize("family", ["Llama", "Mistral", "Qwen2"])
