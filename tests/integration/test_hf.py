@@ -182,3 +182,21 @@ def test_compact_llama_exports_to_onnx_with_onnxruntime_parity_on_logits(tmp_pat
 
     report = compactor.export_onnx(Logits(small), (ids,), tmp_path / "llama.onnx")
     assert report.batch_sizes == [2, 1] and report.max_abs_diff <= report.tolerance
+
+
+def test_t5_encoder_decoder_with_its_cache_compacts_and_generates_the_same():
+    """T5 returns an EncoderDecoderCache beside the logits: it is not compared as tensors; MLP neurons go with
+    per-layer masks, the logits are exact and greedy generation is unchanged."""
+    torch.manual_seed(0)
+    cfg = T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    model = T.T5ForConditionalGeneration(cfg).eval()
+    for m in [m for m in model.modules() if isinstance(m, nn.Linear)][:-1]:
+        prune.ln_structured(m, "weight", amount=0.5, n=2, dim=0)
+    ids = _tokens()["input_ids"]
+    inputs = {"input_ids": ids, "decoder_input_ids": ids[:, :6]}
+    small = compactor.compact(model, inputs)
+    assert small.encoder.block[0].layer[1].DenseReluDense.wi.out_features == 32
+    with torch.no_grad():
+        torch.testing.assert_close(small(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(small.generate(ids[:1], max_new_tokens=8, do_sample=False),
+                       model.generate(ids[:1], max_new_tokens=8, do_sample=False))
