@@ -49,6 +49,9 @@ def full_precision() -> Iterator[None]:
 def max_abs_diff(reference: Sequence[Any], candidate: Sequence[Any]) -> tuple[float, float]:
     """Largest |candidate - reference| over all outputs of all batches, and the largest |reference|.
 
+    NaN and inf must stand in the same places with the same values in both (else the difference is
+    inf); the difference and the scale are taken over the finite entries.
+
     Raises:
         VerificationError: the outputs differ in count or shape.
     """
@@ -64,11 +67,20 @@ def max_abs_diff(reference: Sequence[Any], candidate: Sequence[Any]) -> tuple[fl
                     f"the compact model's output has shape {tuple(g.shape)}, the reference {tuple(r.shape)}"
                 )
             g = g.to(r.device)
-            if r.is_floating_point():
-                worst = max(worst, float((g.double() - r.double()).abs().max()) if r.numel() else 0.0)
-                scale = max(scale, float(r.double().abs().max()) if r.numel() else 0.0)
-            elif not torch.equal(r, g):
+            if not r.is_floating_point():
+                if not torch.equal(r, g):
+                    worst = float("inf")
+                continue
+            r, g = r.detach().double(), g.detach().double()
+            finite = torch.isfinite(r)
+            if not torch.equal(finite, torch.isfinite(g)) or not torch.equal(  # NaN / inf must match in place
+                    torch.nan_to_num(r[~finite], nan=0.0), torch.nan_to_num(g[~finite], nan=0.0)) \
+                    or not torch.equal(r[~finite].isnan(), g[~finite].isnan()):
                 worst = float("inf")
+                continue
+            if bool(finite.any()):  # the difference and the scale over the finite entries
+                worst = max(worst, float((g[finite] - r[finite]).abs().max()))
+                scale = max(scale, float(r[finite].abs().max()))
     return worst, scale
 
 

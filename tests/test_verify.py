@@ -107,3 +107,17 @@ def test_full_precision_turns_tf32_off_and_restores_the_flags():
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, False)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
+def test_nan_and_inf_must_match_in_place_and_do_not_hide_other_differences():
+    """NaN where the reference is finite (or the other way round) is an infinite difference; a -inf in the
+    reference neither widens the tolerance nor hides a mismatch in another output."""
+    t = torch.tensor
+    nan, inf = float("nan"), float("inf")
+    assert verify.compare([t([nan, 1.0])], [t([nan, 5.0])]).max_abs_diff == 4.0
+    assert not verify.compare([t([0.0, 1.0])], [t([nan, 1.0])]).ok
+    assert not verify.compare([t([nan, 1.0])], [t([0.0, 1.0])]).ok
+    assert not verify.compare([t([inf, 1.0])], [t([-inf, 1.0])]).ok
+    c = verify.compare([(t([-inf, 1.0]), t([1.0, 2.0]))], [(t([-inf, 1.0]), t([50.0, -9.0]))])
+    assert (c.max_abs_diff, c.scale, c.ok) == (49.0, 2.0, False)
+    assert verify.compare([t([-inf, nan, 2.0])], [t([-inf, nan, 2.0])]).ok
