@@ -89,8 +89,14 @@ def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Opti
         failure = exc.with_traceback(None)  # drop the failed trace's frames (and memory) before running again
     if failure is not None:
         list(flatten_outputs(_run(work, example)))  # a rejected input or an output type, said clearly
+        if progress.current.startswith("tracing"):
+            raise CompactionError(
+                f"could not trace {type(model).__name__} to find its channel dependencies: {first_line(failure)}"
+            ) from failure
         raise CompactionError(
-            f"could not trace {type(model).__name__} to find its channel dependencies: {first_line(failure)}"
+            f"{type(model).__name__} failed while {progress.current}: {first_line(failure)}; the random inputs are "
+            "drawn like the example's values: if the model accepts only the example's exact values, pass "
+            "random_inputs=0"
         ) from failure
     if not pruned and not the_plan.any_masked:
         raise NoPruningFoundError(

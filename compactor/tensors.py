@@ -83,7 +83,8 @@ def random_like(example: Sequence[Any], *, batch: Optional[int] = None, seed: in
 
     Floating inputs are normal with the example's mean and spread (N(0, 1) for a constant
     example); integer inputs are uniform over the example's range widened to include 0
-    and 1, so an all-ones attention mask in the example does not stay all ones; bool
+    and 1, so an all-ones attention mask in the example does not stay all ones (an integer
+    input holding a negative value, such as labels with -100, draws only values it holds); bool
     inputs are fair coin flips. Anything that is not a tensor is passed through.
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
@@ -105,6 +106,10 @@ def random_like(example: Sequence[Any], *, batch: Optional[int] = None, seed: in
             out.append((r * scale + (mean if math.isfinite(mean) else 0.0)).to(dtype=x.dtype, device=x.device))
         elif x.dtype == torch.bool:
             out.append((torch.rand(shape, generator=gen) < 0.5).to(device=x.device))
+        elif x.numel() and int(x.min()) < 0:  # a negative sentinel (labels' -100): only values the example holds
+            values = torch.unique(x.detach().cpu())
+            pick = torch.randint(0, len(values), shape, generator=gen)
+            out.append(values[pick].to(dtype=x.dtype, device=x.device))
         else:
             lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 1)
             lo, hi = min(lo, 0), max(hi, 1)
@@ -120,7 +125,7 @@ def make_batches(example: tuple, extra: int, seed: int = 0) -> list[tuple]:
 
 def _is_cache(out: Any) -> bool:
     """A key/value cache (transformers' ``Cache`` classes): its head counts change with compaction, so it is
-    not compared as tensors; generation checks it."""
+    not compared as tensors (the tests check the cache path through greedy generation)."""
     return type(out).__name__.endswith("Cache") and hasattr(out, "get_seq_length")
 
 

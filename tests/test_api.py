@@ -85,3 +85,36 @@ def test_a_tracer_failure_names_the_model_and_the_cause(monkeypatch):
     monkeypatch.setattr(graph, "trace", broken)
     with pytest.raises(CompactionError, match="could not trace Sequential .*: a shape the tracer did not expect$"):
         compactor.compact(_net(), torch.randn(5, 4))
+
+
+def test_labels_with_an_ignore_index_stay_valid_in_the_random_inputs():
+    """A keyword input holding -100 (ignored labels): random batches draw only values it holds, so the loss runs."""
+
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x, labels):
+            logits = self.b(torch.relu(self.a(x)))
+            return logits, nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+
+    torch.manual_seed(0)
+    m = WithLoss().eval()
+    prune.custom_from_mask(m.a, "weight", torch.tensor([0.0, 1, 1, 0, 1, 1])[:, None].expand(6, 4))
+    inputs = {"x": torch.randn(3, 4), "labels": torch.tensor([0, -100, 2])}
+    small = compactor.compact(m, inputs)
+    assert small.a.out_features == 4
+    torch.testing.assert_close(small(**inputs)[0], m(**inputs)[0])
+
+
+def test_a_failure_after_tracing_names_the_stage(monkeypatch):
+    """A failure while measuring says which stage and suggests random_inputs=0, not 'could not trace'."""
+    from compactor import probe
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("index out of range in self")
+
+    monkeypatch.setattr(probe, "measure", broken)
+    with pytest.raises(CompactionError, match=r"failed while measuring channels on 3 input\(s\): index out of range"):
+        compactor.compact(_net(), torch.randn(5, 4))
