@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .layers import dead_rows, is_linear_like, out_major, zero_columns
+from .tensors import call
 
 __all__ = ["Attention", "HeadPlan", "find", "plan_heads"]
 
@@ -128,10 +129,113 @@ def _rows(head: int, dim: int) -> set[int]:
     return set(range(head * dim, (head + 1) * dim))
 
 
-def plan_heads(model: nn.Module, tied: set[str]) -> HeadPlan:
-    """Which key/value heads (with their query heads) go in every recognized attention module of ``model``."""
+def _head_shaped(att: Attention, modules: dict) -> str:
+    """A parameter of the attention module, outside its projections, sized by its heads (a per-head norm, attention
+    sinks): the rule's argument does not cover it. Returns its name, or ''."""
+    module = modules[att.name]
+    projections = {id(p) for n in (att.q, att.k, att.v, att.o) for p in modules[n].parameters()}
+    sizes = {att.heads, att.kv_heads, att.heads * att.head_dim, att.kv_heads * att.head_dim}
+    for pname, p in module.named_parameters():
+        if id(p) not in projections and sizes & set(p.shape):
+            return pname
+    return ""
+
+
+def _o_inputs(model: nn.Module, names: set[str], batch: tuple, perturb: dict[str, set[int]]) -> dict:
+    """The first input of each O projection in ``names`` over one forward, with large noise added to the output
+    channels ``perturb[layer]`` of the Q / K / V layers."""
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    gen = torch.Generator().manual_seed(0)
+
+    def noisy(mod: nn.Module, args: tuple, out: torch.Tensor, idx: list) -> torch.Tensor:
+        noise = torch.randn(out.shape[:-1] + (len(idx),), generator=gen, dtype=torch.float64) * 1e3
+        out = out.clone()
+        out[..., idx] += noise.to(out.dtype).to(out.device)
+        return out
+
+    hooks = [modules[n].register_forward_pre_hook(lambda m, a, _n=n: seen.__setitem__(_n, a[0].detach()))
+             for n in names]
+    hooks += [modules[n].register_forward_hook(lambda m, a, o, _i=sorted(rows): noisy(m, a, o, _i))
+              for n, rows in perturb.items()]
+    try:
+        with torch.no_grad():
+            call(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _layout_holds(model: nn.Module, cands: list, batch: tuple) -> set[str]:
+    """Check on the model that perturbing the Q, K and V rows of the heads to remove changes the O projection's
+    input only in the columns of their query heads (the layout this rule assumes; a NaN would not do, fused
+    attention kernels zero a row of NaN scores); returns the attention modules where it held."""
+    def run(subset: list) -> bool:
+        perturb: dict[str, set[int]] = {}
+        expect: dict[str, set[int]] = {}
+        for att, gone in subset:
+            hd, rep = att.head_dim, att.group
+            qo, ko, vo = att.offsets
+            q_rows = {c for j in gone for h in range(j * rep, (j + 1) * rep) for c in _rows(h, hd)}
+            kv_rows = {r for j in gone for r in _rows(j, hd)}
+            for name, rows, off in ((att.q, q_rows, qo), (att.k, kv_rows, ko), (att.v, kv_rows, vo)):
+                perturb.setdefault(name, set()).update(off + r for r in rows)
+            expect.setdefault(att.o, set()).update(q_rows)
+        try:
+            clean = _o_inputs(model, set(expect), batch, {})
+            moved = _o_inputs(model, set(expect), batch, perturb)
+        except Exception:  # a forward that cannot take the noise: the layout is unproven
+            return False
+        for o, cols in expect.items():
+            if o not in clean or o not in moved:
+                return False
+            a, b = clean[o], moved[o]
+            changed = set(torch.nonzero((a != b).reshape(-1, a.shape[-1]).any(0)).flatten().tolist())
+            if not changed or not changed <= cols:
+                return False
+        return True
+
+    if not cands:
+        return set()
+    if run(cands):
+        return {att.name for att, _ in cands}
+    return {att.name for att, gone in cands if run([(att, gone)])}
+
+
+def _cut(att: Attention, gone: list[int], modules: dict, out: HeadPlan) -> None:
+    """Record the rows, columns, bias fold and head counts that removing KV heads ``gone`` of ``att`` takes."""
+    hd, rep = att.head_dim, att.group
+    qo, ko, vo = att.offsets
+    v, o = modules[att.v], modules[att.o]
+    kv_rows = set().union(*(_rows(j, hd) for j in gone))
+    q_rows = set().union(*(_rows(h, hd) for j in gone for h in range(j * rep, (j + 1) * rep)))
+    for name, rows, off in ((att.q, q_rows, qo), (att.k, kv_rows, ko), (att.v, kv_rows, vo)):
+        out.cuts.setdefault(name, (set(), set()))[0].update(r + off for r in rows)
+    out.cuts.setdefault(att.o, (set(), set()))[1].update(q_rows)
+    if v.bias is not None:  # the constant heads emit their V bias; O reads it through the removed columns
+        bias = v.bias.detach().double()
+        cols = sorted(q_rows)
+        dev = bias.device
+        v_of_col = torch.tensor([vo + (c // hd // rep) * hd + c % hd for c in cols], dtype=torch.long, device=dev)
+        w = out_major(o).index_select(1, torch.tensor(cols, dtype=torch.long, device=dev)).double()
+        delta = w @ bias[v_of_col]  # zero where O's columns are masked
+        if bool(delta.any()):
+            out.folds[att.o] = out.folds.get(att.o, 0) + delta
+    left = att.heads - len(gone) * rep
+    values = {"num_attention_heads": left, "all_head_size": left * hd, "num_heads": left, "split_size": left * hd}
+    if att.counts:
+        out.attributes[att.name] = {a: values[a] for a in att.counts}
+
+
+def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None) -> HeadPlan:
+    """Which key/value heads (with their query heads) go in every recognized attention module of ``model``.
+
+    With ``batch``, the assumed layout is checked on the model first (:func:`_layout_holds`).
+    """
     out = HeadPlan()
     modules = dict(model.named_modules())
+    cands = []
     for att in find(model):
         q, k, v, o = (modules[n] for n in (att.q, att.k, att.v, att.o))
         out.owned |= {att.q, att.k, att.v}
@@ -170,24 +274,20 @@ def plan_heads(model: nn.Module, tied: set[str]) -> HeadPlan:
         if shared:
             out.notes.append((layers, gone, "kept", f"{', '.join(shared)}: weights tied with another layer"))
             continue
-        kv_rows = set().union(*(_rows(j, hd) for j in gone))
-        q_rows = set().union(*(_rows(h, hd) for j in gone for h in range(j * rep, (j + 1) * rep)))
-        for name, rows, off in ((att.q, q_rows, qo), (att.k, kv_rows, ko), (att.v, kv_rows, vo)):
-            out.cuts.setdefault(name, (set(), set()))[0].update(r + off for r in rows)
-        out.cuts.setdefault(att.o, (set(), set()))[1].update(q_rows)
-        if v.bias is not None:  # the constant heads emit their V bias; O reads it through the removed columns
-            bias = v.bias.detach().double()
-            cols = sorted(q_rows)
-            dev = bias.device
-            v_of_col = torch.tensor([vo + (c // hd // rep) * hd + c % hd for c in cols], dtype=torch.long, device=dev)
-            w = out_major(o).index_select(1, torch.tensor(cols, dtype=torch.long, device=dev)).double()
-            delta = w @ bias[v_of_col]  # zero where O's columns are masked
-            if bool(delta.any()):
-                out.folds[att.o] = out.folds.get(att.o, 0) + delta
-        left = att.heads - len(gone) * rep
-        values = {"num_attention_heads": left, "all_head_size": left * hd, "num_heads": left, "split_size": left * hd}
-        if att.counts:
-            out.attributes[att.name] = {a: values[a] for a in att.counts}
+        extra = _head_shaped(att, modules)
+        if extra:
+            out.notes.append((layers, gone, "kept", f"'{att.name}' holds '{extra}', sized by its heads (a per-head "
+                              "norm or attention sinks): heads are not removed there"))
+            continue
+        cands.append((att, gone))
+    held = _layout_holds(model, cands, batch) if batch is not None else {att.name for att, _ in cands}
+    for att, gone in cands:
+        layers = list(dict.fromkeys([att.q, att.k, att.v, att.o]))
+        if att.name not in held:
+            out.notes.append((layers, gone, "kept", f"the head layout assumed for '{att.name}' did not hold when "
+                              "checked on the model (e.g. Q, K and V interleaved per head)"))
+            continue
+        _cut(att, gone, modules, out)
         out.notes.append((layers, gone, "removed", f"key/value head(s) with every V row (or every O column "
-                          f"reading them) masked, with their {rep} query head(s) each"))
+                          f"reading them) masked, with their {att.group} query head(s) each"))
     return out

@@ -479,7 +479,7 @@ def _with_heads(cuts: dict[str, Cut], folds: tuple[Fold, ...], dropped: dict[str
         cuts[name] = Cut(name=name, out=tuple(sorted(set(old.out) | out)), inputs=tuple(sorted(set(old.inputs) | inputs)),
                          why=old.why or "attention head(s) removed", parameter_dim=old.parameter_dim)
     if mode == "exact":
-        folds = folds + tuple(Fold(layer=o, target="bias", values=delta, sources=(o.rpartition(".")[0] or o,))
+        folds = folds + tuple(Fold(layer=o, target="bias", values=delta, sources=("attention heads",))
                               for o, delta in by_rule.folds.items())
     else:  # drop: the reference reads zeros where the removed heads' V bias was
         for o in by_rule.folds:
@@ -502,7 +502,7 @@ def make_plan(work: nn.Module, batches: Sequence[tuple], *, mode: Mode = "exact"
         with probe.recording(work) as first:  # the trace's forward is the first batch's measurement too
             groups, bn_pairs = graph.trace(work, batches[0], check=progress.check)
         tied = _tied_layers(work)
-        by_rule = heads.plan_heads(work, tied)
+        by_rule = heads.plan_heads(work, tied, batches[0])
         ledger = select(groups, tied, frozenset(by_rule.owned))
     with progress.stage(f"measuring channels on {len(batches)} input(s)"):
         watch: dict[str, list[int]] = {}

@@ -311,18 +311,34 @@ def _dry_run(work: nn.Module, groups: list[graph.Group], clusters: list[list[lis
     return accepted
 
 
-def _prune_heads(model: nn.Module, work: nn.Module, amount: Union[float, int], ignored: set[str], tied: set[str],
-                 importance: Importance, report: PruneReport) -> None:
-    """Mask whole key/value heads (with their query heads) in each attention module the head rule understands."""
+def _o_mask(o_mod: nn.Module, cols: torch.Tensor) -> torch.Tensor:
+    """A mask of the O projection's weight zeroing the input columns ``cols`` (booleans)."""
+    mask = torch.ones_like(o_mod.weight)
+    cols = cols.to(mask.device)
+    if is_transposed_linear(o_mod):
+        mask[cols] = 0
+    else:
+        mask[:, cols] = 0
+    return mask
+
+
+def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Union[float, int], ignored: set[str],
+                 tied: set[str], importance: Importance, report: PruneReport) -> None:
+    """Mask whole key/value heads (with their query heads) in each attention module the head rule understands.
+
+    The chosen heads are zeroed in a copy first and planned by the head rule (layout checked on the model);
+    a module where the rule would keep them is left unmasked, with the reason.
+    """
     modules = dict(work.named_modules())
+    chosen = []  # (attention, KV heads, row flags per q/k/v layer, O column flags, scores)
     for att in heads_rule.find(work):
-        layers = (att.q, att.k, att.v, att.o)
+        layers = tuple(dict.fromkeys((att.q, att.k, att.v, att.o)))
         if set(layers) & (ignored | tied) or att.name in ignored:
             report.skipped.append((layers, "in ignore" if set(layers) & ignored else "weights tied with another layer"))
             continue
         hd, rep = att.head_dim, att.group
         qo, ko, vo = att.offsets
-        q, k, v, o = (out_major(modules[n]) for n in layers)
+        q, k, v, o = (out_major(modules[n]) for n in (att.q, att.k, att.v, att.o))
         scores = []
         for j in range(att.kv_heads):
             kv = slice(j * hd, (j + 1) * hd)
@@ -336,23 +352,35 @@ def _prune_heads(model: nn.Module, work: nn.Module, amount: Union[float, int], i
         if not gone:
             continue
         flags: dict[str, torch.Tensor] = {}
-        flags_q = torch.zeros(att.heads * hd, dtype=torch.bool)
         for name, off, per in ((att.q, qo, rep), (att.k, ko, 1), (att.v, vo, 1)):
             f = flags.setdefault(name, torch.zeros(out_major(modules[name]).shape[0], dtype=torch.bool))
             for j in gone:
                 f[off + j * per * hd:off + (j + 1) * per * hd] = True
+        cols = torch.zeros(att.heads * hd, dtype=torch.bool)
         for j in gone:
-            flags_q[j * rep * hd:(j + 1) * rep * hd] = True
+            cols[j * rep * hd:(j + 1) * rep * hd] = True
+        chosen.append((att, gone, flags, cols, scores))
+    if not chosen:
+        return
+    trial = copy.deepcopy(work)  # the dry run
+    with torch.no_grad():
+        for att, _, flags, cols, _ in chosen:
+            _zero(trial, flags)
+            o_mod = trial.get_submodule(att.o)
+            o_mod.weight.mul_(_o_mask(o_mod, cols))
+    planned = heads_rule.plan_heads(trial, tied, example)
+    for att, gone, flags, cols, scores in chosen:
+        layers = tuple(dict.fromkeys((att.q, att.k, att.v, att.o)))
+        v_rows = planned.cuts.get(att.v, (set(), set()))[0]
+        if not all(flags[att.v][r] <= (r in v_rows) for r in range(len(flags[att.v]))):
+            why = next((n[3] for n in planned.notes if att.v in n[0] and n[2] != "removed"), "kept by the head rule")
+            report.skipped.append((layers, why))
+            report.dropped += len(gone)
+            continue
         _apply(model, flags)
         o_mod = model.get_submodule(att.o)
-        mask = torch.ones_like(o_mod.weight)
-        cols = flags_q.to(mask.device)  # O's input columns of the removed query heads
-        if is_transposed_linear(o_mod):
-            mask[cols] = 0
-        else:
-            mask[:, cols] = 0
-        prune.custom_from_mask(o_mod, "weight", mask)
-        report.groups.append(GroupPruning(layers=tuple(dict.fromkeys(layers)), units=att.kv_heads, masked=len(gone),
+        prune.custom_from_mask(o_mod, "weight", _o_mask(o_mod, cols))
+        report.groups.append(GroupPruning(layers=layers, units=att.kv_heads, masked=len(gone),
                                           channels=int(sum(int(f.sum()) for f in flags.values())),
                                           score=sum(scores[j] for j in gone) / len(gone)))
 
@@ -423,10 +451,11 @@ def prune_channels(
             anything coupled with them.
         max_amount: at most this fraction of any one group (default for ``"global"``: 0.9).
             Every group keeps at least one unit.
-        heads: in attention modules the head rule understands (LLaMA, Mistral, Qwen2:
-            :mod:`compactor.heads`), this fraction (or count) of key/value heads per module,
-            each with its query heads: their Q, K, V rows and O columns are masked, lowest
-            norm first; at least one stays. ``None`` leaves attention alone.
+        heads: in attention modules the head rule understands (LLaMA, Mistral, Qwen2, BERT-style,
+            ViT, GPT-2: :mod:`compactor.heads`), this fraction (or count) of key/value heads per
+            module, each with its query heads: their Q, K, V rows and O columns are masked, lowest
+            norm first; at least one stays (``round_to`` does not apply to heads). ``None`` leaves
+            attention alone.
 
     Returns:
         A :class:`PruneReport`: per group, its units, how many were masked and their score.
@@ -478,7 +507,7 @@ def prune_channels(
     picked = _dry_run(work, groups, clusters, scores, chosen, example, report)
     _apply(model, _masks(groups, [clusters[c][i] for c, i in picked]))
     if heads is not None:
-        _prune_heads(model, work, heads, ignored, tied, importance, report)
+        _prune_heads(model, work, example, heads, ignored, tied, importance, report)
     for c, (k, units_c) in enumerate(zip(keys, clusters)):
         idx = sorted(i for cc, i in picked if cc == c)
         rows = _masks(groups, [units_c[i] for i in idx])

@@ -113,3 +113,58 @@ def test_prune_channels_masks_whole_kv_heads():
     assert [g for g in compactor.report_of(small).groups if g.status != "removed"] == []
     assert (small.attn.q_proj.out_features, small.attn.k_proj.out_features, small.attn.o_proj.in_features) == (8, 4, 8)
     torch.testing.assert_close(small(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+class InterleavedQKV(nn.Module):
+    """GPT-2's attributes (c_attn, c_proj, num_heads, head_dim, split_size) but Q, K, V interleaved per head,
+    as GPTBigCode lays them out: the rule's assumed layout is wrong here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.split_size = 2, 4, 8
+        self.c_attn, self.c_proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.c_attn(x).view(b, n, self.num_heads, 3 * self.head_dim).transpose(1, 2).split(self.head_dim, -1)
+        return self.c_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_a_layout_that_does_not_hold_on_the_model_keeps_the_heads():
+    """Rows 16..19 ('V of head 0' if Q, K, V were side by side) masked in an interleaved c_attn: the NaN check
+    finds the layout does not hold, the heads stay with that reason, and the output is exact."""
+    torch.manual_seed(0)
+    m = InterleavedQKV().eval()
+    _mask(m.c_attn, rows=range(16, 20))
+    x = torch.randn(2, 5, 8)
+    small = compactor.compact(m, x)
+    assert small.c_attn.out_features == 24
+    torch.testing.assert_close(small(x), m(x), rtol=1e-5, atol=1e-5)
+    reasons = " ".join(g.reason for g in compactor.report_of(small).groups)
+    assert "the head layout assumed for '' did not hold" in reasons
+
+
+def test_head_shaped_parameters_keep_the_heads():
+    """Attention sinks (one learned logit per head) break 'softmax rows sum to 1': with a per-head parameter in
+    the module, heads stay, and the note names it."""
+
+    class WithSinks(GQA):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sinks = nn.Parameter(torch.zeros(4))
+
+    torch.manual_seed(0)
+    m = WithSinks().eval()
+    _mask(m.v_proj, rows=range(4, 8))
+    plan = heads.plan_heads(masks.bake(m), set())
+    assert plan.cuts == {} and "holds 'sinks', sized by its heads" in plan.notes[0][3]
+
+
+def test_prune_channels_leaves_heads_alone_where_the_rule_would_keep_them():
+    """heads=0.5 on the interleaved c_attn: the dry run finds the layout does not hold, so nothing is masked there
+    and the report says why."""
+    torch.manual_seed(0)
+    m = InterleavedQKV().eval()
+    report = compactor.prune_channels(m, torch.randn(2, 5, 8), 0.0, heads=0.5)
+    assert not hasattr(m.c_attn, "weight_mask")
+    assert any("did not hold" in why for _, why in report.skipped) and report.dropped == 1
