@@ -13,7 +13,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from .layers import is_transposed_linear, with_border_correction
+from .layers import is_transposed_linear, out_major, with_border_correction
 from .planner import Cut, Fold, Plan
 
 __all__ = ["apply", "new_shapes"]
@@ -90,7 +90,7 @@ def new_shapes(model: nn.Module, plan: Plan) -> dict[str, tuple[int, ...]]:
         key = f"{f.layer}.bias" if f.layer else "bias"
         if f.target == "bias" and module.bias is None:
             cut = plan.cuts.get(f.layer)
-            shapes[key] = (module.weight.shape[0] - (len(cut.out) if cut else 0),)  # folding creates the bias
+            shapes[key] = (out_major(module).shape[0] - (len(cut.out) if cut else 0),)  # folding creates the bias
     return shapes
 
 

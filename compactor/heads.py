@@ -36,7 +36,10 @@ from torch import nn
 from .layers import dead_rows, is_linear_like, out_major, zero_columns
 from .tensors import call
 
-__all__ = ["Attention", "HeadPlan", "find", "plan_heads"]
+__all__ = ["Attention", "HeadPlan", "COUNT_ATTRIBUTES", "find", "plan_heads"]
+
+#: Attributes of attention modules that hold a head count or a width derived from it (updated on the module).
+COUNT_ATTRIBUTES = ("num_attention_heads", "all_head_size", "num_heads", "split_size")
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ def _cut(att: Attention, gone: list[int], modules: dict, out: HeadPlan) -> None:
         if bool(delta.any()):
             out.folds[att.o] = out.folds.get(att.o, 0) + delta
     left = att.heads - len(gone) * rep
-    values = {"num_attention_heads": left, "all_head_size": left * hd, "num_heads": left, "split_size": left * hd}
+    values = dict(zip(COUNT_ATTRIBUTES, (left, left * hd, left, left * hd)))
     if att.counts:
         out.attributes[att.name] = {a: values[a] for a in att.counts}
 

@@ -52,6 +52,7 @@ class GroupNote:
     channels: list[int]
     status: Literal["removed", "kept", "partial"]
     reason: str
+    unit: str = "channels"  # what ``channels`` counts ("key/value heads" for the head rule)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -473,7 +474,8 @@ def _with_heads(cuts: dict[str, Cut], folds: tuple[Fold, ...], dropped: dict[str
                 by_rule: heads.HeadPlan, ledger: Ledger, mode: Mode) -> tuple[dict[str, Cut], tuple[Fold, ...]]:
     """Merge what the attention-head rule decided into the cuts, folds and notes."""
     for layers, kv_heads, status, why in by_rule.notes:
-        ledger.notes.append(GroupNote(layers=layers, channels=kv_heads, status=status, reason=why))
+        ledger.notes.append(GroupNote(layers=layers, channels=kv_heads, status=status, reason=why,
+                                      unit="key/value heads"))
     for name, (out, inputs) in by_rule.cuts.items():
         old = cuts.get(name, Cut(name=name))
         cuts[name] = Cut(name=name, out=tuple(sorted(set(old.out) | out)), inputs=tuple(sorted(set(old.inputs) | inputs)),

@@ -80,7 +80,7 @@ class Report:
         kept = [g for g in self.groups if g.status != "removed"]
         for g in kept:
             chans = _short(g.channels)
-            out.append(f"{g.status}: {', '.join(g.layers)} channels {chans}: {g.reason}")
+            out.append(f"{g.status}: {', '.join(g.layers)} {g.unit} {chans}: {g.reason}")
         if kept:
             out.append(f"{sum(len(g.channels) for g in kept)} masked channel(s) kept; "
                        "compactor.prune_channels(model, inputs, amount) makes masks that compaction removes entirely")

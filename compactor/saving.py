@@ -19,7 +19,8 @@ from torch import nn
 
 from . import files, masks
 from .errors import LoadError
-from .layers import BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d
+from .heads import COUNT_ATTRIBUTES
+from .layers import BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d, is_transposed_linear
 
 __all__ = ["FORMAT", "save", "save_pickle", "load"]
 
@@ -46,6 +47,8 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _kind(module: nn.Module) -> Optional[str]:
+    if is_transposed_linear(module):
+        return "Conv1D"
     for name, cls in _LAYERS.items():
         if isinstance(module, cls):
             return name
@@ -62,7 +65,9 @@ def _describe(module: nn.Module, kind: str) -> dict[str, Any]:
     m: Any = module
     entry: dict[str, Any] = {"class": kind, "type": f"{type(m).__module__}.{type(m).__qualname__}",
                              "dtype": _dtype_name(m)}
-    if isinstance(m, _CONV):
+    if kind == "Conv1D":  # Hugging Face's: weight (in, out); rebuilt from the architecture's own instance
+        entry.update(nx=m.weight.shape[0], nf=m.weight.shape[1], bias=m.bias is not None)
+    elif isinstance(m, _CONV):
         entry.update(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
                      stride=list(m.stride), padding=m.padding if isinstance(m.padding, str) else list(m.padding),
                      dilation=list(m.dilation), groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
@@ -170,10 +175,14 @@ def save(model: nn.Module, path: files.PathLike, *, force: bool = False) -> str:
         raise TypeError(f"save expects a torch.nn.Module, got {type(model).__name__}")
     plain = masks.bake(model) if masks.pruned_tensors(model) else model
     layers: dict[str, dict[str, Any]] = {}
+    counts: dict[str, dict[str, int]] = {}  # head counts stored on attention modules
     for name, module in plain.named_modules():
         kind = _kind(module)
         if kind is not None and name:
             layers[name] = _describe(module, kind)
+        own = {a: module.__dict__[a] for a in COUNT_ATTRIBUTES if isinstance(module.__dict__.get(a), int)}
+        if own:
+            counts[name] = own
     from . import __version__
 
     payload = {
@@ -181,7 +190,7 @@ def save(model: nn.Module, path: files.PathLike, *, force: bool = False) -> str:
         "compactor_version": __version__,
         "torch_version": str(torch.__version__),
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "manifest": {"layers": layers},
+        "manifest": {"layers": layers, "attributes": counts},
         "state_dict": {k: v.detach().cpu() for k, v in plain.state_dict().items()},
         "report": _report_summary(model),
     }
@@ -237,7 +246,7 @@ def _read(path: str) -> dict[str, Any]:
         raise LoadError(f"'{path}' is damaged: its manifest or state_dict is missing or malformed; "
                         "write it again with compactor.save")
     for name, entry in manifest["layers"].items():
-        if not isinstance(entry, Mapping) or entry.get("class") not in _LAYERS:
+        if not isinstance(entry, Mapping) or entry.get("class") not in (*_LAYERS, "Conv1D"):
             raise LoadError(f"'{path}' is damaged: manifest entry for layer '{name}' is malformed; "
                             "write it again with compactor.save")
     return dict(obj)
@@ -259,6 +268,16 @@ def _architecture(model_or_factory: ModelOrFactory) -> nn.Module:
 
 def _rebuild(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, torch.Tensor], prefix: str) -> nn.Module:
     kind = entry["class"]
+    if kind == "Conv1D":  # a copy of the architecture's own layer, at the saved width
+        new = copy.deepcopy(current)
+        dtype = getattr(torch, entry["dtype"]) if entry.get("dtype") else current.weight.dtype
+        new.weight = nn.Parameter(torch.zeros(entry["nx"], entry["nf"], dtype=dtype))
+        if entry["bias"]:
+            new.bias = nn.Parameter(torch.zeros(entry["nf"], dtype=dtype))
+        new.nf = entry["nf"]
+        if hasattr(new, "nx"):
+            new.nx = entry["nx"]
+        return new
     args, kwargs = _constructor_args(entry)
     if kind in _BORDER:
         new = _BORDER[kind](*args, **kwargs)
@@ -307,8 +326,9 @@ def _replace_layers(target: nn.Module, layers: Mapping[str, Mapping[str, Any]], 
                 f"the file has a layer '{name}' ({entry['class']}) that {arch} lacks; pass the architecture the "
                 f"model was saved from (the file says {saved_from})"
             )
-        base = _BASE.get(entry["class"], _LAYERS[entry["class"]])
-        if not isinstance(current, base):
+        fits = is_transposed_linear(current) if entry["class"] == "Conv1D" else isinstance(
+            current, _BASE.get(entry["class"], _LAYERS[entry["class"]]))
+        if not fits:
             raise LoadError(
                 f"layer '{name}' is a {entry['class']} in the file but a {type(current).__name__} in {arch}; "
                 f"pass the architecture the model was saved from (the file says {saved_from})"
@@ -382,6 +402,11 @@ def load(model_or_factory: ModelOrFactory, path: files.PathLike) -> nn.Module:
     target = _architecture(model_or_factory)
     _replace_layers(target, layers, state, saved_from)
     _resize_bare_tensors(target, layers, state)
+    for name, values in obj["manifest"].get("attributes", {}).items():  # head counts of attention modules
+        module = dict(target.named_modules()).get(name)
+        if module is not None:
+            for attr, value in values.items():
+                setattr(module, attr, int(value))
     files.check_keys(target.state_dict(), state, error=LoadError, model=type(target).__name__, source="the file",
                      fix=f"pass the architecture the model was saved from (the file says {saved_from})",
                      shape_fix="the file's manifest and weights disagree: write it again with compactor.save",

@@ -68,7 +68,7 @@ def test_bert_with_per_layer_masks_and_keyword_inputs():
     assert compactor.plan(model, inputs).params_after == compactor.report_of(small).params_after
 
 
-def test_gpt2_conv1d_layers_are_sliced_and_generation_is_unchanged():
+def test_gpt2_conv1d_layers_are_sliced_and_generation_is_unchanged(tmp_path):
     """GPT-2's projections are Conv1D (weight stored (in, out)): per-layer masks on their output columns let the
     MLP neurons go (c_fc columns, c_proj rows), exactly, with greedy generate() unchanged; prune_channels masks
     whole MLP neurons and whole heads of the fused c_attn, and compact() removes all of them (num_heads and
@@ -98,8 +98,14 @@ def test_gpt2_conv1d_layers_are_sliced_and_generation_is_unchanged():
         att = block.attn
         assert (att.c_attn.weight.shape, att.c_proj.weight.shape, att.num_heads, att.split_size) == \
             ((32, 48), (16, 32), 2, 16)
-    assert torch.equal(again.generate(prompt, max_new_tokens=12, do_sample=False),
-                       fresh.generate(prompt, max_new_tokens=12, do_sample=False))
+    expected = fresh.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(again.generate(prompt, max_new_tokens=12, do_sample=False), expected)
+    path = str(tmp_path / "gpt2.pt")  # save / load: Conv1D widths and each module's head counts come back
+    compactor.save(again, path)
+    reloaded = compactor.load(lambda: T.GPT2LMHeadModel(cfg), path)
+    att = reloaded.transformer.h[0].attn
+    assert (att.c_attn.nf, att.num_heads, att.split_size, reloaded.transformer.h[0].mlp.c_fc.nf) == (48, 2, 16, 64)
+    assert torch.equal(reloaded.generate(prompt, max_new_tokens=12, do_sample=False), expected)
 
 
 @pytest.mark.parametrize("family", ["Llama", "Mistral", "Qwen2"])
