@@ -146,7 +146,7 @@ def _roots_where(item: graph.Item, flags: torch.Tensor) -> set[int]:
     return {r for r, v in ok.items() if v}
 
 
-def _tied_layers(model: nn.Module) -> set[str]:
+def tied_layers(model: nn.Module) -> set[str]:
     """Modules that share a parameter with another module."""
     owners: dict[int, set[str]] = {}
     for mname, m in model.named_modules():
@@ -302,22 +302,23 @@ def check_mapping(ledger: Ledger, work: nn.Module, batch: tuple, probed: set[int
               if r and gi not in probed and not ledger.groups[gi].mapping_is_plain()}
     if not active:
         return
-    good = set(active)
-    if any(_probe_fails(ledger.groups, work, active, batch)):
-        good = set()
+    why: dict[int, str] = {}
+    if _probe_fails(ledger.groups, work, active, batch):
         for gi, roots in active.items():  # find the culprits one group at a time
             check()
-            if not any(_probe_fails(ledger.groups, work, {gi: roots}, batch)):
-                good.add(gi)
+            failed = _probe_fails(ledger.groups, work, {gi: roots}, batch)
+            if failed:
+                why[gi] = failed
     for gi in active:
         probed.add(gi)
-        if gi not in good:
-            ledger.keep(gi, set(ledger.cand[gi]), "the traced channel mapping did not hold when checked on the "
-                                                  "model (e.g. a channel shuffle or a reshape that moves channels)")
+        if gi in why:
+            ledger.keep(gi, set(ledger.cand[gi]), f"the traced channel mapping did not hold when checked on the "
+                                                  f"model ({why[gi]}; e.g. a channel shuffle or a reshape that "
+                                                  "moves channels)")
 
 
-def _probe_fails(groups: list[graph.Group], work: nn.Module, active: dict[int, set[int]],
-                 batch: tuple) -> tuple[bool, bool]:
+def _probe_fails(groups: list[graph.Group], work: nn.Module, active: dict[int, set[int]], batch: tuple) -> str:
+    """'' when the NaN probe finds the traced mapping of the ``active`` groups right; else where it went wrong."""
     produce: dict[str, set[int]] = {}
     expect: dict[str, set[int]] = {}
     for gi, roots in active.items():
@@ -327,7 +328,9 @@ def _probe_fails(groups: list[graph.Group], work: nn.Module, active: dict[int, s
             if it.role in _READERS or it.role == "dw":
                 expect.setdefault(it.name, set()).update(_local(it, roots))
     bad, leaked = probe.nan_probe(work, produce, expect, batch)
-    return bool(bad), leaked
+    if bad:
+        return f"'{sorted(bad)[0]}' read them elsewhere" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+    return "they reached the model's output" if leaked else ""
 
 
 def _folded_inputs(ledger: Ledger, gi: int, rset: set[int]) -> list[tuple[graph.Item, list[int]]]:
@@ -503,7 +506,7 @@ def make_plan(work: nn.Module, batches: Sequence[tuple], *, mode: Mode = "exact"
     with progress.stage("tracing the channel dependencies"):
         with probe.recording(work) as first:  # the trace's forward is the first batch's measurement too
             groups, bn_pairs = graph.trace(work, batches[0], check=progress.check)
-        tied = _tied_layers(work)
+        tied = tied_layers(work)
         by_rule = heads.plan_heads(work, tied, batches[0])
         ledger = select(groups, tied, frozenset(by_rule.owned))
     with progress.stage(f"measuring channels on {len(batches)} input(s)"):

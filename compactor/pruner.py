@@ -479,7 +479,7 @@ def prune_channels(
     ignored = _names(model, ignore)
     work = masks.bake(model).eval()
     groups, _ = graph.trace(work, example)
-    tied = planner._tied_layers(work)
+    tied = planner.tied_layers(work)
     report = PruneReport(amount=amount, scope=scope)
     ok = set()
     owned = {n for att in heads_rule.find(work) for n in (att.q, att.k, att.v)}  # left to the head rule

@@ -312,7 +312,7 @@ def test_tied_weights_keep_the_channels_with_a_note():
     m = Tied().eval()
     mask_rows(m.h, [2])
     work = masks.bake(m).eval()
-    assert planner._tied_layers(work) == {"e", "o"}
+    assert planner.tied_layers(work) == {"e", "o"}
     plan, _ = planner.make_plan(work, tensors.make_batches((torch.randint(0, 10, (2, 5)),), 2))
     assert plan.notes == (GroupNote(layers=["h", "o"], channels=[2], status="kept",
                                     reason="o: weights tied with another layer; slicing would untie them"),)
