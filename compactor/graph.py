@@ -29,7 +29,7 @@ from torch_pruning import ops as tp_ops
 from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import index_mapping, shape_infer
 
-from .layers import is_transposed_linear
+from .layers import is_linear_like, is_transposed_linear
 from .tensors import Kwargs, flatten_outputs
 
 __all__ = ["Item", "Group", "trace"]
@@ -89,6 +89,7 @@ class Group:
     items: list[Item] = field(default_factory=list)
     reaches_output: bool = False
     unclear: str = ""  # why the traced mapping of this group is not understood (then nothing in it goes)
+    factors: tuple[str, ...] = ()  # a gated product f(a(x)) * b(x) of two producers, f(0) = 0: (a, b)
 
     def mapping_is_plain(self) -> bool:
         """True when the channels only pass through convs, BatchNorm, PReLU and per-channel ops that keep
@@ -435,4 +436,33 @@ def _group(DG: Any, module: nn.Module, fn: Any, n: int, names: dict, broken: dic
         if role != "in" and (not node.outputs or node in output_nodes):  # returned, maybe also used further
             group.reaches_output = True
         group.items.append(Item(name, node.module, role, idxs, root_idxs, op, reason, dim))
+    group.factors = _factors({node for node, _ in reached}, names, group)
     return group
+
+
+# f(0) = 0 and one input: a channel that is zero before stays zero after
+_ZERO_KEEPING = {"Relu", "Relu6", "Silu", "Gelu", "Tanh", "LeakyRelu", "Elu", "Selu", "Celu", "Mish", "Hardswish",
+                 "Hardtanh", "Dropout", "NativeDropout", "Clone", "Alias", "ToCopy", "Contiguous"}
+
+
+def _factors(nodes: set, names: dict, group: Group) -> tuple[str, ...]:
+    """(a, b) when the group's channels are ``f(a(x)) * b(x)`` -- one product of exactly two producers, each
+    reaching it alone through ops with f(0) = 0 -- so a row masked in either factor (without bias) is zero
+    after the product: a GLU MLP's gate and up projections. Else ()."""
+    producers = {it.module for it in group.items if it.role in ("out", "dw", "gout")}
+    muls = [n for n in nodes if n.type == tp_ops.OPTYPE.ELEMENTWISE and _grad_fn_name(n) == "Mul"]
+    if len(muls) != 1 or len(muls[0].inputs) != 2 or len(producers) != 2:
+        return ()
+    sides = []
+    for n in muls[0].inputs:
+        while n.module not in producers:
+            if not (n.type == tp_ops.OPTYPE.ELEMENTWISE and _grad_fn_name(n) in _ZERO_KEEPING
+                    and len(n.inputs) == 1 and len(n.outputs) == 1):
+                return ()
+            n = n.inputs[0]
+        if len(n.outputs) != 1 or not isinstance(n.module, nn.Module) or not is_linear_like(n.module):
+            return ()  # the factor is also used elsewhere, or not a linear layer
+        sides.append(names.get(n.module))
+    if None in sides or sides[0] == sides[1]:
+        return ()
+    return tuple(sides)

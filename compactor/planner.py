@@ -196,6 +196,8 @@ def select(groups: list[graph.Group], tied: set[str], owned: frozenset[str] = fr
         dead_sets = [dead(it) for it in producers]
         every = set.intersection(*dead_sets)
         some = set.union(*dead_sets)
+        if g.factors:  # f(a(x)) * b(x): a row masked (and bias-free) in either factor is zero after the product
+            every |= set.union(*(_zero_rows(it) for it in producers if it.name in g.factors))
         unread: set[int] = set()
         if readers and all(it.role == "in" for it in readers):
             unread_sets = [unread_by(it) for it in readers]
@@ -223,6 +225,15 @@ def select(groups: list[graph.Group], tied: set[str], owned: frozenset[str] = fr
         ledger.cand[gi] = removable
         ledger.silent[gi] = unread
     return ledger
+
+
+def _zero_rows(item: graph.Item) -> set[int]:
+    """Roots whose rows of ``item`` are all zero and whose bias is zero (or absent): the output is exactly 0."""
+    flags = dead_rows(item.module)
+    bias = getattr(item.module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        flags = flags & (bias.detach() == 0)
+    return _roots_where(item, flags)
 
 
 def _note_unclear(ledger: Ledger, g: graph.Group) -> None:

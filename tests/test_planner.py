@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
@@ -494,3 +495,42 @@ def test_channels_of_a_returned_tensor_also_used_further_are_kept():
         torch.testing.assert_close(got, want)
     notes = compactor.report_of(small).groups
     assert any(n.status == "kept" and n.channels == [1, 4] and "model's output" in n.reason for n in notes)
+
+
+class GLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), LLaMA's MLP."""
+
+    def __init__(self, bias: bool = False) -> None:
+        super().__init__()
+        self.gate, self.up = nn.Linear(4, 6, bias=bias), nn.Linear(4, 6, bias=bias)
+        self.down = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def test_one_zero_factor_of_a_glu_product_is_enough():
+    """gate row 1 masked (silu(0) = 0) and up row 3 masked, no biases: neurons 1 and 3 are zero after the product,
+    so both go from gate, up and down, though each is masked in only one of the two producers."""
+    torch.manual_seed(0)
+    m = GLU().eval()
+    mask_rows(m.gate, [1])
+    mask_rows(m.up, [3])
+    x = torch.randn(2, 5, 4)
+    small = compactor.compact(m, x)
+    assert (small.gate.out_features, small.up.out_features, small.down.in_features) == (4, 4, 4)
+    torch.testing.assert_close(small(x), m(x))
+    [note] = compactor.report_of(small).groups
+    assert (note.status, note.channels) == ("removed", [1, 3])
+
+
+def test_a_masked_factor_with_a_bias_is_not_zero():
+    """With biases, gate row 1 masked leaves silu(b_1) * up(x)_1, not constant: kept as partial, exact."""
+    torch.manual_seed(0)
+    m = GLU(bias=True).eval()
+    mask_rows(m.gate, [1])
+    x = torch.randn(2, 5, 4)
+    small = compactor.compact(m, x)
+    assert small.gate.out_features == 6
+    torch.testing.assert_close(small(x), m(x))
+    assert [n.status for n in compactor.report_of(small).groups] == ["partial"]

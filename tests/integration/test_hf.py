@@ -206,3 +206,21 @@ def test_t5_encoder_decoder_with_its_cache_compacts_and_generates_the_same():
         torch.testing.assert_close(small(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(small.generate(ids[:1], max_new_tokens=8, do_sample=False),
                        model.generate(ids[:1], max_new_tokens=8, do_sample=False))
+
+
+def test_llama_glu_neurons_masked_in_either_projection_go():
+    """Per-layer masks, as the seeds' loop leaves them: gate_proj 50 % and up_proj 25 % of rows, chosen separately.
+    A neuron with either row masked (no bias) is zero after silu(gate) * up, so the union goes; greedy tokens equal."""
+    model, _ = _llama()
+    for layer in model.model.layers:
+        prune.ln_structured(layer.mlp.gate_proj, "weight", amount=0.5, n=2, dim=0)
+        prune.ln_structured(layer.mlp.up_proj, "weight", amount=0.25, n=2, dim=0)
+    inputs = _tokens()
+    small = compactor.compact(model, inputs)
+    for big, layer in zip(model.model.layers, small.model.layers):
+        either = (~big.mlp.gate_proj.weight_mask.bool().any(1)) | (~big.mlp.up_proj.weight_mask.bool().any(1))
+        assert layer.mlp.gate_proj.out_features == layer.mlp.down_proj.in_features == 128 - int(either.sum())
+    assert [g for g in compactor.report_of(small).groups if g.status != "removed"] == []
+    prompt = inputs["input_ids"][:1]
+    assert torch.equal(small.generate(prompt, max_new_tokens=16, do_sample=False),
+                       model.generate(prompt, max_new_tokens=16, do_sample=False))
