@@ -22,6 +22,7 @@ shared config):
   with ``num_key_value_groups``; ViT without);
 - ``query``, ``key``, ``value`` and an ``attention_head_size``, the O projection being the
   parent's ``output.dense`` (BERT, RoBERTa and kin);
+- ``q_lin``, ``k_lin``, ``v_lin``, ``out_lin`` and an ``attention_head_size`` (DistilBERT);
 - a fused ``c_attn`` (Q, K, V side by side, split by ``split_size``) and ``c_proj``, with
   ``num_heads`` and ``head_dim`` (GPT-2 self-attention).
 """
@@ -39,7 +40,7 @@ from .tensors import call
 __all__ = ["Attention", "HeadPlan", "COUNT_ATTRIBUTES", "find", "plan_heads"]
 
 #: Attributes of attention modules that hold a head count or a width derived from it (updated on the module).
-COUNT_ATTRIBUTES = ("num_attention_heads", "all_head_size", "num_heads", "split_size")
+COUNT_ATTRIBUTES = ("num_attention_heads", "all_head_size", "num_heads", "split_size", "n_heads")
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,10 @@ def _recognize(name: str, m: nn.Module, modules: dict) -> tuple | None:
         groups = getattr(m, "num_key_value_groups", 1)
         counts = ("num_attention_heads",) if isinstance(getattr(m, "num_attention_heads", None), int) else ()
         return (*(_name(name, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")), m.head_dim, groups, counts)
+    if isinstance(getattr(m, "attention_head_size", None), int) and all(
+            is_linear_like(getattr(m, p, None)) for p in ("q_lin", "k_lin", "v_lin", "out_lin")):
+        counts = ("n_heads",) if isinstance(getattr(m, "n_heads", None), int) else ()
+        return (*(_name(name, p) for p in ("q_lin", "k_lin", "v_lin", "out_lin")), m.attention_head_size, 1, counts)
     if isinstance(getattr(m, "attention_head_size", None), int) and all(
             is_linear_like(getattr(m, p, None)) for p in ("query", "key", "value")) and "." in name:
         parent = name.rpartition(".")[0]
@@ -226,7 +231,7 @@ def _cut(att: Attention, gone: list[int], modules: dict, out: HeadPlan) -> None:
         if bool(delta.any()):
             out.folds[att.o] = out.folds.get(att.o, 0) + delta
     left = att.heads - len(gone) * rep
-    values = dict(zip(COUNT_ATTRIBUTES, (left, left * hd, left, left * hd)))
+    values = dict(zip(COUNT_ATTRIBUTES, (left, left * hd, left, left * hd, left)))
     if att.counts:
         out.attributes[att.name] = {a: values[a] for a in att.counts}
 

@@ -224,3 +224,21 @@ def test_llama_glu_neurons_masked_in_either_projection_go():
     prompt = inputs["input_ids"][:1]
     assert torch.equal(small.generate(prompt, max_new_tokens=16, do_sample=False),
                        model.generate(prompt, max_new_tokens=16, do_sample=False))
+
+
+def test_distilbert_heads_go():
+    """DistilBERT (q_lin / k_lin / v_lin / out_lin), 4 heads of 8: prune_channels(0.5, heads=0.5) masks 2 heads per
+    layer and half the FFN neurons; compact() removes them, n_heads follows, outputs are exact."""
+    torch.manual_seed(0)
+    model = T.DistilBertModel(T.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64)).eval()
+    inputs = _tokens()
+    compactor.prune_channels(model, inputs, 0.5, heads=0.5)
+    small = compactor.compact(model, inputs)
+    for layer in small.transformer.layer:
+        att = layer.attention
+        assert (att.q_lin.out_features, att.out_lin.in_features, att.n_heads, layer.ffn.lin1.out_features) == \
+            (16, 16, 2, 32)
+    assert [g for g in compactor.report_of(small).groups if g.status != "removed"] == []
+    with torch.no_grad():
+        torch.testing.assert_close(small(**inputs).last_hidden_state, model(**inputs).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
