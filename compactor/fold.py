@@ -13,13 +13,11 @@ from typing import Union
 import torch
 from torch import nn
 
-from .layers import is_transposed_linear, out_major, with_border_correction
+from .layers import BATCHNORM, CONV, is_transposed_linear, out_major, set_module, with_border_correction
 from .planner import Cut, Fold, Plan
 
 __all__ = ["apply", "new_shapes"]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 # tensor name -> ((dimension, removed indices), ...)
 Slicing = dict[str, tuple[tuple[int, tuple[int, ...]], ...]]
@@ -30,7 +28,7 @@ def _slicing(layer: Union[nn.Module, nn.Parameter], cut: Cut) -> Slicing:
     out, inp = ((0, cut.out),), ((1, cut.inputs),)
     if isinstance(layer, nn.Parameter):
         return {"": ((cut.parameter_dim or 0, cut.out),)}
-    if isinstance(layer, _CONV):
+    if isinstance(layer, CONV):
         # a grouped conv loses whole groups: its per-group input width (weight dim 1) stays
         spec = {"weight": out + (inp if layer.groups == 1 else ()), "bias": out}
         return {**spec, "border_kernel": out, "border_offset": out}
@@ -38,7 +36,7 @@ def _slicing(layer: Union[nn.Module, nn.Parameter], cut: Cut) -> Slicing:
         return {"weight": out + inp, "bias": out}
     if is_transposed_linear(layer):  # weight (in, out)
         return {"weight": ((1, cut.out), (0, cut.inputs)), "bias": out}
-    if isinstance(layer, _BN):
+    if isinstance(layer, BATCHNORM):
         return {"weight": out, "bias": out, "running_mean": out, "running_var": out}
     if isinstance(layer, nn.PReLU):
         return {"weight": out}
@@ -111,7 +109,7 @@ def _slice(layer: nn.Module, cut: Cut) -> None:
 
 def _sync_widths(layer: nn.Module, cut: Cut) -> None:
     """Update the width attributes a layer's forward reads from its new tensors."""
-    if isinstance(layer, _CONV):
+    if isinstance(layer, CONV):
         if layer.groups > 1:  # whole groups went
             layer.groups -= len(cut.inputs) // (layer.in_channels // layer.groups)
         layer.out_channels = layer.weight.shape[0]
@@ -122,18 +120,12 @@ def _sync_widths(layer: nn.Module, cut: Cut) -> None:
         layer.nf = layer.weight.shape[1]
         if hasattr(layer, "nx"):
             layer.nx = layer.weight.shape[0]
-    elif isinstance(layer, _BN):
+    elif isinstance(layer, BATCHNORM):
         layer.num_features -= len(cut.out)
     elif isinstance(layer, nn.PReLU):
         layer.num_parameters = layer.weight.shape[0]
     elif isinstance(layer, nn.Embedding):
         layer.embedding_dim = layer.weight.shape[1]
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, new)
 
 
 def _fold_bias(module: nn.Module, delta: torch.Tensor) -> None:
@@ -158,7 +150,7 @@ def _execute(work: nn.Module, modules: dict[str, nn.Module], f: Fold) -> None:
         if f.bn is not None:
             _shift_mean(modules[f.bn], f.offset)
         new = with_border_correction(modules[f.layer], f.values, f.offset)
-        _set_module(work, f.layer, new)
+        set_module(work, f.layer, new)
         modules[f.layer] = new
 
 

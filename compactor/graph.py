@@ -29,7 +29,7 @@ from torch_pruning import ops as tp_ops
 from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import index_mapping, shape_infer
 
-from .layers import is_linear_like, is_transposed_linear
+from .layers import BATCHNORM, CONV, is_linear_like, is_transposed_linear
 from .tensors import Kwargs, flatten_outputs
 
 __all__ = ["Item", "Group", "trace"]
@@ -62,8 +62,6 @@ _IN_PLACE_GRAD_FNS = _CHANNELWISE_GRAD_FNS - {
 # BatchNorm computed by a module that also applies an activation (timm's BatchNormAct2d): per channel.
 _PER_CHANNEL_NORMS = {"NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm"}
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass
@@ -98,7 +96,7 @@ class Group:
             if it.role == "pass":
                 if it.op not in _IN_PLACE_GRAD_FNS:
                     return False
-            elif not isinstance(it.module, _CONV + _BN + (nn.PReLU,)):
+            elif not isinstance(it.module, CONV + BATCHNORM + (nn.PReLU,)):
                 return False
         return True
 
@@ -126,7 +124,7 @@ def _classify(node, handler, DG) -> tuple[str, str, str, int]:
     O = tp_ops.OPTYPE
     if t in (O.CONV, O.DEPTHWISE_CONV):
         op = type(module).__name__
-        if not isinstance(module, _CONV):
+        if not isinstance(module, CONV):
             return "blocked", op, f"{op} is not supported (only Conv1d/2d/3d)", 0
         if module.groups == 1:
             return ("out" if DG.is_out_channel_pruning_fn(handler) else "in"), op, "", 0
@@ -138,7 +136,7 @@ def _classify(node, handler, DG) -> tuple[str, str, str, int]:
     if t == O.EMBED:
         return "out", "Embedding", "", 0
     if t == O.BN:
-        if isinstance(module, _BN):
+        if isinstance(module, BATCHNORM):
             return "slice", type(module).__name__, "", 0
         return "blocked", type(module).__name__, f"{type(module).__name__} is not supported", 0
     if t == O.PRELU:
@@ -153,7 +151,7 @@ def _classify(node, handler, DG) -> tuple[str, str, str, int]:
     if t == O.ELEMENTWISE:
         op = _grad_fn_name(node)
         if op in _CHANNELWISE_GRAD_FNS or (op in _PER_CHANNEL_NORMS and any(
-                o.type == O.BN and isinstance(o.module, _BN) for o in node.outputs)):
+                o.type == O.BN and isinstance(o.module, BATCHNORM) for o in node.outputs)):
             return "pass", op, "", 0
         if op in ("Slice", "Select"):
             return "blocked", op, f"a fixed '{op.lower()}' of the tensor keeps these channels", 0
@@ -366,7 +364,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
             if not n:
                 continue
             fn = pruner.prune_out_channels
-            if isinstance(m, _CONV) and m.groups == m.out_channels and m.out_channels > 1:
+            if isinstance(m, CONV) and m.groups == m.out_channels and m.out_channels > 1:
                 fn = tp.function.prune_depthwise_conv_out_channels  # as torch-pruning does for a depthwise root
             group = _group(DG, m, fn, n, names, broken, output_nodes)
             groups.append(group)
@@ -377,7 +375,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
     for module, node in DG.module2node.items():
         if node.type == O.CONV and len(node.outputs) == 1:
             nxt = node.outputs[0]
-            if nxt.type == O.BN and isinstance(nxt.module, _BN) and [i.module for i in nxt.inputs] == [module]:
+            if nxt.type == O.BN and isinstance(nxt.module, BATCHNORM) and [i.module for i in nxt.inputs] == [module]:
                 bn_after[names[module]] = names[nxt.module]
     return groups, bn_after
 
@@ -409,7 +407,7 @@ def _group(DG: Any, module: nn.Module, fn: Any, n: int, names: dict, broken: dic
         group.items.append(Item(group.root, module, "blocked", list(range(n)), list(range(n)),
                                 _classify(root, fn, DG)[1], problem))
         return group
-    channels_last = not isinstance(module, _CONV)  # Linear / Embedding / Conv1D groups: channels are the last dim
+    channels_last = not isinstance(module, CONV)  # Linear / Embedding / Conv1D groups: channels are the last dim
     for (node, handler), (dep, pairs) in reached.items():
         if isinstance(node.module, nn.Parameter) and any(node.module is p for p in DG.ignored_params):
             continue

@@ -9,7 +9,20 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["BorderCorrectedConv1d", "BorderCorrectedConv2d", "BorderCorrectedConv3d", "with_border_correction",
-           "is_transposed_linear", "out_major", "is_linear_like", "dead_rows", "zero_columns"]
+           "is_transposed_linear", "out_major", "is_linear_like", "dead_rows", "zero_columns", "CONV", "BATCHNORM",
+           "set_module"]
+
+
+#: The layer types compactor slices along channel dimension 1 (convs) and the per-channel norms beside them.
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``root.get_submodule(name)`` is."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
 
 
 def is_transposed_linear(module: object) -> bool:

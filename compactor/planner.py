@@ -40,7 +40,9 @@ __all__ = ["Mode", "Cut", "Fold", "GroupNote", "Plan", "Ledger", "make_plan", "s
 #: ``"exact"`` folds the constants of removed channels; ``"drop"`` discards them, as other tools do.
 Mode = Literal["exact", "drop"]
 
-_PRODUCERS = ("out", "dw", "gout")
+#: Roles of the layers that compute a group's channels (see :mod:`compactor.graph`).
+PRODUCER_ROLES = ("out", "dw", "gout")
+_PRODUCERS = PRODUCER_ROLES
 _READERS = ("in", "gin")
 
 

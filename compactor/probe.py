@@ -15,18 +15,16 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .layers import is_linear_like, out_major
+from .layers import BATCHNORM, CONV, is_linear_like, out_major
 from .tensors import call, flatten_outputs
 
 __all__ = ["ChannelStats", "Measurements", "Recording", "recording", "measure", "nan_probe", "zeroed_outputs", "count_macs", "channel_view"]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def channel_view(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Put the channel axis ``module`` reads first, everything else flattened after it."""
-    if isinstance(module, _CONV):
+    if isinstance(module, CONV):
         return x.transpose(0, 1).reshape(x.shape[1], -1)
     return x.reshape(-1, x.shape[-1]).t()
 
@@ -34,7 +32,7 @@ def channel_view(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _filled(module: nn.Module, x: torch.Tensor, idxs: set[int], value: float) -> torch.Tensor:
     """A copy of ``x`` with channels ``idxs`` (as ``module`` reads or writes them) set to ``value``."""
     index = torch.tensor(sorted(idxs), dtype=torch.long, device=x.device)
-    return x.clone().index_fill_(1 if isinstance(module, _CONV) else x.dim() - 1, index, value)
+    return x.clone().index_fill_(1 if isinstance(module, CONV) else x.dim() - 1, index, value)
 
 
 @dataclass
@@ -132,10 +130,10 @@ def recording(model: nn.Module) -> Iterator[Recording]:
 
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, _CONV) or is_linear_like(m):
+        if isinstance(m, CONV) or is_linear_like(m):
             hooks.append(m.register_forward_pre_hook(functools.partial(layer_in, name)))
             hooks.append(m.register_forward_hook(functools.partial(layer_out, name)))
-        elif isinstance(m, _BN):
+        elif isinstance(m, BATCHNORM):
             hooks.append(m.register_forward_pre_hook(functools.partial(bn_in, name)))
     hooks.append(model.register_forward_hook(model_out))
     try:
@@ -226,7 +224,7 @@ def nan_probe(model: nn.Module, produce: Mapping[str, set[int]], expect: Mapping
             return (torch.nan_to_num(x, nan=0.0),) + tuple(args[1:])
         return None
 
-    readers = set(expect) | {n for n, m in modules.items() if isinstance(m, _CONV) or is_linear_like(m)}
+    readers = set(expect) | {n for n, m in modules.items() if isinstance(m, CONV) or is_linear_like(m)}
     hooks = _hook_inputs(model, readers, pre)
     hooks += [modules[n].register_forward_hook(lambda m, a, o, _i=idx: _filled(m, o, _i, float("nan")))
               for n, idx in produce.items() if idx]

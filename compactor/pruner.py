@@ -42,7 +42,7 @@ __all__ = ["Importance", "GroupPruning", "PruneReport", "prune_channels"]
 #: rows (one tensor per producer, shape (rows, ...)) and returning a score (lower goes first).
 Importance = Union[Literal["l1", "l2"], Callable[[list[torch.Tensor]], float]]
 
-_PRODUCERS = ("out", "dw", "gout")
+_PRODUCERS = planner.PRODUCER_ROLES
 Unit = tuple[int, int]  # (group index, root channel)
 
 
@@ -170,6 +170,11 @@ def _score(groups: list[graph.Group], unit: list[Unit], importance: Importance) 
     for gi in sorted({gi for gi, _ in unit}):
         roots = {r for g, r in unit if g == gi}
         rows += [_rows(it, roots) for it in groups[gi].items if it.role in _PRODUCERS]
+    return _norm(rows, importance)
+
+
+def _norm(rows: list[torch.Tensor], importance: Importance) -> float:
+    """A unit's score from its rows over every producer: l2, l1, or the user's callable."""
     if callable(importance):
         return float(importance(rows))
     if importance == "l1":
@@ -343,10 +348,7 @@ def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Unio
         for j in range(att.kv_heads):
             kv = slice(j * hd, (j + 1) * hd)
             qs = slice(j * rep * hd, (j + 1) * rep * hd)
-            rows = [q[qo:][qs], k[ko:][kv], v[vo:][kv], o[:, qs].t()]
-            scores.append(float(importance(rows)) if callable(importance) else
-                          float(sum(r.double().abs().sum() for r in rows)) if importance == "l1" else
-                          math.sqrt(float(sum(r.double().pow(2).sum() for r in rows))))
+            scores.append(_norm([q[qo:][qs], k[ko:][kv], v[vo:][kv], o[:, qs].t()], importance))
         n = _keep_enough(att.kv_heads, _quota(amount, att.kv_heads), None, None)
         gone = sorted(sorted(range(att.kv_heads), key=lambda j: (scores[j], j))[:n])
         if not gone:

@@ -20,7 +20,8 @@ from torch import nn
 from . import files, masks
 from .errors import LoadError
 from .heads import COUNT_ATTRIBUTES
-from .layers import BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d, is_transposed_linear
+from .layers import (BATCHNORM, CONV, BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d,
+                     is_transposed_linear, set_module)
 
 __all__ = ["FORMAT", "save", "save_pickle", "load"]
 
@@ -42,8 +43,6 @@ _LAYERS: dict[str, type] = {
     "Embedding": nn.Embedding, "PReLU": nn.PReLU, "LayerNorm": nn.LayerNorm,
 }
 _BASE = {"BorderCorrectedConv1d": nn.Conv1d, "BorderCorrectedConv2d": nn.Conv2d, "BorderCorrectedConv3d": nn.Conv3d}
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _kind(module: nn.Module) -> Optional[str]:
@@ -67,7 +66,7 @@ def _describe(module: nn.Module, kind: str) -> dict[str, Any]:
                              "dtype": _dtype_name(m)}
     if kind == "Conv1D":  # Hugging Face's: weight (in, out); rebuilt from the architecture's own instance
         entry.update(nx=m.weight.shape[0], nf=m.weight.shape[1], bias=m.bias is not None)
-    elif isinstance(m, _CONV):
+    elif isinstance(m, CONV):
         entry.update(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
                      stride=list(m.stride), padding=m.padding if isinstance(m.padding, str) else list(m.padding),
                      dilation=list(m.dilation), groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
@@ -75,7 +74,7 @@ def _describe(module: nn.Module, kind: str) -> dict[str, Any]:
             entry["border_kernel"] = list(m.border_kernel.shape)
     elif isinstance(m, nn.Linear):
         entry.update(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
-    elif isinstance(m, _BN):
+    elif isinstance(m, BATCHNORM):
         entry.update(num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
                      track_running_stats=m.track_running_stats)
     elif isinstance(m, nn.Embedding):
@@ -97,14 +96,14 @@ def _constructor_args(entry: Mapping[str, Any]) -> tuple[tuple, dict[str, Any]]:
     kw: dict[str, Any] = {}
     if e.get("dtype"):
         kw["dtype"] = getattr(torch, e["dtype"])
-    if issubclass(base, _CONV):
+    if issubclass(base, CONV):
         padding = e["padding"] if isinstance(e["padding"], str) else tuple(e["padding"])
         return (e["in_channels"], e["out_channels"], tuple(e["kernel_size"])), dict(
             kw, stride=tuple(e["stride"]), padding=padding, dilation=tuple(e["dilation"]), groups=e["groups"],
             bias=e["bias"], padding_mode=e["padding_mode"])
     if base is nn.Linear:
         return (e["in_features"], e["out_features"]), dict(kw, bias=e["bias"])
-    if issubclass(base, _BN):
+    if issubclass(base, BATCHNORM):
         return (e["num_features"],), dict(kw, eps=e["eps"], momentum=e["momentum"], affine=e["affine"],
                                           track_running_stats=e["track_running_stats"])
     if base is nn.Embedding:
@@ -302,12 +301,6 @@ def _rebuild(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, t
         return new
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, new)
-
-
 def _swapped(first: Any, second: Any) -> bool:
     """``load(path, Model)``: the argument order compactor.load had before it became model-first."""
     return isinstance(first, (str, os.PathLike)) and (isinstance(second, nn.Module) or callable(second))
@@ -337,7 +330,7 @@ def _replace_layers(target: nn.Module, layers: Mapping[str, Mapping[str, Any]], 
             replaced[id(current)] = _rebuild(current, entry, state, name + ".")
     for name, current in list(named.items()):
         if name and id(current) in replaced:
-            _set_module(target, name, replaced[id(current)])
+            set_module(target, name, replaced[id(current)])
 
 
 def _resize_bare_tensors(target: nn.Module, layers: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
