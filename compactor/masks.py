@@ -64,12 +64,34 @@ def pruned_tensors(model: nn.Module) -> list[PrunedTensor]:
     return found
 
 
+def _seed_computed_tensors(model: nn.Module, memo: dict) -> None:
+    """Pre-seed a deepcopy memo with detached clones of tensors a forward computed and left on the modules
+    (prune's masked weights, caches such as timm's attention-bias cache): ``copy.deepcopy`` refuses non-leaf
+    tensors."""
+    def seed(obj: Any, depth: int = 0) -> None:
+        if isinstance(obj, torch.Tensor):
+            if not obj.is_leaf and id(obj) not in memo:
+                memo[id(obj)] = obj.detach().clone()
+        elif depth < 3 and isinstance(obj, dict):
+            for v in obj.values():
+                seed(v, depth + 1)
+        elif depth < 3 and isinstance(obj, (list, tuple)):
+            for v in obj:
+                seed(v, depth + 1)
+
+    for module in model.modules():
+        for key, value in module.__dict__.items():
+            if not key.startswith("_"):
+                seed(value)
+
+
 def clone(model: nn.Module) -> nn.Module:
     """Deep-copy ``model``, masks and hooks included.
 
     ``copy.deepcopy`` refuses a live-masked module because the masked ``weight``
     is a non-leaf tensor; its copy is pre-seeded here with a detached clone (the
-    hook recomputes it on every forward anyway).
+    hook recomputes it on every forward anyway), as is any other tensor a forward
+    left on a module (a cache).
     """
     memo: dict[int, Any] = {}
     for module in model.modules():
@@ -77,6 +99,7 @@ def clone(model: nn.Module) -> nn.Module:
             t = getattr(module, hook._tensor_name, None)
             if isinstance(t, torch.Tensor):
                 memo[id(t)] = t.detach().clone()
+    _seed_computed_tensors(model, memo)
     return copy.deepcopy(model, memo)
 
 
@@ -99,6 +122,7 @@ def bake(model: nn.Module) -> nn.Module:
             if isinstance(getattr(module, t, None), torch.Tensor):
                 memo[id(getattr(module, t))] = None
             todo.append((mname, t))
+    _seed_computed_tensors(model, memo)
     baked = copy.deepcopy(model, memo)
     for mname, t in todo:
         module = baked.get_submodule(mname) if mname else baked

@@ -113,6 +113,7 @@ class Ledger:
     silent: dict[int, set[int]] = field(default_factory=dict)  # roots no consumer reads: nothing to fold
     notes: list[GroupNote] = field(default_factory=list)
     any_masked: bool = False
+    unclear: list[tuple[str, list[int], str]] = field(default_factory=list)  # (root layer, masked rows, why)
 
     def note(self, gi: int, roots: set[int], status: str, reason: str) -> None:
         self.notes.append(GroupNote(layers=self.groups[gi].layers(), channels=sorted(roots), status=status,
@@ -244,9 +245,9 @@ def _note_unclear(ledger: Ledger, g: graph.Group) -> None:
     if root is None or not hasattr(root, "weight"):
         return
     dead = torch.nonzero(dead_rows(root)).flatten().tolist()
-    if dead:
+    if dead:  # noted once the cuts are known: another group may still remove these rows
         ledger.any_masked = True
-        ledger.notes.append(GroupNote(layers=[g.root], channels=dead, status="kept", reason=g.unclear))
+        ledger.unclear.append((g.root, dead, g.unclear))
 
 
 def _blocker(g: graph.Group, tied: set[str]) -> str:
@@ -537,6 +538,10 @@ def make_plan(work: nn.Module, batches: Sequence[tuple], *, mode: Mode = "exact"
         folds, dropped = place_folds(ledger, modules, measured.stats, measured.bn_pairs, mode)
         cuts = cut_layers(ledger)
         cuts, folds = _with_heads(cuts, folds, dropped, by_rule, ledger, mode)
+        for root, dead, why in ledger.unclear:  # masked rows of a group not understood that nothing else removes
+            left = [r for r in dead if r not in set(cuts[root].out if root in cuts else ())]
+            if left:
+                ledger.notes.append(GroupNote(layers=[root], channels=left, status="kept", reason=why))
     plan = Plan(mode=mode, round_to=round_to, cuts=MappingProxyType(cuts), folds=folds, notes=tuple(ledger.notes),
                 dropped=MappingProxyType(dropped), any_masked=ledger.any_masked or by_rule.any_masked,
                 attributes=MappingProxyType({k: MappingProxyType(v) for k, v in by_rule.attributes.items()}))

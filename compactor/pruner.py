@@ -21,7 +21,6 @@ survive ``prune.remove``, and save as ``*_orig`` / ``*_mask`` state_dicts.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal, Optional, Sequence, Union
@@ -298,7 +297,7 @@ def _dry_run(work: nn.Module, groups: list[graph.Group], clusters: list[list[lis
         if not todo:
             break
         tried |= todo
-        trial = copy.deepcopy(work)
+        trial = masks.clone(work)
         _zero(trial, _masks(groups, [clusters[c][i] for c, i in accepted | todo]))
         try:
             the_plan, _ = planner.make_plan(trial, batches)
@@ -364,7 +363,7 @@ def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Unio
         chosen.append((att, gone, flags, cols, scores))
     if not chosen:
         return
-    trial = copy.deepcopy(work)  # the dry run
+    trial = masks.clone(work)  # the dry run
     with torch.no_grad():
         for att, _, flags, cols, _ in chosen:
             _zero(trial, flags)

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from torch.nn.utils import prune
 
 from compactor import MaskLoadError, load_pruned, masks
@@ -118,3 +119,32 @@ def test_load_pruned_refuses_a_pickled_model(tmp_path):
     torch.save(LeNet(), path)
     with pytest.raises(MaskLoadError, match=r"model\.state_dict\(\)"):
         load_pruned(LeNet, path)
+
+
+def test_a_model_holding_a_computed_tensor_copies_and_compacts():
+    """A forward run with grad enabled left a non-leaf tensor in a cache on the module (as timm's attention-bias
+    cache does): bake / clone copy it detached instead of failing, and compact() works on the model unchanged."""
+    import compactor
+
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+            self.temperature = nn.Parameter(torch.tensor(0.5))
+            self.cache = {}
+
+        def forward(self, x):
+            if "t" not in self.cache:
+                self.cache["t"] = self.temperature * 2  # computed from a parameter: not a leaf
+            return self.b(torch.relu(self.a(x))) * self.cache["t"]
+
+    torch.manual_seed(0)
+    m = Cached().eval()
+    prune.custom_from_mask(m.a, "weight", torch.tensor([0.0, 1, 1, 0, 1, 1])[:, None].expand(6, 4))
+    x = torch.randn(2, 4)
+    expected = m(x)  # grad enabled: the cache now holds a non-leaf tensor
+    assert not m.cache["t"].is_leaf
+    assert masks.clone(m).cache["t"].is_leaf and masks.bake(m).cache["t"].is_leaf
+    small = compactor.compact(m, x)
+    torch.testing.assert_close(small(x), expected.detach())
+    assert small.a.out_features == 4
