@@ -112,6 +112,15 @@ def _jsonable(o: Any) -> Any:
     return str(o)
 
 
+def write_results(folder: str, name: str, payload: dict, md: Sequence[str], extra: Sequence[str] = ()) -> dict:
+    """Write ``name``.json and ``name``.md in ``folder``, print every file written; returns rows and files."""
+    files = [write_json(os.path.join(folder, name + ".json"), payload), *extra,
+             write_text(os.path.join(folder, name + ".md"), "\n".join(md) + "\n")]
+    for f in files:
+        print(f)
+    return {"rows": payload.get("rows"), "files": files}
+
+
 def write_text(path: str, text: str) -> str:
     with open(path, "w") as f:
         f.write(text)

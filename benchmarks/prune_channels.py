@@ -92,8 +92,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     device = common.device_slug(False)
     folder = common.out_dir(args.out, device)
     name = common.tag("prune_channels", args.models, f"a{args.amount:g}")
-    files = [common.write_json(os.path.join(folder, name + ".json"),
-                               {"kind": "prune_channels", "machine": machine, "settings": vars(args), "rows": rows})]
     cols = [
         ("model", lambda r: r["model"]),
         ("masks", lambda r: r["masks"]),
@@ -111,10 +109,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           "Random weights, BatchNorm statistics randomized alike in both; `compact()` verified each model "
           "against its masked one. Command: `python benchmarks/prune_channels.py --models "
           f"{args.models} --amount {args.amount}`.", "", common.table(rows, cols), ""]
-    files.append(common.write_text(os.path.join(folder, name + ".md"), "\n".join(md) + "\n"))
-    for f in files:
-        print(f)
-    return {"rows": rows, "files": files}
+    return common.write_results(folder, name, {"kind": "prune_channels", "machine": machine, "settings": vars(args),
+                                               "rows": rows}, md)
 
 
 if __name__ == "__main__":
