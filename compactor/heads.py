@@ -63,6 +63,15 @@ class Attention:
         """Query heads per key/value head."""
         return self.heads // self.kv_heads
 
+    def kv_rows(self, kv_heads) -> list[int]:
+        """K / V output rows of these key/value heads (before the layer's offset)."""
+        return [j * self.head_dim + d for j in sorted(kv_heads) for d in range(self.head_dim)]
+
+    def q_rows(self, kv_heads) -> list[int]:
+        """Q output rows (= O input columns) of every query head sharing these key/value heads."""
+        span = self.group * self.head_dim
+        return [j * span + d for j in sorted(kv_heads) for d in range(span)]
+
 
 @dataclass
 class HeadPlan:
@@ -133,10 +142,6 @@ def find(model: nn.Module) -> list[Attention]:
     return found
 
 
-def _rows(head: int, dim: int) -> set[int]:
-    return set(range(head * dim, (head + 1) * dim))
-
-
 def _head_shaped(att: Attention, modules: dict) -> str:
     """A parameter of the attention module, outside its projections, sized by its heads (a per-head norm, attention
     sinks): the rule's argument does not cover it. Returns its name, or ''."""
@@ -183,10 +188,8 @@ def _layout_holds(model: nn.Module, cands: list, batch: tuple) -> set[str]:
         perturb: dict[str, set[int]] = {}
         expect: dict[str, set[int]] = {}
         for att, gone in subset:
-            hd, rep = att.head_dim, att.group
             qo, ko, vo = att.offsets
-            q_rows = {c for j in gone for h in range(j * rep, (j + 1) * rep) for c in _rows(h, hd)}
-            kv_rows = {r for j in gone for r in _rows(j, hd)}
+            q_rows, kv_rows = set(att.q_rows(gone)), set(att.kv_rows(gone))
             for name, rows, off in ((att.q, q_rows, qo), (att.k, kv_rows, ko), (att.v, kv_rows, vo)):
                 perturb.setdefault(name, set()).update(off + r for r in rows)
             expect.setdefault(att.o, set()).update(q_rows)
@@ -216,8 +219,7 @@ def _cut(att: Attention, gone: list[int], modules: dict, out: HeadPlan) -> None:
     hd, rep = att.head_dim, att.group
     qo, ko, vo = att.offsets
     v, o = modules[att.v], modules[att.o]
-    kv_rows = set().union(*(_rows(j, hd) for j in gone))
-    q_rows = set().union(*(_rows(h, hd) for j in gone for h in range(j * rep, (j + 1) * rep)))
+    q_rows, kv_rows = set(att.q_rows(gone)), set(att.kv_rows(gone))
     for name, rows, off in ((att.q, q_rows, qo), (att.k, kv_rows, ko), (att.v, kv_rows, vo)):
         out.cuts.setdefault(name, (set(), set()))[0].update(r + off for r in rows)
     out.cuts.setdefault(att.o, (set(), set()))[1].update(q_rows)
@@ -248,14 +250,12 @@ def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None) -> 
         q, k, v, o = (modules[n] for n in (att.q, att.k, att.v, att.o))
         out.owned |= {att.q, att.k, att.v}
         layers = list(dict.fromkeys([att.q, att.k, att.v, att.o]))  # a fused QKV layer once
-        hd, rep = att.head_dim, att.group
         qo, ko, vo = att.offsets
         v_dead, o_unread = dead_rows(v).tolist()[vo:], zero_columns(o).tolist()
         q_dead, k_dead = dead_rows(q).tolist()[qo:], dead_rows(k).tolist()[ko:]
         gone, partial, qk_only = [], [], []
         for j in range(att.kv_heads):
-            v_rows = sorted(_rows(j, hd))
-            o_cols = sorted(c for h in range(j * rep, (j + 1) * rep) for c in _rows(h, hd))
+            v_rows, o_cols = att.kv_rows([j]), att.q_rows([j])
             constant = all(v_dead[r] for r in v_rows)
             unread = all(o_unread[c] for c in o_cols)
             if constant or unread:

@@ -340,26 +340,23 @@ def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Unio
         if set(layers) & (ignored | tied) or att.name in ignored:
             report.skipped.append((layers, "in ignore" if set(layers) & ignored else "weights tied with another layer"))
             continue
-        hd, rep = att.head_dim, att.group
         qo, ko, vo = att.offsets
         q, k, v, o = (out_major(modules[n]) for n in (att.q, att.k, att.v, att.o))
         scores = []
         for j in range(att.kv_heads):
-            kv = slice(j * hd, (j + 1) * hd)
-            qs = slice(j * rep * hd, (j + 1) * rep * hd)
-            scores.append(_norm([q[qo:][qs], k[ko:][kv], v[vo:][kv], o[:, qs].t()], importance))
+            qs, kv = torch.tensor(att.q_rows([j])), torch.tensor(att.kv_rows([j]))
+            scores.append(_norm([q[qo + qs], k[ko + kv], v[vo + kv], o[:, qs].t()], importance))
         n = _keep_enough(att.kv_heads, _quota(amount, att.kv_heads), None, None)
         gone = sorted(sorted(range(att.kv_heads), key=lambda j: (scores[j], j))[:n])
         if not gone:
             continue
         flags: dict[str, torch.Tensor] = {}
-        for name, off, per in ((att.q, qo, rep), (att.k, ko, 1), (att.v, vo, 1)):
+        for name, off, rows in ((att.q, qo, att.q_rows(gone)), (att.k, ko, att.kv_rows(gone)),
+                                (att.v, vo, att.kv_rows(gone))):
             f = flags.setdefault(name, torch.zeros(out_major(modules[name]).shape[0], dtype=torch.bool))
-            for j in gone:
-                f[off + j * per * hd:off + (j + 1) * per * hd] = True
-        cols = torch.zeros(att.heads * hd, dtype=torch.bool)
-        for j in gone:
-            cols[j * rep * hd:(j + 1) * rep * hd] = True
+            f[torch.tensor(rows) + off] = True
+        cols = torch.zeros(att.heads * att.head_dim, dtype=torch.bool)
+        cols[att.q_rows(gone)] = True
         chosen.append((att, gone, flags, cols, scores))
     if not chosen:
         return
