@@ -13,7 +13,8 @@ from typing import Union
 import torch
 from torch import nn
 
-from .layers import BATCHNORM, CONV, is_transposed_linear, out_major, set_module, with_border_correction
+from .layers import (BATCHNORM, CONV, is_transposed_linear, out_major, set_module, with_border_correction,
+                     with_border_correction_bn)
 from .planner import Cut, Fold, Plan
 
 __all__ = ["apply", "new_shapes"]
@@ -37,7 +38,8 @@ def _slicing(layer: Union[nn.Module, nn.Parameter], cut: Cut) -> Slicing:
     if is_transposed_linear(layer):  # weight (in, out)
         return {"weight": ((1, cut.out), (0, cut.inputs)), "bias": out}
     if isinstance(layer, BATCHNORM):
-        return {"weight": out, "bias": out, "running_mean": out, "running_var": out}
+        return {"weight": out, "bias": out, "running_mean": out, "running_var": out, "border_kernel": out,
+                "border_offset": out}
     if isinstance(layer, nn.PReLU):
         return {"weight": out}
     if isinstance(layer, nn.Embedding):
@@ -146,6 +148,11 @@ def _execute(work: nn.Module, modules: dict[str, nn.Module], f: Fold) -> None:
         _fold_bias(modules[f.layer], f.values)
     elif f.target == "bn_mean":
         _shift_mean(modules[f.bn], f.values)
+    elif f.target == "bn_border":
+        _shift_mean(modules[f.bn], f.offset)
+        new = with_border_correction_bn(modules[f.bn], modules[f.layer], f.values, f.offset)
+        set_module(work, f.bn, new)
+        modules[f.bn] = new
     else:
         if f.bn is not None:
             _shift_mean(modules[f.bn], f.offset)

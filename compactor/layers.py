@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["BorderCorrectedConv1d", "BorderCorrectedConv2d", "BorderCorrectedConv3d", "with_border_correction",
+           "BorderCorrectedBatchNorm1d", "BorderCorrectedBatchNorm2d", "BorderCorrectedBatchNorm3d",
+           "with_border_correction_bn",
            "is_transposed_linear", "out_major", "is_linear_like", "dead_rows", "zero_columns", "CONV", "BATCHNORM",
            "set_module"]
 
@@ -132,8 +134,7 @@ class _BorderCorrected:
         return (inner if bool(inner.any()) else None), patches, full
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.jit.is_scripting() \
-                or torch.compiler.is_compiling():
+        if _capturing():
             return self._conv_forward(x, self.weight, self.bias) + self._graph_map(x)
         inner, patches, full = self._entry(x)
         if patches is None:  # 1-d / 3-d, or no plain interior: add the whole map
@@ -176,6 +177,156 @@ class BorderCorrectedConv2d(_BorderCorrected, nn.Conv2d):
 
 class BorderCorrectedConv3d(_BorderCorrected, nn.Conv3d):
     _fn = staticmethod(F.conv3d)
+
+
+def _capturing() -> bool:
+    """Inside a captured graph: tracing, ONNX export, scripting or torch.compile."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.jit.is_scripting() \
+        or torch.compiler.is_compiling()
+
+
+def _stamp(*tensors: "torch.Tensor | None") -> tuple:
+    """What identifies the current contents of some tensors: storage and in-place version."""
+    return tuple(None if t is None else (t.data_ptr(), _version(t)) for t in tensors)
+
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class _BorderCorrectedNorm:
+    """A BatchNorm that also adds the border correction of the stride-1 conv feeding it.
+
+    ``BN(conv(x) + m)`` where ``m`` (1, C, *spatial) is the removed constant channels'
+    contribution minus the part already in the running mean: zero inside the image, nonzero
+    on the frame where the conv's kernel overlapped its zero padding. In eval mode this is
+    ``x * scale + (shift + m * scale)``: one ``addcmul`` with a precomputed map, the same
+    single pass over the tensor a plain BatchNorm makes, so the correction launches no
+    kernel of its own (on a GPU in eager mode, one kernel saved per layer counts). The conv
+    before it stays a plain conv.
+
+    The conv is stride 1, so the map follows from this layer's own input size:
+    ``in = out - 2 * padding + dilation * (k - 1)`` (``padding="same"``: ``in = out``).
+    In training mode (batch statistics) the map is added before normalizing, as the masked
+    model computes it.
+    """
+
+    border_kernel: torch.Tensor  # (C, 1, *k): sum_c v_c W[:, c] of the conv before
+    border_offset: torch.Tensor  # (C,): the interior share, already subtracted from running_mean
+    border_padding: "tuple[int, ...] | str"
+    border_dilation: tuple[int, ...]
+
+    def border_map(self, x: torch.Tensor) -> torch.Tensor:
+        """What the removed channels add before this BatchNorm, for an input shaped like ``x``: (1, C, *spatial)."""
+        k = self.border_kernel
+        dims = k.dim() - 2
+        with warnings.catch_warnings():  # traced: the spatial size becomes a constant of the graph
+            warnings.simplefilter("ignore")
+            out = tuple(int(d) for d in x.shape[2:])
+        if len(out) != dims:
+            raise ValueError(f"{type(self).__name__} corrects a {dims}-d conv's output; got input of shape "
+                             f"{tuple(x.shape)}")
+        if self.border_padding == "same":
+            size = out
+        else:
+            size = tuple(o - 2 * p + d * (n - 1) for o, p, d, n in
+                         zip(out, self.border_padding, self.border_dilation, k.shape[2:]))
+        ones = torch.ones((1, 1) + size, dtype=x.dtype, device=x.device)
+        m = _CONV_FN[dims](ones, k.to(x.dtype), None, 1, self.border_padding, self.border_dilation)
+        return m - self.border_offset.to(x.dtype).reshape((1, -1) + (1,) * dims)
+
+    def _affine(self) -> tuple:
+        """Eval-mode ``scale`` and ``shift`` (C,) in float64: ``BN(y) = y * scale + shift``."""
+        scale = (self.running_var.double() + self.eps).rsqrt()
+        shift = -self.running_mean.double() * scale
+        if self.weight is not None:
+            scale = scale * self.weight.detach().double()
+            shift = shift * self.weight.detach().double()
+        if self.bias is not None:
+            shift = shift + self.bias.detach().double()
+        return scale, shift
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or self.running_mean is None or self.running_var is None
+
+    def _entry(self, x: torch.Tensor) -> tuple:
+        """Cached per input size, dtype, device and layout: ``scale`` (1, C, 1...) and ``shift + m * scale``."""
+        layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last) else torch.contiguous_format
+        key = (tuple(x.shape[2:]), x.dtype, x.device, layout, self.eps, _stamp(
+            self.weight, self.bias, self.running_mean, self.running_var, self.border_kernel, self.border_offset))
+        cache = self.__dict__.setdefault("_border_cache", {})
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) > 8:
+                cache.clear()
+            with torch.no_grad():
+                scale, shift = self._affine()
+                view = (1, -1) + (1,) * (x.dim() - 2)
+                m = self.border_map(torch.empty((1, 1) + tuple(x.shape[2:]), dtype=torch.float64, device=x.device))
+                full = (shift.view(view) + m * scale.view(view)).to(x.dtype).contiguous(memory_format=layout)
+                hit = cache[key] = (scale.to(x.dtype).view(view), full)
+        return hit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._uses_batch_stats():
+            return super().forward(x + self.border_map(x))
+        if _capturing() or (torch.is_grad_enabled() and any(
+                p is not None and p.requires_grad for p in (self.weight, self.bias))):
+            # A captured graph, or fine-tuning with frozen statistics (differentiable): a plain BatchNorm,
+            # which a runtime folds into the conv before it, then one add of the scaled map (in an
+            # exported graph a constant: exports fix H and W).
+            scale = (self.running_var + self.eps).rsqrt()
+            if self.weight is not None:
+                scale = scale * self.weight
+            return super().forward(x) + self.border_map(x) * scale.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
+        scale, full = self._entry(x)
+        return torch.addcmul(full, x, scale)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_border_cache", None)
+        return state
+
+
+class BorderCorrectedBatchNorm1d(_BorderCorrectedNorm, nn.BatchNorm1d):
+    pass
+
+
+class BorderCorrectedBatchNorm2d(_BorderCorrectedNorm, nn.BatchNorm2d):
+    pass
+
+
+class BorderCorrectedBatchNorm3d(_BorderCorrectedNorm, nn.BatchNorm3d):
+    pass
+
+
+_BN_CLASSES = {nn.BatchNorm1d: BorderCorrectedBatchNorm1d, nn.BatchNorm2d: BorderCorrectedBatchNorm2d,
+               nn.BatchNorm3d: BorderCorrectedBatchNorm3d}
+
+
+def with_border_correction_bn(bn: nn.Module, conv: nn.Module, kernel: torch.Tensor,
+                              offset: torch.Tensor) -> nn.Module:
+    """Return a copy of BatchNorm ``bn`` that adds the border correction of stride-1 ``conv`` (which alone feeds it).
+
+    ``kernel`` (out, *k) is ``sum_c v_c W[:, c]`` over the conv's removed constant input
+    channels; ``offset`` (out,) its interior share, already subtracted from ``bn``'s
+    running mean.
+    """
+    if any(s != 1 for s in conv.stride):
+        raise ValueError(f"the border correction moves into a BatchNorm only after a stride-1 conv, got stride "
+                         f"{conv.stride}")
+    base = next(b for b in _BN_CLASSES if isinstance(bn, b))
+    new = _BN_CLASSES[base].__new__(_BN_CLASSES[base])
+    new.__dict__.update(bn.__dict__)
+    new._parameters = dict(bn._parameters)
+    new._buffers = dict(bn._buffers)
+    new._modules = dict(bn._modules)
+    device, dtype = bn.running_mean.device, bn.running_mean.dtype
+    new.register_buffer("border_kernel", kernel.detach().to(device=device, dtype=dtype).unsqueeze(1).contiguous())
+    new.register_buffer("border_offset", offset.detach().to(device=device, dtype=dtype).contiguous())
+    new.border_padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+    new.border_dilation = tuple(conv.dilation)
+    return new
 
 
 _CLASSES = {nn.Conv1d: BorderCorrectedConv1d, nn.Conv2d: BorderCorrectedConv2d, nn.Conv3d: BorderCorrectedConv3d}

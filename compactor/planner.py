@@ -31,7 +31,7 @@ from torch import nn
 
 from . import graph, heads, probe
 from .errors import CompactionError
-from .layers import dead_rows, is_linear_like, out_major, zero_columns
+from .layers import BATCHNORM, dead_rows, is_linear_like, out_major, zero_columns
 from .progress import Progress
 
 __all__ = ["Mode", "Cut", "Fold", "GroupNote", "Plan", "Ledger", "make_plan", "select", "settle", "place_folds",
@@ -79,11 +79,13 @@ class Fold:
       which alone reads ``layer``'s output (``layer`` stays bias-free);
     - ``"border"``: ``layer`` (a zero-padded conv) becomes border-corrected with kernel
       ``values`` (out, *k); with ``bn`` set, the interior part ``offset`` (out,) goes into
-      that BatchNorm's mean and the correction adds only the rest.
+      that BatchNorm's mean and the correction adds only the rest;
+    - ``"bn_border"``: as ``"border"`` with ``bn`` set, but the stride-1 conv ``layer`` stays a
+      plain conv and BatchNorm ``bn`` adds the rest (scaled) in the pass it makes anyway.
     """
 
     layer: str
-    target: Literal["bias", "bn_mean", "border"]
+    target: Literal["bias", "bn_mean", "border", "bn_border"]
     values: torch.Tensor  # float64
     bn: Optional[str] = None
     offset: Optional[torch.Tensor] = None
@@ -438,8 +440,19 @@ def place_folds(ledger: Ledger, modules: Mapping[str, nn.Module], stats: Mapping
         if acc["border"] is not None:
             kernel = acc["border"]
             offset = kernel.flatten(1).sum(1) if bn else None
-            folds.append(Fold(layer=name, target="border", values=kernel, bn=bn, offset=offset, sources=sources))
+            target = "bn_border" if bn and _frame_fits_bn(modules[name], modules[bn]) else "border"
+            folds.append(Fold(layer=name, target=target, values=kernel, bn=bn, offset=offset, sources=sources))
     return tuple(folds), {n: tuple(sorted(i)) for n, i in dropped.items()}
+
+
+def _frame_fits_bn(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether the border correction can ride on ``bn`` (see :class:`compactor.layers.BorderCorrectedBatchNorm2d`).
+
+    The conv must be stride 1 (its input size then follows from its output's) and the
+    BatchNorm torch's own class (a subclass such as timm's ``BatchNormAct2d`` has a forward
+    of its own to keep), so the correction costs no pass of its own: the conv stays plain.
+    """
+    return all(s == 1 for s in conv.stride) and type(bn) in BATCHNORM
 
 
 def _absorbing_bn(name: str, modules: Mapping[str, nn.Module], bn_pairs: Mapping[str, str]) -> Optional[str]:

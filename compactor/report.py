@@ -181,6 +181,8 @@ def _folded(plan: Plan) -> list[str]:
             how.append(where)
         if any(f.target == "border" for f in folds):
             how.append(f"{where}, plus an exact correction on the zero-padded border")
+        if any(f.target == "bn_border" for f in folds):
+            how.append(f"{where}, plus an exact correction on the zero-padded border made by '{bn}'")
         sources = dict.fromkeys(s for f in folds for s in f.sources)
         out.append(f"constants of removed channels from {', '.join(sources)} -> '{name}' {' and '.join(how)}")
     return out

@@ -20,7 +20,8 @@ from torch import nn
 from . import files, masks
 from .errors import LoadError
 from .heads import COUNT_ATTRIBUTES
-from .layers import (BATCHNORM, CONV, BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d,
+from .layers import (BATCHNORM, CONV, BorderCorrectedBatchNorm1d, BorderCorrectedBatchNorm2d,
+                     BorderCorrectedBatchNorm3d, BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d,
                      is_transposed_linear, set_module)
 
 __all__ = ["FORMAT", "save", "save_pickle", "load"]
@@ -34,7 +35,9 @@ ModelOrFactory = Union[nn.Module, Callable[[], nn.Module]]
 # --------------------------------------------------------------------------- the manifest
 
 _BORDER = {"BorderCorrectedConv1d": BorderCorrectedConv1d, "BorderCorrectedConv2d": BorderCorrectedConv2d,
-           "BorderCorrectedConv3d": BorderCorrectedConv3d}
+           "BorderCorrectedConv3d": BorderCorrectedConv3d, "BorderCorrectedBatchNorm1d": BorderCorrectedBatchNorm1d,
+           "BorderCorrectedBatchNorm2d": BorderCorrectedBatchNorm2d,
+           "BorderCorrectedBatchNorm3d": BorderCorrectedBatchNorm3d}
 # Most specific first: a BorderCorrectedConv2d is also a Conv2d.
 _LAYERS: dict[str, type] = {
     **_BORDER,
@@ -42,7 +45,9 @@ _LAYERS: dict[str, type] = {
     "BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d, "BatchNorm3d": nn.BatchNorm3d,
     "Embedding": nn.Embedding, "PReLU": nn.PReLU, "LayerNorm": nn.LayerNorm,
 }
-_BASE = {"BorderCorrectedConv1d": nn.Conv1d, "BorderCorrectedConv2d": nn.Conv2d, "BorderCorrectedConv3d": nn.Conv3d}
+_BASE = {"BorderCorrectedConv1d": nn.Conv1d, "BorderCorrectedConv2d": nn.Conv2d, "BorderCorrectedConv3d": nn.Conv3d,
+         "BorderCorrectedBatchNorm1d": nn.BatchNorm1d, "BorderCorrectedBatchNorm2d": nn.BatchNorm2d,
+         "BorderCorrectedBatchNorm3d": nn.BatchNorm3d}
 
 
 def _kind(module: nn.Module) -> Optional[str]:
@@ -77,6 +82,10 @@ def _describe(module: nn.Module, kind: str) -> dict[str, Any]:
     elif isinstance(m, BATCHNORM):
         entry.update(num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
                      track_running_stats=m.track_running_stats)
+        if kind in _BORDER:  # the stride-1 conv geometry its border map follows
+            entry.update(border_kernel=list(m.border_kernel.shape), border_dilation=list(m.border_dilation),
+                         border_padding=m.border_padding if isinstance(m.border_padding, str)
+                         else list(m.border_padding))
     elif isinstance(m, nn.Embedding):
         entry.update(num_embeddings=m.num_embeddings, embedding_dim=m.embedding_dim, padding_idx=m.padding_idx,
                      max_norm=m.max_norm, norm_type=m.norm_type, scale_grad_by_freq=m.scale_grad_by_freq,
@@ -282,8 +291,13 @@ def _rebuild(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, t
         new = _BORDER[kind](*args, **kwargs)
         shape = tuple(state[prefix + "border_kernel"].shape) if prefix + "border_kernel" in state else tuple(
             entry["border_kernel"])
-        new.register_buffer("border_kernel", torch.zeros(shape, dtype=new.weight.dtype))
-        new.register_buffer("border_offset", torch.zeros(shape[0], dtype=new.weight.dtype))
+        dtype = new.weight.dtype if new.weight is not None else new.running_mean.dtype
+        new.register_buffer("border_kernel", torch.zeros(shape, dtype=dtype))
+        new.register_buffer("border_offset", torch.zeros(shape[0], dtype=dtype))
+        if "border_padding" in entry:
+            padding = entry["border_padding"]
+            new.border_padding = padding if isinstance(padding, str) else tuple(padding)
+            new.border_dilation = tuple(entry["border_dilation"])
         return new
     if type(current) is _LAYERS[kind]:
         return _LAYERS[kind](*args, **kwargs)

@@ -80,6 +80,27 @@ class Border(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class BorderBN(nn.Module):
+    """conv+BN+ReLU into a stride-1 padded conv+BN (the BN takes the border correction), then a stride-2 padded
+    conv+BN (the conv keeps it), pooled Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
 def _randomize_bn(model: nn.Module) -> nn.Module:
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -135,5 +156,19 @@ def border_compact():
     return _compacted(masked, 2, 3, 16, 16)
 
 
-COMPACTED = {"lenet": lenet_compact, "resbn": resbn_compact, "depthwise": depthwise_compact, "border": border_compact}
-ARCH = {"lenet": LeNet, "resbn": ResBN, "depthwise": Depthwise, "border": Border}
+@functools.lru_cache(maxsize=None)
+def border_bn_compact():
+    """Rows of conv1 and conv2 masked: bn2 becomes a BorderCorrectedBatchNorm2d, conv3 a BorderCorrectedConv2d."""
+    torch.manual_seed(0)
+    masked = _randomize_bn(BorderBN()).eval()
+    for name, rows in (("conv1", [0, 2, 5]), ("conv2", [1, 6])):
+        mask = torch.ones(8, 1, 1, 1)
+        mask[rows] = 0
+        layer = getattr(masked, name)
+        prune.custom_from_mask(layer, "weight", mask.expand_as(layer.weight))
+    return _compacted(masked, 2, 3, 15, 15)
+
+
+COMPACTED = {"lenet": lenet_compact, "resbn": resbn_compact, "depthwise": depthwise_compact, "border": border_compact,
+             "border_bn": border_bn_compact}
+ARCH = {"lenet": LeNet, "resbn": ResBN, "depthwise": Depthwise, "border": Border, "border_bn": BorderBN}

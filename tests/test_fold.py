@@ -5,7 +5,7 @@ from torch import nn
 
 import compactor
 from compactor import fold, masks, planner, tensors
-from compactor.layers import BorderCorrectedConv2d
+from compactor.layers import BorderCorrectedBatchNorm2d, BorderCorrectedConv2d
 from tests.hand_models import mask_rows
 
 EXACT = dict(rtol=0.0, atol=0.0)
@@ -107,9 +107,9 @@ def test_new_shapes_of_a_created_bias_on_a_layer_that_is_also_cut():
     _assert_compact_equals_masked(m, x)
 
 
-def _conv_bn(padding: int) -> nn.Module:
+def _conv_bn(padding: int, stride: int = 1) -> nn.Module:
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=padding, bias=False),
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 3, stride=stride, padding=padding, bias=False),
                       nn.BatchNorm2d(2)).eval()
     with torch.no_grad():
         m[0].bias[1] = 0.5
@@ -119,9 +119,9 @@ def _conv_bn(padding: int) -> nn.Module:
     return m
 
 
-def _conv_bn_fold(padding: int):
+def _conv_bn_fold(padding: int, stride: int = 1):
     """The conv -> BN model of _conv_bn, an input, its baked copy, its plan and the one fold the plan makes."""
-    m = _conv_bn(padding=padding)
+    m = _conv_bn(padding=padding, stride=stride)
     x = torch.randn(2, 3, 6, 6)
     work, plan = _plan(m, x)
     [f] = plan.folds
@@ -177,16 +177,40 @@ def test_zero_padded_consumer_gets_a_border_kernel_sum_of_v_c_times_w_c():
     assert type(small[2]) is BorderCorrectedConv2d
 
 
-def test_border_fold_with_a_batchnorm_puts_the_interior_in_its_mean():
-    """Bias-free padded conv -> BN alone: Fold(border, bn='3') with offset = kernel sum, subtracted from the BN mean."""
+def test_border_fold_with_a_batchnorm_puts_the_interior_in_its_mean_and_the_frame_in_the_batchnorm():
+    """Bias-free stride-1 padded conv -> BN alone: Fold(bn_border, bn='3'), offset = kernel sum subtracted from
+    the BN mean; the conv stays a plain Conv2d and the BN adds the frame, scaled by gamma / sqrt(var + eps)."""
     m, x, work, plan, f = _conv_bn_fold(padding=1)
-    assert (f.layer, f.target, f.bn) == ("2", "border", "3")
-    torch.testing.assert_close(f.values, 0.5 * m[2].weight.detach()[:, 1].double(), rtol=1e-12, atol=0.0)
+    assert (f.layer, f.target, f.bn) == ("2", "bn_border", "3")
+    w = m[2].weight.detach().double()
+    torch.testing.assert_close(f.values, 0.5 * w[:, 1], rtol=1e-12, atol=0.0)
     torch.testing.assert_close(f.offset, f.values.sum((1, 2)), **EXACT)
     mean = m[3].running_mean.clone()
     built = fold.apply(work, plan)
     torch.testing.assert_close(built[3].running_mean, (mean.double() - f.offset).float(), **EXACT)
-    assert type(built[2]) is BorderCorrectedConv2d and built[2].bias is None
+    assert type(built[2]) is nn.Conv2d and built[2].bias is None
+    assert type(built[3]) is BorderCorrectedBatchNorm2d and built[3].border_kernel.shape == (2, 1, 3, 3)
+    # Pre-BN, the top-left output misses what the kernel's first row and column met in the padding:
+    # 0.5 * (sum W[:, 1, 1:, 1:] - sum W[:, 1]); inside the frame nothing is added.
+    frame = built[3].border_map(torch.zeros(1, 2, 6, 6))
+    corner = 0.5 * (w[:, 1, 1:, 1:].sum((1, 2)) - w[:, 1].sum((1, 2)))
+    torch.testing.assert_close(frame[0, :, 0, 0].double(), corner, rtol=1e-6, atol=1e-7)
+    assert frame[0, :, 1:5, 1:5].abs().max() < 1e-6  # zero up to the float32 rounding of the offset
+    y = torch.randn(3, 2, 6, 6)
+    scale = m[3].weight.detach() / (m[3].running_var + m[3].eps).sqrt()
+    expected = (y - built[3].running_mean[None, :, None, None]) * scale[None, :, None, None] \
+        + m[3].bias.detach()[None, :, None, None] + frame * scale[None, :, None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(built[3](y), expected)
+    _assert_compact_equals_masked(m, x)
+
+
+def test_border_fold_after_a_strided_conv_stays_on_the_conv():
+    """Stride 2: the BN's input size does not tell the conv's, so the conv carries the frame (Fold border)."""
+    m, x, work, plan, f = _conv_bn_fold(padding=1, stride=2)
+    assert (f.layer, f.target, f.bn) == ("2", "border", "3")
+    built = fold.apply(work, plan)
+    assert type(built[2]) is BorderCorrectedConv2d and built[2].bias is None and type(built[3]) is nn.BatchNorm2d
     _assert_compact_equals_masked(m, x)
 
 

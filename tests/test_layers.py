@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from compactor.layers import BorderCorrectedConv1d, BorderCorrectedConv2d, with_border_correction
+from compactor.layers import (BorderCorrectedBatchNorm2d, BorderCorrectedConv1d, BorderCorrectedConv2d,
+                             with_border_correction, with_border_correction_bn)
 
 
 @pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 3, 1), (1, "same", 1)])
@@ -82,3 +83,100 @@ def test_border_corrected_conv_runs_when_moved_under_inference_mode():
     with torch.inference_mode():
         moved = copy.deepcopy(layer).to(torch.float64).to(torch.float32)
         torch.testing.assert_close(moved(x), expected)
+
+
+def _bn_case(conv: nn.Module, keep: list, constants: dict, seed: int = 0):
+    """A conv over channels where ``constants`` hold constant values, the BN after it, and the compact pair:
+    the conv without those channels, and the BN carrying their border correction (interior in its mean)."""
+    torch.manual_seed(seed)
+    dims = conv.weight.dim() - 2
+    bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1](conv.out_channels)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    small = copy.deepcopy(conv)
+    small.weight = nn.Parameter(conv.weight.detach()[:, keep].clone())
+    small.in_channels = len(keep)
+    kernel = sum(v * conv.weight.detach()[:, c] for c, v in constants.items())
+    offset = kernel.flatten(1).sum(1)
+    small_bn = copy.deepcopy(bn)
+    small_bn.running_mean.sub_(offset)
+    return bn, small, with_border_correction_bn(small_bn, small, kernel, offset)
+
+
+def _with_constants(x: torch.Tensor, constants: dict) -> torch.Tensor:
+    x = x.clone()
+    for c, v in constants.items():
+        x[:, c] = v
+    return x
+
+
+@pytest.mark.parametrize("padding, dilation", [(1, 1), (2, 2), (2, 1), ("same", 1), ("same", 2), (0, 1)])
+@pytest.mark.parametrize("size", [(9, 9), (12, 7), (3, 4)])
+def test_border_corrected_batchnorm2d_equals_bn_of_conv_over_constant_channels(padding, dilation, size):
+    """Channels 1 and 3 hold 0.7 and -2.0: plain conv without them, then the BN carrying the frame, is exact."""
+    constants, keep = {1: 0.7, 3: -2.0}, [0, 2, 4]
+    conv = nn.Conv2d(5, 4, 3, padding=padding, dilation=dilation, bias=False)
+    bn, small, cbn = _bn_case(conv, keep, constants)
+    assert isinstance(cbn, BorderCorrectedBatchNorm2d) and isinstance(cbn, nn.BatchNorm2d)
+    bn.eval(), cbn.eval()
+    x = _with_constants(torch.randn(3, 5, *size), constants)
+    with torch.no_grad():
+        expected = bn(conv(x))
+        torch.testing.assert_close(cbn(small(x[:, keep])), expected, rtol=1e-5, atol=1e-5)
+        x_cl = x[:, keep].contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(cbn(small(x_cl)), expected, rtol=1e-5, atol=1e-5)
+    # differentiable eval (fine-tuning with frozen statistics): the same values, gradients reach gamma and beta
+    out = cbn(small(x[:, keep]))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert cbn.weight.grad is not None and cbn.bias.grad is not None
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_border_corrected_batchnorm_1d_and_3d(dims):
+    constants, keep = {0: 1.5}, [1, 2]
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](3, 2, 3, padding=1, bias=False)
+    bn, small, cbn = _bn_case(conv, keep, constants)
+    bn.eval(), cbn.eval()
+    x = _with_constants(torch.randn(2, 3, *(5,) * dims), constants)
+    with torch.no_grad():
+        torch.testing.assert_close(cbn(small(x[:, keep])), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_border_corrected_batchnorm_trains_like_the_masked_pair():
+    """Training mode (batch statistics): outputs and running-statistics updates match the BN after the full conv."""
+    constants, keep = {1: 0.7}, [0, 2]
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    bn, small, cbn = _bn_case(conv, keep, constants)
+    bn.train(), cbn.train()
+    for _ in range(2):
+        x = _with_constants(torch.randn(4, 3, 7, 7), constants)
+        torch.testing.assert_close(cbn(small(x[:, keep])), bn(conv(x)), rtol=1e-5, atol=1e-5)
+    offset = cbn.border_offset
+    torch.testing.assert_close(cbn.running_mean + offset, bn.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cbn.running_var, bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_border_corrected_batchnorm_cache_follows_sizes_and_in_place_edits():
+    constants, keep = {2: -0.4}, [0, 1]
+    conv = nn.Conv2d(3, 2, 3, padding=1, bias=False)
+    bn, small, cbn = _bn_case(conv, keep, constants)
+    bn.eval(), cbn.eval()
+    with torch.no_grad():
+        for size in ((6, 6), (4, 9), (6, 6)):
+            x = _with_constants(torch.randn(2, 3, *size), constants)
+            torch.testing.assert_close(cbn(small(x[:, keep])), bn(conv(x)), rtol=1e-5, atol=1e-5)
+        bn.weight.mul_(2)  # an in-place edit of gamma must not serve a stale map
+        cbn.weight.mul_(2)
+        torch.testing.assert_close(cbn(small(x[:, keep])), bn(conv(x)), rtol=1e-5, atol=1e-5)
+        with torch.inference_mode():
+            torch.testing.assert_close(cbn(small(x[:, keep])), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_border_correction_moves_into_a_batchnorm_only_after_a_stride_1_conv():
+    conv = nn.Conv2d(3, 2, 3, stride=2, padding=1, bias=False)
+    with pytest.raises(ValueError, match="stride-1"):
+        with_border_correction_bn(nn.BatchNorm2d(2), conv, torch.randn(2, 3, 3), torch.zeros(2))

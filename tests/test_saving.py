@@ -13,7 +13,8 @@ import compactor
 from compactor.demo import LeNet, prune_like_the_seeds
 from compactor.errors import LoadError
 from helpers import assert_unchanged, snapshot
-from small_models import ARCH, COMPACTED, Border, Depthwise, border_compact, depthwise_compact, lenet_compact
+from small_models import (ARCH, COMPACTED, Border, Depthwise, border_bn_compact, border_compact, depthwise_compact,
+                          lenet_compact)
 
 
 @pytest.mark.parametrize("name", list(COMPACTED))
@@ -43,6 +44,17 @@ def test_saved_file_is_plain_data(tmp_path):
     assert obj["manifest"]["layers"]["conv1"]["out_channels"] == 4
     assert tuple(obj["state_dict"]["conv2.border_kernel"].shape) == (8, 1, 3, 3)
     assert obj["report"]["params_after"] == small.compaction_report.params_after
+
+
+def test_border_corrected_batchnorm_is_in_the_manifest(tmp_path):
+    """bn2 carries the border correction of stride-1 conv2: the manifest keeps the conv geometry its map needs."""
+    small, _, _ = border_bn_compact()
+    assert type(small.bn2).__name__ == "BorderCorrectedBatchNorm2d" and type(small.conv2) is nn.Conv2d
+    assert type(small.conv3).__name__ == "BorderCorrectedConv2d"
+    obj = torch.load(compactor.save(small, tmp_path / "b.pt"), weights_only=True)
+    bn2 = obj["manifest"]["layers"]["bn2"]
+    assert (bn2["class"], bn2["num_features"], bn2["border_kernel"]) == ("BorderCorrectedBatchNorm2d", 6, [6, 1, 3, 3])
+    assert (bn2["border_padding"], bn2["border_dilation"]) == ([1, 1], [1, 1])
 
 
 def test_load_from_instance_leaves_it_unchanged(tmp_path):

@@ -290,5 +290,5 @@ def test_constants_of_a_bias_free_conv_go_into_the_batchnorm_mean():
     sb = next(m for m in small.modules() if type(m).__name__ == "Bottleneck")
     assert sb.conv3.bias is None and sb.conv2.bias is None
     assert not torch.equal(sb.bn3.running_mean, block.bn3.running_mean)
-    assert type(sb.conv2).__name__ == "BorderCorrectedConv2d"
+    assert type(sb.conv2) is nn.Conv2d and type(sb.bn2).__name__ == "BorderCorrectedBatchNorm2d"
     assert "into the mean of" in str(small.compaction_report)
