@@ -69,8 +69,12 @@ class Counter(TorchDispatchMode):
         return out
 
 
+#: The ops that do the MACs (convolutions and matmuls); the others are passes over activations.
+COMPUTE = ("convolution", "mkldnn_convolution", "_convolution", "conv1d", "conv2d", "conv3d", "linear", "addmm", "mm")
+
+
 def _macs(name: str, args, out) -> int:
-    if name in ("convolution", "mkldnn_convolution", "_convolution", "conv1d", "conv2d", "conv3d"):
+    if name in COMPUTE[:6]:
         w = args[1]
         return out.numel() * w[0].numel()
     if name == "linear":

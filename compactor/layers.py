@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,64 @@ def zero_columns(module: nn.Module) -> torch.Tensor:
 
 
 
-class _BorderCorrected:
+def _capturing() -> bool:
+    """Inside a captured graph: tracing, ONNX export, scripting or torch.compile."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.jit.is_scripting() \
+        or torch.compiler.is_compiling()
+
+
+def _version(t: torch.Tensor) -> int:
+    """A tensor's in-place version counter; inference tensors (made under torch.inference_mode) have none,
+    and cannot be changed in place outside it either."""
+    return -1 if t.is_inference() else t._version
+
+
+def _stamp(*tensors: "torch.Tensor | None") -> tuple:
+    """What identifies the current contents of some tensors: storage and in-place version."""
+    return tuple(None if t is None else (t.data_ptr(), _version(t)) for t in tensors)
+
+
+def _spatial(x: torch.Tensor) -> tuple[int, ...]:
+    """``x``'s spatial size as ints (traced: a constant of the graph; exports fix H and W, only the batch varies)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tuple(int(d) for d in x.shape[2:])
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format
+
+
+def _one_launch_preferred(x: torch.Tensor) -> bool:
+    """Whether one add of the whole map beats a few adds on the frame: on a GPU each add is a kernel launch, and
+    eager PyTorch at moderate batch is bound by launches, not by the pass over the output."""
+    return x.device.type != "cpu"
+
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class _MapCache:
+    """Per-input-size constants, rebuilt when a tensor they derive from is replaced or edited in place."""
+
+    def _cached(self, key: tuple, build) -> Any:
+        cache = self.__dict__.setdefault("_border_cache", {})
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) > 16:
+                cache.clear()
+            with torch.no_grad():
+                hit = cache[key] = build()
+        return hit
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_border_cache", None)
+        return state
+
+
+class _BorderCorrected(_MapCache):
     """Adds back what removed constant input channels contributed, border included.
 
     A removed input channel that held the constant ``v`` contributed
@@ -68,6 +126,10 @@ class _BorderCorrected:
     padding. ``border_kernel`` (out, 1, *k) is ``sum_c v_c W[:, c]``; convolving it over
     a one-channel tensor of ones the size of the input (batch 1, broadcast over the
     batch) reproduces that contribution exactly, for any input size.
+
+    The correction is a constant: where gradients are recorded it is added in place
+    without recording it, so the layer's output is still the convolution's (what a graph
+    tracer reads) and its gradients are a plain conv's.
     """
 
     border_kernel: torch.Tensor
@@ -81,33 +143,12 @@ class _BorderCorrected:
 
     def border_map(self, x: torch.Tensor) -> torch.Tensor:
         """The removed channels' contribution for an input shaped like ``x``: (1, out, *spatial)."""
-        return self._map(tuple(x.shape[2:]), x)
-
-    def _graph_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The map inside a captured graph (tracing, ONNX export, scripting, torch.compile)."""
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            # Exported graphs get the map for the traced spatial size as a constant, so the
-            # runtime folds it away instead of rebuilding it from the input's shape on every call.
-            # (Exports fix H and W; only the batch axis is dynamic.)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                size = tuple(int(d) for d in x.shape[2:])
-            with torch.no_grad():
-                return self._map(size, x)
-        return self.border_map(x)
+        return self._map(_spatial(x), x)
 
     def _entry(self, x: torch.Tensor) -> tuple:
         """Cached per input size: (the interior constant, frame patches, full map)."""
-        k, o = self.border_kernel, self.border_offset
-        key = (tuple(x.shape[2:]), x.dtype, x.device, k.data_ptr(), _version(k), o.data_ptr(), _version(o))
-        cache = self.__dict__.setdefault("_border_cache", {})
-        hit = cache.get(key)
-        if hit is None:
-            if len(cache) > 8:
-                cache.clear()
-            with torch.no_grad():
-                hit = cache[key] = self._build_entry(x)
-        return hit
+        key = (_spatial(x), x.dtype, x.device, _stamp(self.border_kernel, self.border_offset))
+        return self._cached(key, lambda: self._build_entry(x))
 
     def _build_entry(self, x: torch.Tensor) -> tuple:
         full = self.border_map(x)
@@ -134,27 +175,22 @@ class _BorderCorrected:
         return (inner if bool(inner.any()) else None), patches, full
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _capturing():
-            return self._conv_forward(x, self.weight, self.bias) + self._graph_map(x)
+        if _capturing():  # exported graphs get the map as a constant the runtime folds away
+            with torch.no_grad():
+                m = self._map(_spatial(x), x)
+            return self._conv_forward(x, self.weight, self.bias) + m
         inner, patches, full = self._entry(x)
-        if patches is None:  # 1-d / 3-d, or no plain interior: add the whole map
-            return self._conv_forward(x, self.weight, self.bias).add_(full)
+        if torch.is_grad_enabled() or patches is None or _one_launch_preferred(x):
+            # 1-d / 3-d, no plain interior, or a GPU: one add; recording gradients: one add they do not see
+            y = self._conv_forward(x, self.weight, self.bias)
+            with torch.no_grad():
+                y.add_(full)
+            return y
         bias = self.bias if inner is None else (inner if self.bias is None else self.bias + inner)
         y = self._conv_forward(x, self.weight, bias)
         for region, patch in patches:  # only the frame: a few rows and columns
             y[(slice(None), slice(None)) + region] += patch
         return y
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_border_cache", None)
-        return state
-
-
-def _version(t: torch.Tensor) -> int:
-    """A tensor's in-place version counter; inference tensors (made under torch.inference_mode) have none,
-    and cannot be changed in place outside it either."""
-    return -1 if t.is_inference() else t._version
 
 
 def _run_length(flags: list) -> int:
@@ -179,21 +215,7 @@ class BorderCorrectedConv3d(_BorderCorrected, nn.Conv3d):
     _fn = staticmethod(F.conv3d)
 
 
-def _capturing() -> bool:
-    """Inside a captured graph: tracing, ONNX export, scripting or torch.compile."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.jit.is_scripting() \
-        or torch.compiler.is_compiling()
-
-
-def _stamp(*tensors: "torch.Tensor | None") -> tuple:
-    """What identifies the current contents of some tensors: storage and in-place version."""
-    return tuple(None if t is None else (t.data_ptr(), _version(t)) for t in tensors)
-
-
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-class _BorderCorrectedNorm:
+class _BorderCorrectedNorm(_MapCache):
     """A BatchNorm that also adds the border correction of the stride-1 conv feeding it.
 
     ``BN(conv(x) + m)`` where ``m`` (1, C, *spatial) is the removed constant channels'
@@ -219,9 +241,7 @@ class _BorderCorrectedNorm:
         """What the removed channels add before this BatchNorm, for an input shaped like ``x``: (1, C, *spatial)."""
         k = self.border_kernel
         dims = k.dim() - 2
-        with warnings.catch_warnings():  # traced: the spatial size becomes a constant of the graph
-            warnings.simplefilter("ignore")
-            out = tuple(int(d) for d in x.shape[2:])
+        out = _spatial(x)
         if len(out) != dims:
             raise ValueError(f"{type(self).__name__} corrects a {dims}-d conv's output; got input of shape "
                              f"{tuple(x.shape)}")
@@ -248,44 +268,43 @@ class _BorderCorrectedNorm:
     def _uses_batch_stats(self) -> bool:
         return self.training or self.running_mean is None or self.running_var is None
 
-    def _entry(self, x: torch.Tensor) -> tuple:
-        """Cached per input size, dtype, device and layout: ``scale`` (1, C, 1...) and ``shift + m * scale``."""
-        layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last) else torch.contiguous_format
-        key = (tuple(x.shape[2:]), x.dtype, x.device, layout, self.eps, _stamp(
+    def _unscaled(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`border_map` in ``x``'s dtype and layout, cached per input size."""
+        key = ("map", _spatial(x), x.dtype, x.device, _layout(x), _stamp(self.border_kernel, self.border_offset))
+        return self._cached(key, lambda: self.border_map(x).contiguous(memory_format=_layout(x)))
+
+    def _folded(self, x: torch.Tensor) -> tuple:
+        """Eval mode, cached: ``scale`` (1, C, 1...) and ``shift + map * scale`` (1, C, *spatial)."""
+        key = ("eval", _spatial(x), x.dtype, x.device, _layout(x), self.eps, _stamp(
             self.weight, self.bias, self.running_mean, self.running_var, self.border_kernel, self.border_offset))
-        cache = self.__dict__.setdefault("_border_cache", {})
-        hit = cache.get(key)
-        if hit is None:
-            if len(cache) > 8:
-                cache.clear()
-            with torch.no_grad():
-                scale, shift = self._affine()
-                view = (1, -1) + (1,) * (x.dim() - 2)
-                m = self.border_map(torch.empty((1, 1) + tuple(x.shape[2:]), dtype=torch.float64, device=x.device))
-                full = (shift.view(view) + m * scale.view(view)).to(x.dtype).contiguous(memory_format=layout)
-                hit = cache[key] = (scale.to(x.dtype).view(view), full)
-        return hit
+
+        def build() -> tuple:
+            scale, shift = self._affine()
+            view = (1, -1) + (1,) * (x.dim() - 2)
+            m = self.border_map(torch.empty((1, 1) + _spatial(x), dtype=torch.float64, device=x.device))
+            full = shift.view(view) + m * scale.view(view)
+            return scale.to(x.dtype).view(view), full.to(x.dtype).contiguous(memory_format=_layout(x))
+        return self._cached(key, build)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._uses_batch_stats():
-            return super().forward(x + self.border_map(x))
-        if _capturing() or (torch.is_grad_enabled() and any(
-                p is not None and p.requires_grad for p in (self.weight, self.bias))):
-            # A captured graph, or fine-tuning with frozen statistics (differentiable): a plain BatchNorm,
-            # which a runtime folds into the conv before it, then one add of the scaled map (in an
-            # exported graph a constant: exports fix H and W).
+        if _capturing():
+            # A plain BatchNorm, which runtimes fold into the conv before it, then one add of the
+            # scaled map (a constant of an exported graph).
+            with torch.no_grad():
+                m = self.border_map(x)
+            if self._uses_batch_stats():
+                return super().forward(x + m)
             scale = (self.running_var + self.eps).rsqrt()
             if self.weight is not None:
                 scale = scale * self.weight
-            return super().forward(x) + self.border_map(x) * scale.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
-        scale, full = self._entry(x)
+            return super().forward(x) + m * scale.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
+        if self._uses_batch_stats() or (torch.is_grad_enabled() and any(
+                p is not None and p.requires_grad for p in (self.weight, self.bias))):
+            # Training, or gradients for gamma and beta (fine-tuning with frozen statistics, a graph tracer):
+            # the map goes in before normalizing, as in the masked model, and the output is the BatchNorm's.
+            return super().forward(x + self._unscaled(x))
+        scale, full = self._folded(x)
         return torch.addcmul(full, x, scale)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_border_cache", None)
-        return state
 
 
 class BorderCorrectedBatchNorm1d(_BorderCorrectedNorm, nn.BatchNorm1d):
@@ -344,7 +363,12 @@ def with_border_correction(conv: nn.Module, kernel: torch.Tensor, offset: "torch
     new._parameters = dict(conv._parameters)
     new._buffers = dict(conv._buffers)
     new._modules = dict(conv._modules)
-    new.register_buffer("border_kernel", kernel.detach().to(conv.weight.dtype).unsqueeze(1).contiguous())
-    off = torch.zeros(kernel.shape[0]) if offset is None else offset.detach()
-    new.register_buffer("border_offset", off.to(device=conv.weight.device, dtype=conv.weight.dtype).contiguous())
+    kernel = kernel.detach().to(device=conv.weight.device, dtype=torch.float64)
+    off = torch.zeros(kernel.shape[0], dtype=torch.float64, device=conv.weight.device) if offset is None \
+        else offset.detach().to(device=conv.weight.device, dtype=torch.float64)
+    if isinstance(conv, _BorderCorrected):  # compacted before: both corrections add up
+        kernel = kernel + conv.border_kernel.squeeze(1).double()
+        off = off + conv.border_offset.double()
+    new.register_buffer("border_kernel", kernel.to(conv.weight.dtype).unsqueeze(1).contiguous())
+    new.register_buffer("border_offset", off.to(conv.weight.dtype).contiguous())
     return new

@@ -237,3 +237,21 @@ def test_gpu_sh_parses():
     assert subprocess.run(["bash", "-n", path]).returncode == 0
     with open(path) as f:
         assert "benchmarks/gpu_runtimes.py" in f.read()
+
+
+def test_exact_mode_launches_what_native_does_but_for_strided_convs():
+    """Counted on the GPU code paths: the BatchNorm after each stride-1 conv carries the border correction in
+    the pass it makes anyway, so compact (exact) dispatches native's ops, plus one add for each of the three
+    stride-2 3x3 convs (their correction stays on the conv); drop mode dispatches exactly native's."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import op_count
+    finally:
+        sys.path.pop(0)
+    prep = bench.prepare("resnet50", "bottleneck-inner-50", small=True, variants=("native", "compact", "compact-drop"))
+    x = prep.inputs(1)
+    native, exact, drop = (op_count.count(prep.variants[v], x) for v in ("native", "compact", "compact-drop"))
+    assert drop["by_op"] == native["by_op"]
+    assert exact["ops"] == native["ops"] + 3 and exact["by_op"]["add_"] == 3
+    assert exact["by_op"]["addcmul"] == 13 and exact["by_op"]["native_batch_norm"] == native["by_op"]["native_batch_norm"] - 13
+    torch.testing.assert_close(prep.variants["compact"](x), prep.variants["masked"](x), rtol=1e-4, atol=1e-4)

@@ -1,5 +1,8 @@
 """fold.apply / fold.new_shapes: hand-worked fold values, where they land, and the shapes a plan predicts."""
 
+import copy
+
+import pytest
 import torch
 from torch import nn
 
@@ -269,3 +272,23 @@ def test_a_transposed_linear_loses_columns_and_folds_like_a_linear():
     assert small[0].weight.shape == (4, 4) and small[0].nf == 4 and small[2].weight.shape == (4, 3)
     expected = b2 + w2[1] * torch.relu(b1[1]) + w2[4] * torch.relu(b1[4])
     torch.testing.assert_close(small[2].bias, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_compacting_a_compact_model_again_keeps_both_border_corrections(stride):
+    """Prune, compact, prune more, compact again: the second fold adds to the correction the first one left
+    (on the conv for stride 2, moving to the conv when the BatchNorm already carries one for stride 1)."""
+    m = _conv_bn(padding=1, stride=stride)
+    with torch.no_grad():
+        m[0].bias[2] = 0.8  # a second constant channel, masked in round two
+    x = torch.randn(2, 3, 7, 7)
+    small = compactor.compact(m, x)
+    assert small[0].out_channels == 3
+    mask_rows(small[0], [1])  # old channel 2, constant 0.8
+    again = compactor.compact(small, x)
+    assert again[0].out_channels == 2
+    xb = torch.randn(4, 3, 9, 7)
+    with torch.no_grad():
+        reference = copy.deepcopy(m)
+        mask_rows(reference[0], [1, 2])
+        torch.testing.assert_close(again(xb), reference(xb), rtol=1e-5, atol=1e-5)

@@ -180,3 +180,30 @@ def test_border_correction_moves_into_a_batchnorm_only_after_a_stride_1_conv():
     conv = nn.Conv2d(3, 2, 3, stride=2, padding=1, bias=False)
     with pytest.raises(ValueError, match="stride-1"):
         with_border_correction_bn(nn.BatchNorm2d(2), conv, torch.randn(2, 3, 3), torch.zeros(2))
+
+
+def test_border_corrected_conv_one_add_path_equals_the_frame_patches(monkeypatch):
+    """The GPU path (one add of the whole map) and the CPU path (adds on the frame only) agree."""
+    import compactor.layers as layers
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    c = with_border_correction(conv, torch.randn(4, 3, 3), torch.randn(4))
+    x = torch.randn(2, 3, 9, 8)
+    with torch.no_grad():
+        frame_only = c(x)
+        monkeypatch.setattr(layers, "_one_launch_preferred", lambda x: True)
+        torch.testing.assert_close(c(x), frame_only)
+        torch.testing.assert_close(c(x), conv(x) + c.border_map(x))
+
+
+def test_a_second_border_correction_adds_to_the_first():
+    """A compact model pruned and compacted again: the new removed channels' kernel adds to the one it carries."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    k1, k2, o1, o2 = torch.randn(4, 3, 3), torch.randn(4, 3, 3), torch.randn(4), torch.randn(4)
+    twice = with_border_correction(with_border_correction(conv, k1, o1), k2, o2)
+    once = with_border_correction(conv, k1 + k2, o1 + o2)
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(twice(x), once(x))
