@@ -146,14 +146,16 @@ class _BorderCorrected(_MapCache):
         return self._map(_spatial(x), x)
 
     def _entry(self, x: torch.Tensor) -> tuple:
-        """Cached per input size: (the interior constant, frame patches, full map)."""
-        key = (_spatial(x), x.dtype, x.device, _stamp(self.border_kernel, self.border_offset))
+        """Cached per input size: (the interior constant, frame patches, full map, full map plus the bias)."""
+        key = (_spatial(x), x.dtype, x.device, _stamp(self.border_kernel, self.border_offset, self.bias))
         return self._cached(key, lambda: self._build_entry(x))
 
     def _build_entry(self, x: torch.Tensor) -> tuple:
         full = self.border_map(x)
+        with_bias = full if self.bias is None else full + self.bias.detach().to(x.dtype).reshape(
+            (1, -1) + (1,) * (full.dim() - 2))
         if full.dim() != 4:
-            return None, None, full
+            return None, None, full, with_bias
         # Inside the image the map equals sum(kernel): fold that into the bias and add the
         # remainder only on the frame where the kernel overlapped the zero padding.
         inner = self.border_kernel.to(x.dtype).flatten(1).sum(1) - self.border_offset.to(x.dtype)
@@ -165,27 +167,30 @@ class _BorderCorrected(_MapCache):
         top, bottom = _run_length(rows), _run_length(rows[::-1])
         left, right = _run_length(cols), _run_length(cols[::-1])
         if top + bottom >= h or left + right >= w or bool(rest[:, :, top:h - bottom, left:w - right].any()):
-            return None, None, full
+            return None, None, full, with_bias
         patches = []
         for region in ((slice(0, top), slice(None)), (slice(h - bottom, h), slice(None)),
                        (slice(top, h - bottom), slice(0, left)), (slice(top, h - bottom), slice(w - right, w))):
             patch = rest[(slice(None), slice(None)) + region]
             if patch.numel():
                 patches.append((region, patch.contiguous()))
-        return (inner if bool(inner.any()) else None), patches, full
+        return (inner if bool(inner.any()) else None), patches, full, with_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _capturing():  # exported graphs get the map as a constant the runtime folds away
             with torch.no_grad():
                 m = self._map(_spatial(x), x)
             return self._conv_forward(x, self.weight, self.bias) + m
-        inner, patches, full = self._entry(x)
-        if torch.is_grad_enabled() or patches is None or _one_launch_preferred(x):
-            # 1-d / 3-d, no plain interior, or a GPU: one add; recording gradients: one add they do not see
+        inner, patches, full, with_bias = self._entry(x)
+        if torch.is_grad_enabled():  # one add the gradients do not see: the output is the convolution's
             y = self._conv_forward(x, self.weight, self.bias)
             with torch.no_grad():
                 y.add_(full)
             return y
+        if patches is None or _one_launch_preferred(x):
+            # 1-d / 3-d, no plain interior, or a GPU: one add, of the map and the bias together (on a GPU
+            # a conv's bias is an add of its own; here it costs nothing more)
+            return self._conv_forward(x, self.weight, None).add_(with_bias)
         bias = self.bias if inner is None else (inner if self.bias is None else self.bias + inner)
         y = self._conv_forward(x, self.weight, bias)
         for region, patch in patches:  # only the frame: a few rows and columns

@@ -207,3 +207,15 @@ def test_a_second_border_correction_adds_to_the_first():
     x = torch.randn(2, 3, 7, 7)
     with torch.no_grad():
         torch.testing.assert_close(twice(x), once(x))
+
+
+def test_border_corrected_conv_follows_an_in_place_bias_edit_without_grad():
+    """The one-add path (1-d here) adds map and bias together from a cache: editing the bias must not serve it stale."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(2, 3, 3, padding=1)
+    c = with_border_correction(conv, torch.randn(3, 3))
+    x = torch.randn(2, 2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), conv(x) + c.border_map(x))
+        c.bias.add_(1.0)  # conv shares the Parameter
+        torch.testing.assert_close(c(x), conv(x) + c.border_map(x))
