@@ -80,6 +80,8 @@ def _stamp(*tensors: "torch.Tensor | None") -> tuple:
 
 def _spatial(x: torch.Tensor) -> tuple[int, ...]:
     """``x``'s spatial size as ints (traced: a constant of the graph; exports fix H and W, only the batch varies)."""
+    if not torch.jit.is_tracing():  # (torch.compile cannot trace the warnings filter: no graph break here)
+        return tuple(int(d) for d in x.shape[2:])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return tuple(int(d) for d in x.shape[2:])

@@ -21,9 +21,9 @@ from compactor.tensors import flatten_outputs
 from compactor import masks
 from compactor.demo import LeNet, prune_like_the_seeds
 from compactor.errors import CompactionError, ExportError
-from compactor.layers import BorderCorrectedConv2d
+from compactor.layers import BorderCorrectedBatchNorm2d, BorderCorrectedConv2d
 from helpers import assert_unchanged, snapshot
-from small_models import COMPACTED, Attention, border_compact, lenet_compact
+from small_models import COMPACTED, Attention, border_bn_compact, border_compact, lenet_compact
 
 # onnxruntime vs PyTorch, fp32: different kernels and summation orders, nothing more.
 ORT_RTOL, ORT_ATOL = 1e-4, 1e-5
@@ -244,3 +244,16 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     small, _, x = lenet_compact()
     for path in (compactor.save(small, tmp_path / "m.pt"), compactor.export_onnx(small, x, tmp_path / "m.onnx").path):
         assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_border_corrections_compile_in_one_graph():
+    """torch.compile captures the BatchNorm- and conv-carried border corrections without a graph break, and the
+    compiled compact model equals the masked one."""
+    import torch._dynamo as dynamo
+
+    small, masked, x = border_bn_compact()
+    assert isinstance(small.bn2, BorderCorrectedBatchNorm2d) and isinstance(small.conv3, BorderCorrectedConv2d)
+    explained = dynamo.explain(small)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(small, backend="aot_eager")(x), masked(x), rtol=1e-4, atol=1e-5)
