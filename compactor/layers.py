@@ -330,6 +330,18 @@ _BN_CLASSES = {nn.BatchNorm1d: BorderCorrectedBatchNorm1d, nn.BatchNorm2d: Borde
                nn.BatchNorm3d: BorderCorrectedBatchNorm3d}
 
 
+def _retyped(module: nn.Module, classes: dict) -> nn.Module:
+    """A shallow copy of ``module`` as the class ``classes`` maps its base class to (same tensors, same attributes)."""
+    base = next(b for b in classes if isinstance(module, b))
+    new = classes[base].__new__(classes[base])
+    new.__dict__.update(module.__dict__)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    new.__dict__.pop("_border_cache", None)
+    return new
+
+
 def with_border_correction_bn(bn: nn.Module, conv: nn.Module, kernel: torch.Tensor,
                               offset: torch.Tensor) -> nn.Module:
     """Return a copy of BatchNorm ``bn`` that adds the border correction of stride-1 ``conv`` (which alone feeds it).
@@ -341,12 +353,7 @@ def with_border_correction_bn(bn: nn.Module, conv: nn.Module, kernel: torch.Tens
     if any(s != 1 for s in conv.stride):
         raise ValueError(f"the border correction moves into a BatchNorm only after a stride-1 conv, got stride "
                          f"{conv.stride}")
-    base = next(b for b in _BN_CLASSES if isinstance(bn, b))
-    new = _BN_CLASSES[base].__new__(_BN_CLASSES[base])
-    new.__dict__.update(bn.__dict__)
-    new._parameters = dict(bn._parameters)
-    new._buffers = dict(bn._buffers)
-    new._modules = dict(bn._modules)
+    new = _retyped(bn, _BN_CLASSES)
     device, dtype = bn.running_mean.device, bn.running_mean.dtype
     new.register_buffer("border_kernel", kernel.detach().to(device=device, dtype=dtype).unsqueeze(1).contiguous())
     new.register_buffer("border_offset", offset.detach().to(device=device, dtype=dtype).contiguous())
@@ -364,12 +371,7 @@ def with_border_correction(conv: nn.Module, kernel: torch.Tensor, offset: "torch
     ``offset`` (out,) is the share of the contribution already folded elsewhere, e.g.
     ``kernel.sum()`` per output channel subtracted from the following BatchNorm's mean.
     """
-    base = next(b for b in _CLASSES if isinstance(conv, b))
-    new = _CLASSES[base].__new__(_CLASSES[base])
-    new.__dict__.update(conv.__dict__)
-    new._parameters = dict(conv._parameters)
-    new._buffers = dict(conv._buffers)
-    new._modules = dict(conv._modules)
+    new = _retyped(conv, _CLASSES)
     kernel = kernel.detach().to(device=conv.weight.device, dtype=torch.float64)
     off = torch.zeros(kernel.shape[0], dtype=torch.float64, device=conv.weight.device) if offset is None \
         else offset.detach().to(device=conv.weight.device, dtype=torch.float64)
