@@ -113,12 +113,14 @@ def _with_constants(x: torch.Tensor, constants: dict) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("padding, dilation", [(1, 1), (2, 2), (2, 1), ("same", 1), ("same", 2), (0, 1)])
+@pytest.mark.parametrize("padding, dilation, k", [(1, 1, 3), (2, 2, 3), (2, 1, 3), ("same", 1, 3), ("same", 2, 3),
+                                                  (0, 1, 3), ("same", 1, 4), ((1, 2), 1, (3, 5))])
 @pytest.mark.parametrize("size", [(9, 9), (12, 7), (3, 4)])
-def test_border_corrected_batchnorm2d_equals_bn_of_conv_over_constant_channels(padding, dilation, size):
-    """Channels 1 and 3 hold 0.7 and -2.0: plain conv without them, then the BN carrying the frame, is exact."""
+def test_border_corrected_batchnorm2d_equals_bn_of_conv_over_constant_channels(padding, dilation, k, size):
+    """Channels 1 and 3 hold 0.7 and -2.0: plain conv without them, then the BN carrying the frame, is exact
+    (asymmetric "same" padding for an even kernel, and a rectangular kernel, included)."""
     constants, keep = {1: 0.7, 3: -2.0}, [0, 2, 4]
-    conv = nn.Conv2d(5, 4, 3, padding=padding, dilation=dilation, bias=False)
+    conv = nn.Conv2d(5, 4, k, padding=padding, dilation=dilation, bias=False)
     bn, small, cbn = _bn_case(conv, keep, constants)
     assert isinstance(cbn, BorderCorrectedBatchNorm2d) and isinstance(cbn, nn.BatchNorm2d)
     bn.eval(), cbn.eval()
