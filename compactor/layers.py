@@ -6,6 +6,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.fx._symbolic_trace as _fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -65,6 +66,27 @@ def _capturing() -> bool:
     """Inside a captured graph: tracing, ONNX export, scripting or torch.compile."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.jit.is_scripting() \
         or torch.compiler.is_compiling()
+
+
+def _fx_tracing() -> bool:
+    """Inside ``torch.fx.symbolic_trace``: shapes are proxies, and no Python branch may read them."""
+    check = getattr(_fx, "is_fx_symbolic_tracing", None) or _fx.is_fx_tracing
+    return check()
+
+
+def _fx_map(x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor, stride, padding, dilation,
+            grow: tuple[int, ...] = ()) -> torch.Tensor:
+    """The border map built from ``x`` itself, as traceable ops (ones like ``x``'s first channel, grown or cropped
+    by ``grow`` per spatial dimension to the conv's input size, convolved with ``kernel``)."""
+    ones = torch.ones_like(x[:1, :1])
+    if any(grow):
+        pads: list[int] = []
+        for g in reversed(grow):
+            pads += [0, g]
+        ones = F.pad(ones, pads, value=1.0)  # a negative pad crops
+    dims = kernel.dim() - 2
+    m = _CONV_FN[dims](ones, kernel, None, stride, padding, dilation)
+    return m - offset.reshape((1, -1) + (1,) * dims)
 
 
 def _version(t: torch.Tensor) -> int:
@@ -179,6 +201,9 @@ class _BorderCorrected(_MapCache):
         return (inner if bool(inner.any()) else None), patches, full, with_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fx_tracing():
+            m = _fx_map(x, self.border_kernel, self.border_offset, self.stride, self.padding, self.dilation)
+            return self._conv_forward(x, self.weight, self.bias) + m
         if _capturing():  # exported graphs get the map as a constant the runtime folds away
             with torch.no_grad():
                 m = self._map(_spatial(x), x)
@@ -252,11 +277,7 @@ class _BorderCorrectedNorm(_MapCache):
         if len(out) != dims:
             raise ValueError(f"{type(self).__name__} corrects a {dims}-d conv's output; got input of shape "
                              f"{tuple(x.shape)}")
-        if self.border_padding == "same":
-            size = out
-        else:
-            size = tuple(o - 2 * p + d * (n - 1) for o, p, d, n in
-                         zip(out, self.border_padding, self.border_dilation, k.shape[2:]))
+        size = tuple(o + g for o, g in zip(out, self._grow()))
         ones = torch.ones((1, 1) + size, dtype=x.dtype, device=x.device)
         m = _CONV_FN[dims](ones, k.to(x.dtype), None, 1, self.border_padding, self.border_dilation)
         return m - self.border_offset.to(x.dtype).reshape((1, -1) + (1,) * dims)
@@ -293,18 +314,38 @@ class _BorderCorrectedNorm(_MapCache):
             return scale.to(x.dtype).view(view), full.to(x.dtype).contiguous(memory_format=_layout(x))
         return self._cached(key, build)
 
+    def _traceable_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The BatchNorm as ``torch.fx`` can trace it (no check of the input's rank; in training mode
+        ``num_batches_tracked`` is not counted, as with a set ``momentum`` it is not read)."""
+        stats = not self.training or self.track_running_stats
+        return F.batch_norm(x, self.running_mean if stats else None, self.running_var if stats else None,
+                            self.weight, self.bias, self._uses_batch_stats(),
+                            0.0 if self.momentum is None else self.momentum, self.eps)
+
+    def _grow(self) -> tuple[int, ...]:
+        """Per spatial dimension, the conv's input size minus its output size (stride 1)."""
+        if self.border_padding == "same":
+            return (0,) * (self.border_kernel.dim() - 2)
+        return tuple(d * (n - 1) - 2 * p for p, d, n in
+                     zip(self.border_padding, self.border_dilation, self.border_kernel.shape[2:]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _capturing():
+        if _capturing() or _fx_tracing():
             # A plain BatchNorm, which runtimes fold into the conv before it, then one add of the
             # scaled map (a constant of an exported graph).
-            with torch.no_grad():
-                m = self.border_map(x)
+            if _fx_tracing():
+                m = _fx_map(x, self.border_kernel, self.border_offset, 1, self.border_padding,
+                            self.border_dilation, self._grow())
+            else:
+                with torch.no_grad():
+                    m = self.border_map(x)
+            norm = self._traceable_norm if _fx_tracing() else super().forward
             if self._uses_batch_stats():
-                return super().forward(x + m)
+                return norm(x + m)
             scale = (self.running_var + self.eps).rsqrt()
             if self.weight is not None:
                 scale = scale * self.weight
-            return super().forward(x) + m * scale.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
+            return norm(x) + m * scale.to(x.dtype).reshape((1, -1) + (1,) * (self.border_kernel.dim() - 2))
         if self._uses_batch_stats() or (torch.is_grad_enabled() and any(
                 p is not None and p.requires_grad for p in (self.weight, self.bias))):
             # Training, or gradients for gamma and beta (fine-tuning with frozen statistics, a graph tracer):

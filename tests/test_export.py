@@ -257,3 +257,18 @@ def test_border_corrections_compile_in_one_graph():
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(small, backend="aot_eager")(x), masked(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [border_bn_compact, border_compact])
+def test_border_corrections_trace_with_torch_fx(build):
+    """torch.fx.symbolic_trace (quantization prep, fx passes) traces both border-corrected kinds; the traced graph
+    and fx's conv-BatchNorm fusion (which leaves a BatchNorm carrying a correction alone) equal the masked model."""
+    from torch.fx.experimental.optimization import fuse
+
+    small, masked, x = build()
+    traced = torch.fx.symbolic_trace(small)
+    fused = fuse(small)
+    xb = torch.randn((3,) + tuple(x.shape[1:]))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(xb), masked(xb), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused(xb), masked(xb), rtol=1e-5, atol=1e-6)
