@@ -74,19 +74,13 @@ def _fx_tracing() -> bool:
     return check()
 
 
-def _fx_map(x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor, stride, padding, dilation,
-            grow: tuple[int, ...] = ()) -> torch.Tensor:
-    """The border map built from ``x`` itself, as traceable ops (ones like ``x``'s first channel, grown or cropped
-    by ``grow`` per spatial dimension to the conv's input size, convolved with ``kernel``)."""
-    ones = torch.ones_like(x[:1, :1])
-    if any(grow):
-        pads: list[int] = []
-        for g in reversed(grow):
-            pads += [0, g]
-        ones = F.pad(ones, pads, value=1.0)  # a negative pad crops
-    dims = kernel.dim() - 2
-    m = _CONV_FN[dims](ones, kernel, None, stride, padding, dilation)
-    return m - offset.reshape((1, -1) + (1,) * dims)
+def _eager_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A border-corrected layer's forward, as one opaque call in a ``torch.fx`` graph: at run time it reads
+    the module's mode and caches as the module itself does (a traced graph must not fix train or eval)."""
+    return module._forward(x)
+
+
+torch.fx.wrap("_eager_forward")
 
 
 def _version(t: torch.Tensor) -> int:
@@ -124,17 +118,40 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class _MapCache:
-    """Per-input-size constants, rebuilt when a tensor they derive from is replaced or edited in place."""
+    """Per-input-size constants, rebuilt when a tensor they derive from is replaced or edited in place.
 
-    def _cached(self, key: tuple, build) -> Any:
+    An entry is keyed by the storage address and in-place version of every tensor it was
+    built from, and keeps those storages alive, so a later tensor cannot reuse an address
+    and pass for the old one. Inference tensors have no version counter: with any of them
+    among the sources nothing is cached. Changing the mode (``train()`` / ``eval()``) or
+    converting the module (``to``, ``half``, ...) empties the cache; so call ``eval()``
+    again after editing parameters through ``.data``, which PyTorch's version counters
+    do not see.
+    """
+
+    def _cached(self, key: tuple, sources: tuple, build) -> Any:
+        live = [t for t in sources if t is not None]
+        if any(t.is_inference() for t in live):  # no version counter: edits would go unseen
+            with torch.no_grad():
+                return build()
+        key = key + (torch.is_inference_mode_enabled(), _stamp(*sources))
         cache = self.__dict__.setdefault("_border_cache", {})
         hit = cache.get(key)
         if hit is None:
             if len(cache) > 16:
                 cache.clear()
             with torch.no_grad():
-                hit = cache[key] = build()
-        return hit
+                value = build()
+            hit = cache[key] = (value, [t.untyped_storage() for t in live])
+        return hit[0]
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_border_cache", None)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_border_cache", None)
+        return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -171,8 +188,8 @@ class _BorderCorrected(_MapCache):
 
     def _entry(self, x: torch.Tensor) -> tuple:
         """Cached per input size: (the interior constant, frame patches, full map, full map plus the bias)."""
-        key = (_spatial(x), x.dtype, x.device, _stamp(self.border_kernel, self.border_offset, self.bias))
-        return self._cached(key, lambda: self._build_entry(x))
+        return self._cached((_spatial(x), x.dtype, x.device), (self.border_kernel, self.border_offset, self.bias),
+                            lambda: self._build_entry(x))
 
     def _build_entry(self, x: torch.Tensor) -> tuple:
         full = self.border_map(x)
@@ -202,8 +219,10 @@ class _BorderCorrected(_MapCache):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fx_tracing():
-            m = _fx_map(x, self.border_kernel, self.border_offset, self.stride, self.padding, self.dilation)
-            return self._conv_forward(x, self.weight, self.bias) + m
+            return _eager_forward(self, x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if _capturing():  # exported graphs get the map as a constant the runtime folds away
             with torch.no_grad():
                 m = self._map(_spatial(x), x)
@@ -298,13 +317,13 @@ class _BorderCorrectedNorm(_MapCache):
 
     def _unscaled(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`border_map` in ``x``'s dtype and layout, cached per input size."""
-        key = ("map", _spatial(x), x.dtype, x.device, _layout(x), _stamp(self.border_kernel, self.border_offset))
-        return self._cached(key, lambda: self.border_map(x).contiguous(memory_format=_layout(x)))
+        return self._cached(("map", _spatial(x), x.dtype, x.device, _layout(x)), (self.border_kernel, self.border_offset),
+                            lambda: self.border_map(x).contiguous(memory_format=_layout(x)))
 
     def _folded(self, x: torch.Tensor) -> tuple:
         """Eval mode, cached: ``scale`` (1, C, 1...) and ``shift + map * scale`` (1, C, *spatial)."""
-        key = ("eval", _spatial(x), x.dtype, x.device, _layout(x), self.eps, _stamp(
-            self.weight, self.bias, self.running_mean, self.running_var, self.border_kernel, self.border_offset))
+        key = ("eval", _spatial(x), x.dtype, x.device, _layout(x), self.eps)
+        sources = (self.weight, self.bias, self.running_mean, self.running_var, self.border_kernel, self.border_offset)
 
         def build() -> tuple:
             scale, shift = self._affine()
@@ -312,15 +331,7 @@ class _BorderCorrectedNorm(_MapCache):
             m = self.border_map(torch.empty((1, 1) + _spatial(x), dtype=torch.float64, device=x.device))
             full = shift.view(view) + m * scale.view(view)
             return scale.to(x.dtype).view(view), full.to(x.dtype).contiguous(memory_format=_layout(x))
-        return self._cached(key, build)
-
-    def _traceable_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """The BatchNorm as ``torch.fx`` can trace it (no check of the input's rank; in training mode
-        ``num_batches_tracked`` is not counted, as with a set ``momentum`` it is not read)."""
-        stats = not self.training or self.track_running_stats
-        return F.batch_norm(x, self.running_mean if stats else None, self.running_var if stats else None,
-                            self.weight, self.bias, self._uses_batch_stats(),
-                            0.0 if self.momentum is None else self.momentum, self.eps)
+        return self._cached(key, sources, build)
 
     def _grow(self) -> tuple[int, ...]:
         """Per spatial dimension, the conv's input size minus its output size (stride 1)."""
@@ -330,22 +341,22 @@ class _BorderCorrectedNorm(_MapCache):
                      zip(self.border_padding, self.border_dilation, self.border_kernel.shape[2:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _capturing() or _fx_tracing():
+        if _fx_tracing():
+            return _eager_forward(self, x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _capturing():
             # A plain BatchNorm, which runtimes fold into the conv before it, then one add of the
             # scaled map (a constant of an exported graph).
-            if _fx_tracing():
-                m = _fx_map(x, self.border_kernel, self.border_offset, 1, self.border_padding,
-                            self.border_dilation, self._grow())
-            else:
-                with torch.no_grad():
-                    m = self.border_map(x)
-            norm = self._traceable_norm if _fx_tracing() else super().forward
+            with torch.no_grad():
+                m = self.border_map(x)
             if self._uses_batch_stats():
-                return norm(x + m)
+                return super().forward(x + m)
             scale = (self.running_var + self.eps).rsqrt()
             if self.weight is not None:
                 scale = scale * self.weight
-            return norm(x) + m * scale.to(x.dtype).reshape((1, -1) + (1,) * (self.border_kernel.dim() - 2))
+            return super().forward(x) + m * scale.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
         if self._uses_batch_stats() or (torch.is_grad_enabled() and any(
                 p is not None and p.requires_grad for p in (self.weight, self.bias))):
             # Training, or gradients for gamma and beta (fine-tuning with frozen statistics, a graph tracer):

@@ -6,6 +6,7 @@ written tolerances; none only runs a forward.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -272,3 +273,47 @@ def test_border_corrections_trace_with_torch_fx(build):
     with torch.no_grad():
         torch.testing.assert_close(traced(xb), masked(xb), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fused(xb), masked(xb), rtol=1e-5, atol=1e-6)
+
+
+class _ConvReluConvBN(nn.Module):
+    """conv1 (+bias) -> ReLU -> padded conv2 -> bn2 -> ReLU -> mean -> fc: conv1's masked rows emit relu(bias)
+    in train and eval mode alike, so the compact model matches the masked one in both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn2(self.conv2(torch.relu(self.conv1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fx_traced_compact_model_follows_train_and_eval_at_run_time(momentum):
+    """The border-corrected layers are one opaque call in an fx graph, so train / eval is read when it runs (as
+    for a BatchNorm left a leaf): traced in eval, trained a few steps, evaluated, it matches the masked model,
+    running statistics and num_batches_tracked included."""
+    torch.manual_seed(0)
+    masked = _ConvReluConvBN().eval()
+    masked.bn2.momentum = momentum
+    with torch.no_grad():
+        masked.conv1.bias[[1, 4]] = torch.tensor([0.7, 1.3])
+        masked.bn2.running_mean.normal_()
+        masked.bn2.running_var.uniform_(0.5, 2.0)
+    mask = torch.ones_like(masked.conv1.weight)
+    mask[[1, 4]] = 0
+    prune.custom_from_mask(masked.conv1, "weight", mask)
+    small = compactor.compact(masked, torch.randn(2, 3, 9, 9))
+    assert isinstance(small.bn2, BorderCorrectedBatchNorm2d)
+    traced = torch.fx.symbolic_trace(small)
+    traced.train(), masked.train()
+    for _ in range(3):
+        xb = torch.randn(4, 3, 8, 7)
+        torch.testing.assert_close(traced(xb), masked(xb), rtol=1e-4, atol=1e-5)
+    assert int(traced.bn2.num_batches_tracked) == int(masked.bn2.num_batches_tracked) == 3
+    traced.eval(), masked.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(traced(xb), masked(xb), rtol=1e-4, atol=1e-5)

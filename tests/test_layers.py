@@ -221,3 +221,66 @@ def test_border_corrected_conv_follows_an_in_place_bias_edit_without_grad():
         torch.testing.assert_close(c(x), conv(x) + c.border_map(x))
         c.bias.add_(1.0)  # conv shares the Parameter
         torch.testing.assert_close(c(x), conv(x) + c.border_map(x))
+
+
+def _eval_case():
+    constants, keep = {1: 0.7}, [0, 2]
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    bn, small, cbn = _bn_case(conv, keep, constants)
+    bn.eval(), cbn.eval()
+    x = _with_constants(torch.randn(2, 3, 6, 7), constants)
+    return bn, conv, small, cbn, x, keep
+
+
+def test_border_corrected_batchnorm_cache_survives_an_inference_mode_pass():
+    """A forward under inference_mode, then one that records gradients through x (gamma and beta frozen): the
+    second must not reuse inference tensors, which autograd cannot save."""
+    bn, conv, small, cbn, x, keep = _eval_case()
+    cbn.weight.requires_grad_(False), cbn.bias.requires_grad_(False)
+    with torch.inference_mode():
+        cbn(small(x[:, keep]))
+    xin = x[:, keep].clone().requires_grad_()
+    out = cbn(small(xin))
+    out.sum().backward()
+    torch.testing.assert_close(out, bn(conv(x)), rtol=1e-5, atol=1e-5)
+    assert xin.grad is not None
+
+
+def test_border_corrected_batchnorm_cache_is_not_fooled_by_a_reused_address():
+    """Parameters replaced again and again (their storage freed and reallocated, version 0 each time): every
+    output follows the new values."""
+    bn, conv, small, cbn, x, keep = _eval_case()
+    with torch.no_grad():
+        for i in range(12):
+            new = torch.randn(4)
+            cbn.weight.data = new.clone()
+            bn.weight.data = new.clone()
+            torch.testing.assert_close(cbn(small(x[:, keep])), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_border_corrected_batchnorm_with_inference_tensors_follows_in_place_loads():
+    """Parameters that are inference tensors have no version counter: nothing is cached, so a load_state_dict
+    under inference_mode is seen."""
+    bn, conv, small, cbn, x, keep = _eval_case()
+    state = {k: v * 2 if k == "weight" else v for k, v in cbn.state_dict().items()}
+    with torch.inference_mode():
+        moved = copy.deepcopy(cbn).double().float()
+        assert moved.weight.is_inference()
+        torch.testing.assert_close(moved(small(x[:, keep])), bn(conv(x)), rtol=1e-5, atol=1e-5)
+        moved.load_state_dict(state)
+        bn2 = copy.deepcopy(bn)
+        bn2.weight.mul_(2)
+        torch.testing.assert_close(moved(small(x[:, keep])), bn2(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_border_corrected_batchnorm_after_data_edits_and_eval_again():
+    """Edits through .data are invisible to version counters; eval() (as after a training phase) empties the cache."""
+    bn, conv, small, cbn, x, keep = _eval_case()
+    with torch.no_grad():
+        cbn(small(x[:, keep]))
+        cbn.train(), bn.train()
+        for p, q in zip((cbn.weight, cbn.bias), (bn.weight, bn.bias)):
+            p.data.mul_(1.5)
+            q.data.mul_(1.5)
+        cbn.eval(), bn.eval()
+        torch.testing.assert_close(cbn(small(x[:, keep])), bn(conv(x)), rtol=1e-5, atol=1e-5)
