@@ -12,7 +12,11 @@ mode's border correction must not add ops a model designed at the compact widths
 
 It runs on the CPU and takes the GPU code paths where compactor's layers choose by device
 (``compactor.layers._one_launch_preferred`` forced to True), so the counts are those a GPU
-would launch. No timing: nothing here depends on the machine's load.
+would launch. The counts do not depend on the machine's load. One timing sits beside them:
+``host us``: the same architecture at 1/16 width (the zoo's small ResNet-50) on an 8x8
+input, one thread, GPU code paths, interleaved medians. There the arithmetic is negligible and
+what remains is the per-layer Python and dispatch cost: the part of an eager GPU forward the
+host pays before each launch, which bounds eager PyTorch at small batch.
 
     python benchmarks/op_count.py                    # ResNet-50 bottleneck-inner-50 and all-50
     python benchmarks/op_count.py --smoke            # the zoo's small ResNet-50: seconds
@@ -33,7 +37,7 @@ import common  # noqa: E402
 
 import torch  # noqa: E402
 
-from compactor import bench, layers  # noqa: E402
+from compactor import bench, layers, timing  # noqa: E402
 
 VARIANTS = ("dense", "native", "compact", "compact-drop")
 _ALLOCATIONS = {"empty", "empty_like", "empty_strided"}  # no kernel (the CPU batch norm allocates its statistics)
@@ -57,6 +61,19 @@ def count(model: torch.nn.Module, x: torch.Tensor) -> dict:
             "mb_written": c.written / 2 ** 20, "by_op": dict(sorted(names.items()))}
 
 
+def host_us(models: dict, shape: tuple, repeats: int) -> dict:
+    """Per-forward host cost in microseconds on an 8x8 input (see the module docstring)."""
+    x = bench.make_inputs((shape[0], 8, 8), 1)
+    saved = layers._one_launch_preferred
+    layers._one_launch_preferred = lambda x: True
+    try:
+        with torch.no_grad(), timing.torch_threads(1):
+            t = timing.measure({v: (lambda m=m: m(x)) for v, m in models.items()}, repeats=repeats)
+    finally:
+        layers._one_launch_preferred = saved
+    return {v: r.median * 1e6 for v, r in t.items()}
+
+
 def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenarios", type=common.words, default=["resnet50:bottleneck-inner-50", "resnet50:all-50"],
@@ -72,10 +89,12 @@ def run(args: argparse.Namespace) -> dict:
         model_name, scenario = item.split(":", 1)
         prep = bench.prepare(model_name, scenario, small=args.smoke, variants=list(VARIANTS[1:]))
         x = bench.make_inputs(prep.input_shape, 1)
+        tiny = prep if args.smoke else bench.prepare(model_name, scenario, small=True, variants=list(VARIANTS[1:]))
+        host = host_us({v: tiny.variants[v] for v in VARIANTS}, tiny.input_shape, 5 if args.smoke else 41)
         for v in VARIANTS:
             rows.append({"model": model_name, "scenario": scenario, "variant": v,
                          "source": prep.source if v != "native" else prep.native_source,
-                         **count(prep.variants[v], x)})
+                         **count(prep.variants[v], x), "host_us": host[v]})
     return {"rows": rows}
 
 
@@ -100,6 +119,8 @@ def write(args: argparse.Namespace, result: dict) -> list[str]:
         ("elementwise passes", lambda r: str(r["passes"])),
         ("MB written (batch 1)", lambda r: f"{r['mb_written']:.1f}"),
         ("vs native", lambda r: vs_native(r, "mb_written")),
+        ("host us (1/16 width, 8x8)", lambda r: f"{r['host_us']:.0f}"),
+        ("x native", lambda r: f"{native[(r['model'], r['scenario'])]['host_us'] / r['host_us']:.2f}"),
     ])
     by_op = ["", "## Ops by name", ""]
     for r in rows:

@@ -63,15 +63,13 @@ def zero_columns(module: nn.Module) -> torch.Tensor:
 
 
 def _capturing() -> bool:
-    """Inside a captured graph: tracing, ONNX export, scripting or torch.compile."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.jit.is_scripting() \
-        or torch.compiler.is_compiling()
+    """Inside a captured graph: jit tracing (and the TorchScript ONNX exporter), or torch.compile / torch.export
+    (and the dynamo ONNX exporter), all of which report ``is_compiling``."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
-def _fx_tracing() -> bool:
-    """Inside ``torch.fx.symbolic_trace``: shapes are proxies, and no Python branch may read them."""
-    check = getattr(_fx, "is_fx_symbolic_tracing", None) or _fx.is_fx_tracing
-    return check()
+#: Inside ``torch.fx.symbolic_trace``: shapes are proxies, and no Python branch may read them.
+_fx_tracing = getattr(_fx, "is_fx_symbolic_tracing", None) or _fx.is_fx_tracing
 
 
 def _eager_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +90,13 @@ def _version(t: torch.Tensor) -> int:
 def _stamp(*tensors: "torch.Tensor | None") -> tuple:
     """What identifies the current contents of some tensors: storage and in-place version."""
     return tuple(None if t is None else (t.data_ptr(), _version(t)) for t in tensors)
+
+
+def _fast_key(x: torch.Tensor, sources: tuple, extra: Any) -> tuple:
+    """What a remembered per-input value depends on: ``x``'s shape, strides, dtype and device, the grad and
+    inference modes, ``extra``, and each source's storage address and in-place version."""
+    return (x.shape, x.stride(), x.dtype, x.device, torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
+            extra, [None if t is None else (t.data_ptr(), t._version) for t in sources])
 
 
 def _spatial(x: torch.Tensor) -> tuple[int, ...]:
@@ -129,6 +134,34 @@ class _MapCache:
     do not see.
     """
 
+    def _memo(self, tag: str, x: torch.Tensor, sources: tuple, key, build, extra: Any = None) -> Any:
+        """:meth:`_cached`, remembered for the input seen last (see :meth:`_hit`)."""
+        hit = self._hit(tag, x, sources, extra)
+        if hit is not None:
+            return hit
+        value = self._cached(key(), sources, build)
+        live = [t for t in sources if t is not None]
+        if not any(t.is_inference() for t in live):  # keeps the storages: their addresses cannot be reused
+            self.__dict__["_memo_" + tag] = (_fast_key(x, sources, extra), value,
+                                             [t.untyped_storage() for t in live])
+        return value
+
+    def _hit(self, tag: str, x: torch.Tensor, sources: tuple, extra: Any = None) -> Any:
+        """The value remembered under ``tag`` if ``x`` and ``sources`` are as they were, else None: one tuple
+        built and compared per call, no function object made (a layer's forward runs on every call, and eager
+        PyTorch on a GPU waits for the host at small batch)."""
+        memo = self.__dict__.get("_memo_" + tag)
+        if memo is None:
+            return None
+        try:
+            return memo[1] if memo[0] == _fast_key(x, sources, extra) else None
+        except RuntimeError:  # a source is now an inference tensor (no version counter)
+            return None
+
+    def _forget(self) -> None:
+        for name in [n for n in self.__dict__ if n == "_border_cache" or n.startswith("_memo_")]:
+            del self.__dict__[name]
+
     def _cached(self, key: tuple, sources: tuple, build) -> Any:
         live = [t for t in sources if t is not None]
         if any(t.is_inference() for t in live):  # no version counter: edits would go unseen
@@ -146,16 +179,17 @@ class _MapCache:
         return hit[0]
 
     def train(self, mode: bool = True):
-        self.__dict__.pop("_border_cache", None)
+        self._forget()
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_border_cache", None)
+        self._forget()
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop("_border_cache", None)
+        for name in [n for n in state if n == "_border_cache" or n.startswith("_memo_")]:
+            state.pop(name)
         return state
 
 
@@ -186,10 +220,10 @@ class _BorderCorrected(_MapCache):
         """The removed channels' contribution for an input shaped like ``x``: (1, out, *spatial)."""
         return self._map(_spatial(x), x)
 
-    def _entry(self, x: torch.Tensor) -> tuple:
+    def _entry(self, x: torch.Tensor, sources: tuple) -> tuple:
         """Cached per input size: (the interior constant, frame patches, full map, full map plus the bias)."""
-        return self._cached((_spatial(x), x.dtype, x.device), (self.border_kernel, self.border_offset, self.bias),
-                            lambda: self._build_entry(x))
+        return self._memo("entry", x, sources, lambda: (_spatial(x), x.dtype, x.device),
+                          lambda: self._build_entry(x))
 
     def _build_entry(self, x: torch.Tensor) -> tuple:
         full = self.border_map(x)
@@ -227,7 +261,8 @@ class _BorderCorrected(_MapCache):
             with torch.no_grad():
                 m = self._map(_spatial(x), x)
             return self._conv_forward(x, self.weight, self.bias) + m
-        inner, patches, full, with_bias = self._entry(x)
+        sources = (self._buffers["border_kernel"], self._buffers["border_offset"], self._parameters["bias"])
+        inner, patches, full, with_bias = self._hit("entry", x, sources) or self._entry(x, sources)
         if torch.is_grad_enabled():  # one add the gradients do not see: the output is the convolution's
             y = self._conv_forward(x, self.weight, self.bias)
             with torch.no_grad():
@@ -317,21 +352,20 @@ class _BorderCorrectedNorm(_MapCache):
 
     def _unscaled(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`border_map` in ``x``'s dtype and layout, cached per input size."""
-        return self._cached(("map", _spatial(x), x.dtype, x.device, _layout(x)), (self.border_kernel, self.border_offset),
-                            lambda: self.border_map(x).contiguous(memory_format=_layout(x)))
+        return self._memo("map", x, (self._buffers["border_kernel"], self._buffers["border_offset"]),
+                          lambda: ("map", _spatial(x), x.dtype, x.device, _layout(x)),
+                          lambda: self.border_map(x).contiguous(memory_format=_layout(x)))
 
-    def _folded(self, x: torch.Tensor) -> tuple:
+    def _folded(self, x: torch.Tensor, sources: tuple, extra: tuple) -> tuple:
         """Eval mode, cached: ``scale`` (1, C, 1...) and ``shift + map * scale`` (1, C, *spatial)."""
-        key = ("eval", _spatial(x), x.dtype, x.device, _layout(x), self.eps)
-        sources = (self.weight, self.bias, self.running_mean, self.running_var, self.border_kernel, self.border_offset)
-
         def build() -> tuple:
             scale, shift = self._affine()
             view = (1, -1) + (1,) * (x.dim() - 2)
             m = self.border_map(torch.empty((1, 1) + _spatial(x), dtype=torch.float64, device=x.device))
             full = shift.view(view) + m * scale.view(view)
             return scale.to(x.dtype).view(view), full.to(x.dtype).contiguous(memory_format=_layout(x))
-        return self._cached(key, sources, build)
+        return self._memo("eval", x, sources,
+                          lambda: ("eval", _spatial(x), x.dtype, x.device, _layout(x), self.eps), build, extra)
 
     def _grow(self) -> tuple[int, ...]:
         """Per spatial dimension, the conv's input size minus its output size (stride 1)."""
@@ -343,7 +377,18 @@ class _BorderCorrectedNorm(_MapCache):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fx_tracing():
             return _eager_forward(self, x)
+        if "_memo_eval" in self.__dict__ and not _capturing():  # eval mode, as last call: one addcmul
+            p, b = self._parameters, self._buffers
+            w, bias = p["weight"], p["bias"]
+            hit = self._hit("eval", x, (w, bias, b["running_mean"], b["running_var"], b["border_kernel"],
+                                        b["border_offset"]), self._eval_extra(w, bias))
+            if hit is not None:
+                return torch.addcmul(hit[1], x, hit[0])
         return self._forward(x)
+
+    def _eval_extra(self, w: "torch.Tensor | None", bias: "torch.Tensor | None") -> tuple:
+        """What else decides the eval path and its constants: the mode, eps, and whether gamma and beta want grads."""
+        return (self.training, self.eps, w is not None and w.requires_grad, bias is not None and bias.requires_grad)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if _capturing():
@@ -357,12 +402,15 @@ class _BorderCorrectedNorm(_MapCache):
             if self.weight is not None:
                 scale = scale * self.weight
             return super().forward(x) + m * scale.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
-        if self._uses_batch_stats() or (torch.is_grad_enabled() and any(
-                p is not None and p.requires_grad for p in (self.weight, self.bias))):
+        p, b = self._parameters, self._buffers
+        w, bias, mean, var = p["weight"], p["bias"], b["running_mean"], b["running_var"]
+        if self.training or mean is None or var is None or (torch.is_grad_enabled() and (
+                (w is not None and w.requires_grad) or (bias is not None and bias.requires_grad))):
             # Training, or gradients for gamma and beta (fine-tuning with frozen statistics, a graph tracer):
             # the map goes in before normalizing, as in the masked model, and the output is the BatchNorm's.
             return super().forward(x + self._unscaled(x))
-        scale, full = self._folded(x)
+        scale, full = self._folded(x, (w, bias, mean, var, b["border_kernel"], b["border_offset"]),
+                                   self._eval_extra(w, bias))
         return torch.addcmul(full, x, scale)
 
 
@@ -390,7 +438,8 @@ def _retyped(module: nn.Module, classes: dict) -> nn.Module:
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
     new._modules = dict(module._modules)
-    new.__dict__.pop("_border_cache", None)
+    for name in [n for n in new.__dict__ if n == "_border_cache" or n.startswith("_memo_")]:
+        del new.__dict__[name]
     return new
 
 

@@ -284,3 +284,21 @@ def test_border_corrected_batchnorm_after_data_edits_and_eval_again():
             q.data.mul_(1.5)
         cbn.eval(), bn.eval()
         torch.testing.assert_close(cbn(small(x[:, keep])), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_border_corrected_batchnorm_follows_requires_grad_and_mode_changes():
+    """The remembered eval path is taken only in the state it was made in: gamma made trainable again gets its
+    gradient (frame term included), and train mode normalizes with batch statistics."""
+    bn, conv, small, cbn, x, keep = _eval_case()
+    cbn.weight.requires_grad_(False)
+    y = small(x[:, keep]).detach()
+    cbn(y)  # remembered with gamma frozen
+    cbn.weight.requires_grad_(True)
+    ref = copy.deepcopy(bn)
+    cbn(y).square().sum().backward()
+    ref(conv(x).detach()).square().sum().backward()
+    torch.testing.assert_close(cbn.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        cbn(y)
+        cbn.train(), bn.train()
+        torch.testing.assert_close(cbn(y), bn(conv(x)), rtol=1e-5, atol=1e-5)
