@@ -93,10 +93,11 @@ def _stamp(*tensors: "torch.Tensor | None") -> tuple:
 
 
 def _fast_key(x: torch.Tensor, sources: tuple, extra: Any) -> tuple:
-    """What a remembered per-input value depends on: ``x``'s shape, strides, dtype and device, the grad and
-    inference modes, ``extra``, and each source's storage address and in-place version."""
-    return (x.shape, x.stride(), x.dtype, x.device, torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
-            extra, [None if t is None else (t.data_ptr(), t._version) for t in sources])
+    """What a remembered per-input value depends on: ``x``'s type (a fake tensor's constants are fake), shape,
+    strides, dtype and device, the grad and inference modes, ``extra``, and each source's storage address and
+    in-place version."""
+    return (type(x), x.shape, x.stride(), x.dtype, x.device, torch.is_inference_mode_enabled(),
+            torch.is_grad_enabled(), extra, [None if t is None else (t.data_ptr(), t._version) for t in sources])
 
 
 def _spatial(x: torch.Tensor) -> tuple[int, ...]:
@@ -139,7 +140,7 @@ class _MapCache:
         hit = self._hit(tag, x, sources, extra)
         if hit is not None:
             return hit
-        value = self._cached(key(), sources, build)
+        value = self._cached(key() + (type(x),), sources, build)
         live = [t for t in sources if t is not None]
         if not any(t.is_inference() for t in live):  # keeps the storages: their addresses cannot be reused
             self.__dict__["_memo_" + tag] = (_fast_key(x, sources, extra), value,
@@ -260,7 +261,7 @@ class _BorderCorrected(_MapCache):
             # The GPU path as on the last call, _hit("entry", ...) written out (see _BorderCorrectedNorm.forward).
             bias = self._parameters["bias"]
             try:
-                key = (x.shape, x.stride(), x.dtype, x.device, torch.is_inference_mode_enabled(), False, None,
+                key = (type(x), x.shape, x.stride(), x.dtype, x.device, torch.is_inference_mode_enabled(), False, None,
                        [None if t is None else (t.data_ptr(), t._version)
                         for t in (self._buffers["border_kernel"], self._buffers["border_offset"], bias)])
             except RuntimeError:
@@ -397,11 +398,12 @@ class _BorderCorrectedNorm(_MapCache):
             p, b = self._parameters, self._buffers
             w, bias, mean, var = p["weight"], p["bias"], b["running_mean"], b["running_var"]
             try:
-                key = (x.shape, x.stride(), x.dtype, x.device, torch.is_inference_mode_enabled(),
+                key = (type(x), x.shape, x.stride(), x.dtype, x.device, torch.is_inference_mode_enabled(),
                        torch.is_grad_enabled(), (self.training, self.eps, w is not None and w.requires_grad,
                                                  bias is not None and bias.requires_grad),
                        [None if t is None else (t.data_ptr(), t._version)
-                        for t in (w, bias, mean, var, b["border_kernel"], b["border_offset"])])
+                        for t in (w, bias, mean, var, b.get("num_batches_tracked"), b["border_kernel"],
+                                  b["border_offset"])])
             except RuntimeError:  # a source is now an inference tensor (no version counter)
                 key = None
             if memo[0] == key:
@@ -432,8 +434,10 @@ class _BorderCorrectedNorm(_MapCache):
             # Training, or gradients for gamma and beta (fine-tuning with frozen statistics, a graph tracer):
             # the map goes in before normalizing, as in the masked model, and the output is the BatchNorm's.
             return super().forward(x + self._unscaled(x))
-        scale, full = self._folded(x, (w, bias, mean, var, b["border_kernel"], b["border_offset"]),
-                                   self._eval_extra(w, bias))
+        # num_batches_tracked: a training forward updates the running statistics without bumping their
+        # version counters, but counts itself in place (which does)
+        scale, full = self._folded(x, (w, bias, mean, var, b.get("num_batches_tracked"), b["border_kernel"],
+                                       b["border_offset"]), self._eval_extra(w, bias))
         return torch.addcmul(full, x, scale)
 
 

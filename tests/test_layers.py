@@ -302,3 +302,28 @@ def test_border_corrected_batchnorm_follows_requires_grad_and_mode_changes():
         cbn(y)
         cbn.train(), bn.train()
         torch.testing.assert_close(cbn(y), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_border_corrected_batchnorm_sees_running_statistics_updated_behind_its_back():
+    """Setting .training directly (no train() call) and running a training forward updates the running statistics
+    without bumping their version counters; num_batches_tracked counts in place, so the eval path is rebuilt."""
+    bn, conv, small, cbn, x, keep = _eval_case()
+    y = small(x[:, keep]).detach()
+    with torch.no_grad():
+        cbn(y)
+        cbn.training = bn.training = True
+        cbn(y), bn(conv(x))
+        cbn.training = bn.training = False
+        torch.testing.assert_close(cbn(y), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_border_corrected_layers_do_not_reuse_constants_made_for_fake_tensors():
+    """A forward under FakeTensorMode (shape propagation, export tooling) must not leave fake constants behind."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    bn, conv, small, cbn, x, keep = _eval_case()
+    y = small(x[:, keep]).detach()
+    with torch.no_grad():
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            cbn(mode.from_tensor(y))
+        torch.testing.assert_close(cbn(y), bn(conv(x)), rtol=1e-5, atol=1e-5)
