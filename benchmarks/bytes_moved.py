@@ -69,12 +69,13 @@ class Counter(TorchDispatchMode):
         return out
 
 
+CONVOLUTIONS = ("convolution", "mkldnn_convolution", "_convolution", "conv1d", "conv2d", "conv3d")
 #: The ops that do the MACs (convolutions and matmuls); the others are passes over activations.
-COMPUTE = ("convolution", "mkldnn_convolution", "_convolution", "conv1d", "conv2d", "conv3d", "linear", "addmm", "mm")
+COMPUTE = CONVOLUTIONS + ("linear", "addmm", "mm")
 
 
 def _macs(name: str, args, out) -> int:
-    if name in COMPUTE[:6]:
+    if name in CONVOLUTIONS:
         w = args[1]
         return out.numel() * w[0].numel()
     if name == "linear":

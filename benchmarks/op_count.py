@@ -27,9 +27,10 @@ Writes benchmarks/results/<device>/op_count_<settings>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bytes_moved  # noqa: E402
@@ -43,17 +44,23 @@ VARIANTS = ("dense", "native", "compact", "compact-drop")
 _ALLOCATIONS = {"empty", "empty_like", "empty_strided"}  # no kernel (the CPU batch norm allocates its statistics)
 
 
-def count(model: torch.nn.Module, x: torch.Tensor) -> dict:
-    """The ops one forward of ``model`` dispatches (GPU code paths), by name, and the bytes they write."""
-    with torch.no_grad():
-        model(x)  # build the per-size caches first: they are made once, not per call
+@contextlib.contextmanager
+def gpu_code_paths() -> Iterator[None]:
+    """Inside: compactor's layers take the paths they take on a GPU (where they choose by device)."""
     saved = layers._one_launch_preferred
     layers._one_launch_preferred = lambda x: True
     try:
-        with torch.no_grad(), bytes_moved.Counter(set()) as c:
-            model(x)
+        yield
     finally:
         layers._one_launch_preferred = saved
+
+
+def count(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    """The ops one forward of ``model`` dispatches (GPU code paths), by name, and the bytes they write."""
+    with gpu_code_paths(), torch.no_grad():
+        model(x)  # build the per-size caches first: they are made once, not per call
+        with bytes_moved.Counter(set()) as c:
+            model(x)
     names = {k: n for k, n in c.names.items() if k not in _ALLOCATIONS}
     ops = sum(names.values())
     compute = sum(n for k, n in names.items() if k in bytes_moved.COMPUTE)
@@ -64,13 +71,8 @@ def count(model: torch.nn.Module, x: torch.Tensor) -> dict:
 def host_us(models: dict, shape: tuple, repeats: int) -> dict:
     """Per-forward host cost in microseconds on an 8x8 input (see the module docstring)."""
     x = bench.make_inputs((shape[0], 8, 8), 1)
-    saved = layers._one_launch_preferred
-    layers._one_launch_preferred = lambda x: True
-    try:
-        with torch.no_grad(), timing.torch_threads(1):
-            t = timing.measure({v: (lambda m=m: m(x)) for v, m in models.items()}, repeats=repeats)
-    finally:
-        layers._one_launch_preferred = saved
+    with gpu_code_paths(), torch.no_grad(), timing.torch_threads(1):
+        t = timing.measure({v: (lambda m=m: m(x)) for v, m in models.items()}, repeats=repeats)
     return {v: r.median * 1e6 for v, r in t.items()}
 
 

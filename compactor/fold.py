@@ -148,17 +148,15 @@ def _execute(work: nn.Module, modules: dict[str, nn.Module], f: Fold) -> None:
         _fold_bias(modules[f.layer], f.values)
     elif f.target == "bn_mean":
         _shift_mean(modules[f.bn], f.values)
-    elif f.target == "bn_border":
-        _shift_mean(modules[f.bn], f.offset)
-        new = with_border_correction_bn(modules[f.bn], modules[f.layer], f.values, f.offset)
-        set_module(work, f.bn, new)
-        modules[f.bn] = new
-    else:
+    else:  # "border" / "bn_border": the conv or its BatchNorm becomes border-corrected
         if f.bn is not None:
             _shift_mean(modules[f.bn], f.offset)
-        new = with_border_correction(modules[f.layer], f.values, f.offset)
-        set_module(work, f.layer, new)
-        modules[f.layer] = new
+        if f.target == "bn_border":
+            carrier, new = f.bn, with_border_correction_bn(modules[f.bn], modules[f.layer], f.values, f.offset)
+        else:
+            carrier, new = f.layer, with_border_correction(modules[f.layer], f.values, f.offset)
+        set_module(work, carrier, new)
+        modules[carrier] = new
 
 
 def apply(work: nn.Module, plan: Plan) -> nn.Module:

@@ -75,29 +75,28 @@ _fx_tracing = getattr(_fx, "is_fx_symbolic_tracing", None) or _fx.is_fx_tracing
 def _eager_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A border-corrected layer's forward, as one opaque call in a ``torch.fx`` graph: at run time it reads
     the module's mode and caches as the module itself does (a traced graph must not fix train or eval)."""
-    return module._forward(x)
+    return module.forward(x)
 
 
 torch.fx.wrap("_eager_forward")
 
 
-def _version(t: torch.Tensor) -> int:
-    """A tensor's in-place version counter; inference tensors (made under torch.inference_mode) have none,
-    and cannot be changed in place outside it either."""
-    return -1 if t.is_inference() else t._version
-
-
-def _stamp(*tensors: "torch.Tensor | None") -> tuple:
-    """What identifies the current contents of some tensors: storage and in-place version."""
-    return tuple(None if t is None else (t.data_ptr(), _version(t)) for t in tensors)
+def _stamp(tensors: tuple) -> tuple:
+    """What identifies the current contents of some tensors: storage address and in-place version. Inference
+    tensors have no version counter (RuntimeError): nothing derived from them is cached."""
+    return tuple([None if t is None else (t.data_ptr(), t._version) for t in tensors])
 
 
 def _fast_key(x: torch.Tensor, sources: tuple, extra: Any) -> tuple:
     """What a remembered per-input value depends on: ``x``'s type (a fake tensor's constants are fake), shape,
-    strides, dtype and device, the grad and inference modes, ``extra``, and each source's storage address and
-    in-place version."""
+    strides, dtype and device, the grad and inference modes, ``extra``, and each source's :func:`_stamp`."""
     return (type(x), x.shape, x.stride(), x.dtype, x.device, torch.is_inference_mode_enabled(),
-            torch.is_grad_enabled(), extra, [None if t is None else (t.data_ptr(), t._version) for t in sources])
+            torch.is_grad_enabled(), extra, _stamp(sources))
+
+
+def _cache_names(d: dict) -> list:
+    """The per-input constants a border-corrected layer keeps in its ``__dict__``."""
+    return [n for n in d if n == "_border_cache" or n.startswith("_memo_")]
 
 
 def _spatial(x: torch.Tensor) -> tuple[int, ...]:
@@ -149,8 +148,7 @@ class _MapCache:
 
     def _hit(self, tag: str, x: torch.Tensor, sources: tuple, extra: Any = None) -> Any:
         """The value remembered under ``tag`` if ``x`` and ``sources`` are as they were, else None: one tuple
-        built and compared per call, no function object made (a layer's forward runs on every call, and eager
-        PyTorch on a GPU waits for the host at small batch)."""
+        built and compared, no function object made. The layers' forwards write it out for their hottest path."""
         memo = self.__dict__.get("_memo_" + tag)
         if memo is None:
             return None
@@ -160,7 +158,7 @@ class _MapCache:
             return None
 
     def _forget(self) -> None:
-        for name in [n for n in self.__dict__ if n == "_border_cache" or n.startswith("_memo_")]:
+        for name in _cache_names(self.__dict__):
             del self.__dict__[name]
 
     def _cached(self, key: tuple, sources: tuple, build) -> Any:
@@ -168,7 +166,7 @@ class _MapCache:
         if any(t.is_inference() for t in live):  # no version counter: edits would go unseen
             with torch.no_grad():
                 return build()
-        key = key + (torch.is_inference_mode_enabled(), _stamp(*sources))
+        key = key + (torch.is_inference_mode_enabled(), _stamp(sources))
         cache = self.__dict__.setdefault("_border_cache", {})
         hit = cache.get(key)
         if hit is None:
@@ -189,7 +187,7 @@ class _MapCache:
 
     def __getstate__(self):
         state = super().__getstate__()
-        for name in [n for n in state if n == "_border_cache" or n.startswith("_memo_")]:
+        for name in _cache_names(state):
             state.pop(name)
         return state
 
@@ -210,11 +208,10 @@ class _BorderCorrected(_MapCache):
 
     border_kernel: torch.Tensor
     border_offset: torch.Tensor  # (out,): part of the contribution already folded elsewhere (a BatchNorm's mean)
-    _fn = staticmethod(F.conv2d)
 
     def _map(self, size: tuple, x: torch.Tensor) -> torch.Tensor:
         ones = torch.ones((1, 1) + size, dtype=x.dtype, device=x.device)
-        m = self._fn(ones, self.border_kernel.to(x.dtype), None, self.stride, self.padding, self.dilation)
+        m = _CONV_FN[len(size)](ones, self.border_kernel.to(x.dtype), None, self.stride, self.padding, self.dilation)
         return m - self.border_offset.to(x.dtype).reshape((1, -1) + (1,) * (m.dim() - 2))
 
     def border_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -256,27 +253,30 @@ class _BorderCorrected(_MapCache):
         if _fx_tracing():
             return _eager_forward(self, x)
         memo = self.__dict__.get("_memo_entry")
-        if memo is not None and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or
-                                     torch.is_grad_enabled()) and _one_launch_preferred(x):
-            # The GPU path as on the last call, _hit("entry", ...) written out (see _BorderCorrectedNorm.forward).
-            bias = self._parameters["bias"]
+        if memo is not None and not (_capturing() or torch.is_grad_enabled()) and _one_launch_preferred(x):
+            # The GPU path as on the last call: _hit("entry", _sources()) written out, as in
+            # _BorderCorrectedNorm.forward.
             try:
                 key = (type(x), x.shape, x.stride(), x.dtype, x.device, torch.is_inference_mode_enabled(), False, None,
-                       [None if t is None else (t.data_ptr(), t._version)
-                        for t in (self._buffers["border_kernel"], self._buffers["border_offset"], bias)])
+                       tuple([None if t is None else (t.data_ptr(), t._version)
+                              for t in (self._buffers["border_kernel"], self._buffers["border_offset"],
+                                        self._parameters["bias"])]))
             except RuntimeError:
                 key = None
             if memo[0] == key:
                 return self._conv_forward(x, self.weight, None).add_(memo[1][3])
         return self._forward(x)
 
+    def _sources(self) -> tuple:
+        """The tensors the cached map and bias derive from."""
+        return self._buffers["border_kernel"], self._buffers["border_offset"], self._parameters["bias"]
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if _capturing():  # exported graphs get the map as a constant the runtime folds away
             with torch.no_grad():
-                m = self._map(_spatial(x), x)
+                m = self.border_map(x)
             return self._conv_forward(x, self.weight, self.bias) + m
-        sources = (self._buffers["border_kernel"], self._buffers["border_offset"], self._parameters["bias"])
-        inner, patches, full, with_bias = self._hit("entry", x, sources) or self._entry(x, sources)
+        inner, patches, full, with_bias = self._entry(x, self._sources())
         if torch.is_grad_enabled():  # one add the gradients do not see: the output is the convolution's
             y = self._conv_forward(x, self.weight, self.bias)
             with torch.no_grad():
@@ -304,15 +304,15 @@ def _run_length(flags: list) -> int:
 
 
 class BorderCorrectedConv1d(_BorderCorrected, nn.Conv1d):
-    _fn = staticmethod(F.conv1d)
+    pass
 
 
 class BorderCorrectedConv2d(_BorderCorrected, nn.Conv2d):
-    _fn = staticmethod(F.conv2d)
+    pass
 
 
 class BorderCorrectedConv3d(_BorderCorrected, nn.Conv3d):
-    _fn = staticmethod(F.conv3d)
+    pass
 
 
 class _BorderCorrectedNorm(_MapCache):
@@ -392,18 +392,19 @@ class _BorderCorrectedNorm(_MapCache):
         if _fx_tracing():
             return _eager_forward(self, x)
         memo = self.__dict__.get("_memo_eval")
-        if memo is not None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            # Eval mode as on the last call: one addcmul. This is _hit("eval", ...) written out: the host
-            # time of this path is what eager PyTorch on a GPU waits for at small batch.
+        if memo is not None and not _capturing():
+            # Eval mode as on the last call: one addcmul. _hit("eval", _eval_sources(), _eval_extra()) written out,
+            # as this path is the layer's whole host cost (the calls cost ~3 us a layer in a model on a slow
+            # host, where eager PyTorch on a GPU waits for it); tests/test_layers.py checks that it hits.
             p, b = self._parameters, self._buffers
-            w, bias, mean, var = p["weight"], p["bias"], b["running_mean"], b["running_var"]
+            w, bias = p["weight"], p["bias"]
             try:
                 key = (type(x), x.shape, x.stride(), x.dtype, x.device, torch.is_inference_mode_enabled(),
                        torch.is_grad_enabled(), (self.training, self.eps, w is not None and w.requires_grad,
                                                  bias is not None and bias.requires_grad),
-                       [None if t is None else (t.data_ptr(), t._version)
-                        for t in (w, bias, mean, var, b.get("num_batches_tracked"), b["border_kernel"],
-                                  b["border_offset"])])
+                       tuple([None if t is None else (t.data_ptr(), t._version)
+                              for t in (w, bias, b["running_mean"], b["running_var"], b.get("num_batches_tracked"),
+                                        b["border_kernel"], b["border_offset"])]))
             except RuntimeError:  # a source is now an inference tensor (no version counter)
                 key = None
             if memo[0] == key:
@@ -411,8 +412,16 @@ class _BorderCorrectedNorm(_MapCache):
                 return torch.addcmul(full, x, scale)
         return self._forward(x)
 
-    def _eval_extra(self, w: "torch.Tensor | None", bias: "torch.Tensor | None") -> tuple:
+    def _eval_sources(self) -> tuple:
+        """The tensors the eval constants derive from. num_batches_tracked: a training forward updates the
+        running statistics without bumping their version counters, but counts itself in place (which does)."""
+        p, b = self._parameters, self._buffers
+        return (p["weight"], p["bias"], b["running_mean"], b["running_var"], b.get("num_batches_tracked"),
+                b["border_kernel"], b["border_offset"])
+
+    def _eval_extra(self) -> tuple:
         """What else decides the eval path and its constants: the mode, eps, and whether gamma and beta want grads."""
+        w, bias = self._parameters["weight"], self._parameters["bias"]
         return (self.training, self.eps, w is not None and w.requires_grad, bias is not None and bias.requires_grad)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -427,17 +436,13 @@ class _BorderCorrectedNorm(_MapCache):
             if self.weight is not None:
                 scale = scale * self.weight
             return super().forward(x) + m * scale.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
-        p, b = self._parameters, self._buffers
-        w, bias, mean, var = p["weight"], p["bias"], b["running_mean"], b["running_var"]
-        if self.training or mean is None or var is None or (torch.is_grad_enabled() and (
+        w, bias = self._parameters["weight"], self._parameters["bias"]
+        if self._uses_batch_stats() or (torch.is_grad_enabled() and (
                 (w is not None and w.requires_grad) or (bias is not None and bias.requires_grad))):
             # Training, or gradients for gamma and beta (fine-tuning with frozen statistics, a graph tracer):
             # the map goes in before normalizing, as in the masked model, and the output is the BatchNorm's.
             return super().forward(x + self._unscaled(x))
-        # num_batches_tracked: a training forward updates the running statistics without bumping their
-        # version counters, but counts itself in place (which does)
-        scale, full = self._folded(x, (w, bias, mean, var, b.get("num_batches_tracked"), b["border_kernel"],
-                                       b["border_offset"]), self._eval_extra(w, bias))
+        scale, full = self._folded(x, self._eval_sources(), self._eval_extra())
         return torch.addcmul(full, x, scale)
 
 
@@ -465,7 +470,7 @@ def _retyped(module: nn.Module, classes: dict) -> nn.Module:
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
     new._modules = dict(module._modules)
-    for name in [n for n in new.__dict__ if n == "_border_cache" or n.startswith("_memo_")]:
+    for name in _cache_names(new.__dict__):
         del new.__dict__[name]
     return new
 

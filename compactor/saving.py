@@ -45,9 +45,7 @@ _LAYERS: dict[str, type] = {
     "BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d, "BatchNorm3d": nn.BatchNorm3d,
     "Embedding": nn.Embedding, "PReLU": nn.PReLU, "LayerNorm": nn.LayerNorm,
 }
-_BASE = {"BorderCorrectedConv1d": nn.Conv1d, "BorderCorrectedConv2d": nn.Conv2d, "BorderCorrectedConv3d": nn.Conv3d,
-         "BorderCorrectedBatchNorm1d": nn.BatchNorm1d, "BorderCorrectedBatchNorm2d": nn.BatchNorm2d,
-         "BorderCorrectedBatchNorm3d": nn.BatchNorm3d}
+_BASE = {name: next(b for b in (*CONV, *BATCHNORM) if issubclass(cls, b)) for name, cls in _BORDER.items()}
 
 
 def _kind(module: nn.Module) -> Optional[str]:

@@ -327,3 +327,26 @@ def test_border_corrected_layers_do_not_reuse_constants_made_for_fake_tensors():
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             cbn(mode.from_tensor(y))
         torch.testing.assert_close(cbn(y), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_remembered_paths_hit_in_an_eval_loop(monkeypatch):
+    """The forwards write out the remembered-path key (_fast_key) for speed; if the copies drift apart the path
+    never hits. Over five eval forwards the slow path runs once per layer: the first time."""
+    import compactor.layers as layers
+
+    bn, conv, small, cbn, x, keep = _eval_case()
+    strided = with_border_correction(nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=True), torch.randn(4, 3, 3))
+    calls = {"bn": 0, "conv": 0}
+    for cls, name in ((layers._BorderCorrectedNorm, "bn"), (layers._BorderCorrected, "conv")):
+        slow = cls._forward
+        monkeypatch.setattr(cls, "_forward", lambda self, x, slow=slow, name=name: (
+            calls.__setitem__(name, calls[name] + 1), slow(self, x))[1])
+    monkeypatch.setattr(layers, "_one_launch_preferred", lambda x: True)  # the conv's GPU path
+    y = small(x[:, keep]).detach()
+    with torch.no_grad():
+        for _ in range(5):
+            cbn(y), strided(y)
+        torch.testing.assert_close(cbn(y), bn(conv(x)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(strided(y), nn.functional.conv2d(y, strided.weight, strided.bias, 2, 1)
+                                   + strided.border_map(y))
+    assert calls == {"bn": 1, "conv": 1}
