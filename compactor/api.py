@@ -10,7 +10,7 @@ from torch import nn
 from . import fold, masks, probe, report as _report
 from . import verify as _verify
 from .errors import CompactionError, NoPruningFoundError, VerificationError
-from .planner import Mode, make_plan
+from .planner import Border, Mode, make_plan
 from .progress import Progress
 from .report import Report
 from .tensors import Inputs, as_inputs, call, describe, first_line, flatten_outputs, make_batches
@@ -18,6 +18,7 @@ from .tensors import Inputs, as_inputs, call, describe, first_line, flatten_outp
 __all__ = ["compact", "plan"]
 
 _MODES = ("exact", "drop")
+_BORDERS = ("carrier", "layers")
 
 
 def _check_finite(model: nn.Module) -> None:
@@ -58,11 +59,13 @@ def _run_masked(model: nn.Module, batch: tuple) -> Any:
 
 
 def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Optional[int], extra: int,
-             progress: Progress, inplace: bool = False):
+             progress: Progress, inplace: bool = False, border: str = "carrier"):
     if not isinstance(model, nn.Module):
         raise TypeError(f"compactor expects a torch.nn.Module, got {type(model).__name__}")
     if mode not in _MODES:
         raise ValueError(f"mode={mode!r} should be one of {', '.join(map(repr, _MODES))}")
+    if border not in _BORDERS:
+        raise ValueError(f"border={border!r} should be one of {', '.join(map(repr, _BORDERS))}")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to={round_to!r} should be a positive integer or None")
     if not isinstance(extra, int) or extra < 0:
@@ -77,7 +80,8 @@ def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Opti
     batches = make_batches(example, extra)
     failure: Optional[BaseException] = None
     try:
-        the_plan, measured = make_plan(work, batches, mode=mode, round_to=round_to, progress=progress)
+        the_plan, measured = make_plan(work, batches, mode=mode, round_to=round_to, border=border,
+                                       progress=progress)
     except CompactionError:
         raise
     except MemoryError:
@@ -121,7 +125,7 @@ def _sparsity(model: nn.Module, keys: list[str]) -> dict[str, float]:
 
 
 def plan(model: nn.Module, example_inputs: Inputs, *, mode: Mode = "exact", round_to: Optional[int] = None,
-         random_inputs: int = 2, progress: Optional[bool] = None, time_limit: Optional[float] = None) -> Report:
+         border: Border = "carrier", random_inputs: int = 2, progress: Optional[bool] = None, time_limit: Optional[float] = None) -> Report:
     """Dry run: what :func:`compact` would remove, per layer, and why. Nothing is built or modified.
 
     Args:
@@ -130,6 +134,7 @@ def plan(model: nn.Module, example_inputs: Inputs, *, mode: Mode = "exact", roun
             (a tokenizer's output) for ``model``.
         mode: ``"exact"`` (fold constants of removed channels) or ``"drop"`` (discard them).
         round_to: keep extra masked channels so every width is a multiple of this.
+        border: as in :func:`compact`.
         random_inputs: random batches besides the example on which constants are checked
             (as in :func:`compact`; the same value gives the same plan).
         progress, time_limit: as in :func:`compact`.
@@ -147,7 +152,7 @@ def plan(model: nn.Module, example_inputs: Inputs, *, mode: Mode = "exact", roun
     """
     with _verify.full_precision():
         _, _, work, the_plan, measured, _, _ = _prepare(model, example_inputs, mode, round_to, random_inputs,
-                                                        Progress(progress, time_limit))
+                                                        Progress(progress, time_limit), border=border)
     return _report.build(the_plan, _report.layout(work), fold.new_shapes(work, the_plan), measured.macs)
 
 
@@ -158,6 +163,7 @@ def compact(
     verify: bool = True,
     mode: Mode = "exact",
     round_to: Optional[int] = None,
+    border: Border = "carrier",
     random_inputs: int = 2,
     inplace: bool = False,
     progress: Optional[bool] = None,
@@ -181,6 +187,13 @@ def compact(
         mode: ``"exact"`` or ``"drop"`` (discard removed channels' constants, as
             other tools do; verified against the masked model with them zeroed).
         round_to: keep extra masked channels so each width is a multiple of this.
+        border: where a zero-padded conv receives removed channels' constants (exact mode):
+            ``"carrier"`` keeps one masked channel per such group whose column in the conv carries
+            them all, so the compact model holds only the model's own layer classes (plain
+            ``nn.Conv2d``, ``nn.BatchNorm2d``, a library's own subclasses) and stays exact under any
+            tool that fuses, converts or reloads them; ``"layers"`` removes that channel too and
+            makes the conv or its BatchNorm a compactor ``BorderCorrected*`` layer (opt-in: one
+            channel narrower, but only compactor's own code runs it exactly).
         random_inputs: how many random batches to verify on besides the example.
         inplace: turn ``model`` itself into the compact model instead of copying it: its masks
             are made permanent (as ``prune.remove`` does) and its layers sliced. Saves one copy
@@ -215,13 +228,13 @@ def compact(
     """
     with _verify.full_precision():
         return _compact(model, example_inputs, verify, mode, round_to, random_inputs, inplace,
-                        Progress(progress, time_limit))
+                        Progress(progress, time_limit), border)
 
 
 def _compact(model: nn.Module, example_inputs: Inputs, verify: bool, mode: Mode, round_to: Optional[int],
-             random_inputs: int, inplace: bool, progress: Progress) -> nn.Module:
+             random_inputs: int, inplace: bool, progress: Progress, border: Border = "carrier") -> nn.Module:
     example, batches, work, the_plan, measured, pruned, masked_output = _prepare(
-        model, example_inputs, mode, round_to, random_inputs, progress, inplace)
+        model, example_inputs, mode, round_to, random_inputs, progress, inplace, border)
     reference = measured.outputs
     if mode == "drop" and the_plan.dropped:
         reference = probe.zeroed_outputs(work, the_plan.dropped, batches)

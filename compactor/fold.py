@@ -148,6 +148,11 @@ def _execute(work: nn.Module, modules: dict[str, nn.Module], f: Fold) -> None:
         _fold_bias(modules[f.layer], f.values)
     elif f.target == "bn_mean":
         _shift_mean(modules[f.bn], f.values)
+    elif f.target == "carrier":
+        w = modules[f.layer].weight
+        with torch.no_grad():
+            column = w[:, f.channel]
+            column.copy_((column.double() + f.values.to(w.device)).to(w.dtype))
     else:  # "border" / "bn_border": the conv or its BatchNorm becomes border-corrected
         if f.bn is not None:
             _shift_mean(modules[f.bn], f.offset)

@@ -34,11 +34,16 @@ from .errors import CompactionError
 from .layers import BATCHNORM, dead_rows, is_linear_like, out_major, zero_columns
 from .progress import Progress
 
-__all__ = ["Mode", "Cut", "Fold", "GroupNote", "Plan", "Ledger", "make_plan", "select", "settle", "place_folds",
+__all__ = ["Mode", "Border", "Cut", "Fold", "GroupNote", "Plan", "Ledger", "make_plan", "select", "settle", "place_folds",
            "cut_layers", "dead_rows", "zero_columns"]
 
 #: ``"exact"`` folds the constants of removed channels; ``"drop"`` discards them, as other tools do.
 Mode = Literal["exact", "drop"]
+
+#: How exact mode carries removed channels' constants into a zero-padded conv: ``"carrier"`` keeps one of
+#: them as a plain channel whose consumer column carries them all (the compact model is made of the user's
+#: own layer classes); ``"layers"`` removes every one and makes the conv (or its BatchNorm) border-corrected.
+Border = Literal["carrier", "layers"]
 
 #: Roles of the layers that compute a group's channels (see :mod:`compactor.graph`).
 PRODUCER_ROLES = ("out", "dw", "gout")
@@ -81,15 +86,20 @@ class Fold:
       ``values`` (out, *k); with ``bn`` set, the interior part ``offset`` (out,) goes into
       that BatchNorm's mean and the correction adds only the rest;
     - ``"bn_border"``: as ``"border"`` with ``bn`` set, but the stride-1 conv ``layer`` stays a
-      plain conv and BatchNorm ``bn`` adds the rest (scaled) in the pass it makes anyway.
+      plain conv and BatchNorm ``bn`` adds the rest (scaled) in the pass it makes anyway;
+    - ``"carrier"``: ``values`` (out, *k) is added to the weight column of ``layer``'s input
+      ``channel``, a kept channel that emits the constant ``scale``: that channel, zero-padded by
+      the conv itself, then contributes what the removed channels did, border included.
     """
 
     layer: str
-    target: Literal["bias", "bn_mean", "border", "bn_border"]
+    target: Literal["bias", "bn_mean", "border", "bn_border", "carrier"]
     values: torch.Tensor  # float64
     bn: Optional[str] = None
     offset: Optional[torch.Tensor] = None
     sources: tuple[str, ...] = ()
+    channel: Optional[int] = None  # "carrier": the consumer's input channel (before cutting) that carries them
+    scale: Optional[float] = None  # "carrier": the constant that channel emits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +108,7 @@ class Plan:
 
     mode: Mode
     round_to: Optional[int]
+    border: Border
     cuts: Mapping[str, Cut]  # per layer or bare parameter, by name
     folds: tuple[Fold, ...]
     notes: tuple[GroupNote, ...]
@@ -113,6 +124,7 @@ class Ledger:
     groups: list[graph.Group]
     cand: dict[int, set[int]] = field(default_factory=dict)  # group index -> candidate root channels
     silent: dict[int, set[int]] = field(default_factory=dict)  # roots no consumer reads: nothing to fold
+    carriers: dict[int, set[int]] = field(default_factory=dict)  # masked roots kept to carry constants
     notes: list[GroupNote] = field(default_factory=list)
     any_masked: bool = False
     unclear: list[tuple[str, list[int], str]] = field(default_factory=list)  # (root layer, masked rows, why)
@@ -381,17 +393,76 @@ def round_widths(ledger: Ledger, round_to: int) -> None:
             ledger.keep(gi, set(sorted(roots)[-extra:]), f"round_to={round_to}: widths kept at a multiple")
 
 
+def _constants(it: graph.Item, roots: set[int],
+               stats: Mapping[str, probe.ChannelStats]) -> dict[int, tuple[int, float]]:
+    """Per root in ``roots``: (local input channel of ``it``, constant it carries there) with the largest
+    magnitude; roots whose constant is 0 at every local channel are left out."""
+    local = _local(it, roots)
+    if not local:
+        return {}
+    values, _ = stats[it.name].query(local)
+    root_of = dict(zip(it.idxs, it.root_idxs))
+    best: dict[int, tuple[int, float]] = {}
+    for i, v in zip(local, values.tolist()):
+        r = root_of[i]
+        if v != 0 and (r not in best or abs(v) > abs(best[r][1])):
+            best[r] = (i, v)
+    return best
+
+
+def choose_carriers(ledger: Ledger, modules: Mapping[str, nn.Module],
+                    stats: Mapping[str, probe.ChannelStats]) -> None:
+    """Keep, per group, masked channels that carry the removed ones' constants into zero-padded convs.
+
+    A removed channel that emits a constant ``c_k`` reaches a zero-padded conv as ``c_k`` inside
+    the image and 0 in the padding, so its contribution is not a constant (less of it at the
+    border) and no bias can take it. One kept masked channel ``k0`` emitting ``c_k0 != 0`` does
+    exactly that through the conv's own padding: its column ``W[:, k0] + sum_k c_k W[:, k] / c_k0``
+    computes what all of them did. Each zero-padded consumer needs one such channel; greedy
+    choice: the channel nonzero at most consumers still uncovered, then the largest constant.
+    """
+    for gi, rset in ledger.cand.items():
+        if not rset:
+            continue
+        carriers = ledger.carriers.setdefault(gi, set())
+        uncovered: list[tuple[str, dict[int, tuple[int, float]]]] = []
+        for it, local in _folded_inputs(ledger, gi, rset):
+            if not _zero_padded(modules[it.name]) or _constants(it, carriers, stats):
+                continue
+            options = _constants(it, rset, stats)
+            if options:  # else every constant reaching it is 0: nothing to carry
+                uncovered.append((it.name, options))
+        while uncovered:
+            scores: dict[int, tuple[int, float]] = {}
+            for _, options in uncovered:
+                for r, (_, v) in options.items():
+                    n, low = scores.get(r, (0, float("inf")))
+                    scores[r] = (n + 1, min(low, abs(v)))
+            root = max(sorted(scores), key=lambda r: scores[r])
+            names = sorted({name for name, options in uncovered if root in options})
+            carriers.add(root)
+            ledger.keep(gi, {root}, f"kept to carry the removed channels' constants into zero-padded "
+                                    f"{', '.join(repr(n) for n in names)} (its own zero padding makes that exact "
+                                    "at the border; border='layers' removes it with a border-corrected layer "
+                                    "instead)")
+            uncovered = [(name, options) for name, options in uncovered if root not in options]
+
+
 def settle(ledger: Ledger, work: nn.Module, batch: tuple, stats: Mapping[str, probe.ChannelStats], *,
-           mode: Mode, round_to: Optional[int], check: Callable[[], None] = lambda: None) -> None:
+           mode: Mode, round_to: Optional[int], border: Border = "carrier",
+           check: Callable[[], None] = lambda: None) -> None:
     """Apply the checks until none of them takes another channel out (``check`` may stop a long run)."""
     restrict_grouped(ledger)
     probed: set[int] = set()
+    modules = dict(work.named_modules())
     while True:
         check()
         before = ledger.sizes()
         check_mapping(ledger, work, batch, probed, check)
         if mode == "exact":
             check_constant(ledger, stats)
+            if border == "carrier":  # before rounding: a channel rounding keeps anyway can be the carrier
+                choose_carriers(ledger, modules, stats)
         if round_to:
             round_widths(ledger, round_to)
         restrict_grouped(ledger)
@@ -408,9 +479,11 @@ def _zero_padded(module: nn.Module) -> bool:
 
 
 def place_folds(ledger: Ledger, modules: Mapping[str, nn.Module], stats: Mapping[str, probe.ChannelStats],
-                bn_pairs: Mapping[str, str], mode: Mode) -> tuple[tuple[Fold, ...], dict[str, tuple[int, ...]]]:
+                bn_pairs: Mapping[str, str], mode: Mode,
+                border: Border = "carrier") -> tuple[tuple[Fold, ...], dict[str, tuple[int, ...]]]:
     """The folds of the accepted channels (exact mode), or the consumer inputs dropped (drop mode)."""
     sums: dict[str, dict[str, Any]] = {}  # consumer -> {"bias": (out,), "border": (out, *k), "sources": [...]}
+    carried = _carrier_columns(ledger, stats) if border == "carrier" else {}
     dropped: dict[str, set[int]] = {}
     for gi, rset in ledger.accepted():
         for it, local in _folded_inputs(ledger, gi, rset):
@@ -437,12 +510,31 @@ def place_folds(ledger: Ledger, modules: Mapping[str, nn.Module], stats: Mapping
         if acc["bias"] is not None:
             folds.append(Fold(layer=name, target="bn_mean" if bn else "bias", values=acc["bias"], bn=bn,
                               sources=sources))
-        if acc["border"] is not None:
+        if acc["border"] is not None and name in carried:
+            channel, c = carried[name]
+            folds.append(Fold(layer=name, target="carrier", values=acc["border"] / c, channel=channel, scale=c,
+                              sources=sources))
+        elif acc["border"] is not None and border == "carrier":
+            if bool(acc["border"].ne(0).any()):  # choose_carriers covers every consumer a nonzero constant reaches
+                raise AssertionError(f"no carrier channel for zero-padded '{name}'")
+        elif acc["border"] is not None:
             kernel = acc["border"]
             offset = kernel.flatten(1).sum(1) if bn else None
             target = "bn_border" if bn and _frame_fits_bn(modules[name], modules[bn]) else "border"
             folds.append(Fold(layer=name, target=target, values=kernel, bn=bn, offset=offset, sources=sources))
     return tuple(folds), {n: tuple(sorted(i)) for n, i in dropped.items()}
+
+
+def _carrier_columns(ledger: Ledger, stats: Mapping[str, probe.ChannelStats]) -> dict[str, tuple[int, float]]:
+    """Per consumer that reads a carrier (:func:`choose_carriers`): its input channel with the largest constant."""
+    out: dict[str, tuple[int, float]] = {}
+    for gi, roots in ledger.carriers.items():
+        for it in ledger.groups[gi].items:
+            if it.role == "in" and it.name in stats:
+                for channel, c in _constants(it, roots, stats).values():
+                    if it.name not in out or abs(c) > abs(out[it.name][1]):
+                        out[it.name] = (channel, c)
+    return out
 
 
 def _frame_fits_bn(conv: nn.Module, bn: nn.Module) -> bool:
@@ -523,7 +615,7 @@ def _with_heads(cuts: dict[str, Cut], folds: tuple[Fold, ...], dropped: dict[str
 
 
 def make_plan(work: nn.Module, batches: Sequence[tuple], *, mode: Mode = "exact", round_to: Optional[int] = None,
-              progress: Optional[Progress] = None) -> tuple[Plan, probe.Measurements]:
+              border: Border = "carrier", progress: Optional[Progress] = None) -> tuple[Plan, probe.Measurements]:
     """Plan the compaction of ``work`` (a baked copy in eval mode).
 
     Returns the plan and what the instrumented forwards measured (outputs of the baked
@@ -545,17 +637,18 @@ def make_plan(work: nn.Module, batches: Sequence[tuple], *, mode: Mode = "exact"
         measured = probe.measure(work, watch, batches, bn_pairs, first=first)
         del first
     with progress.stage("checking the candidate channels"):
-        settle(ledger, work, batches[0], measured.stats, mode=mode, round_to=round_to, check=progress.check)
+        settle(ledger, work, batches[0], measured.stats, mode=mode, round_to=round_to, border=border,
+               check=progress.check)
     modules = dict(work.named_modules())
     with progress.stage("planning folds and cuts"):
-        folds, dropped = place_folds(ledger, modules, measured.stats, measured.bn_pairs, mode)
+        folds, dropped = place_folds(ledger, modules, measured.stats, measured.bn_pairs, mode, border)
         cuts = cut_layers(ledger)
         cuts, folds = _with_heads(cuts, folds, dropped, by_rule, ledger, mode)
         for root, dead, why in ledger.unclear:  # masked rows of a group not understood that nothing else removes
             left = [r for r in dead if r not in set(cuts[root].out if root in cuts else ())]
             if left:
                 ledger.notes.append(GroupNote(layers=[root], channels=left, status="kept", reason=why))
-    plan = Plan(mode=mode, round_to=round_to, cuts=MappingProxyType(cuts), folds=folds, notes=tuple(ledger.notes),
+    plan = Plan(mode=mode, round_to=round_to, border=border, cuts=MappingProxyType(cuts), folds=folds, notes=tuple(ledger.notes),
                 dropped=MappingProxyType(dropped), any_masked=ledger.any_masked or by_rule.any_masked,
                 attributes=MappingProxyType({k: MappingProxyType(v) for k, v in by_rule.attributes.items()}))
     return plan, measured

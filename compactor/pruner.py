@@ -32,7 +32,7 @@ from torch.nn.utils import prune
 from . import graph, masks, planner
 from . import heads as heads_rule
 from .errors import CompactionError
-from .layers import is_transposed_linear, out_major
+from .layers import BATCHNORM, is_transposed_linear, out_major
 from .tensors import Inputs, as_inputs, make_batches
 
 __all__ = ["Importance", "GroupPruning", "PruneReport", "prune_channels"]
@@ -232,16 +232,18 @@ def _select(clusters: list[list[list[Unit]]], scores: list[list[float]], amount:
 # --------------------------------------------------------------------------- masks
 
 
-def _masks(groups: list[graph.Group], units: Iterable[list[Unit]]) -> dict[str, torch.Tensor]:
-    """Per producer layer, the boolean rows (Embedding: columns) to mask."""
+def _masks(groups: list[graph.Group], units: Iterable[list[Unit]], norms: bool = True) -> dict[str, torch.Tensor]:
+    """Per producer layer, the boolean rows (Embedding: columns) to mask; with ``norms``, also the channels of
+    the BatchNorms sliced along (their weight and bias masked too, so a masked channel emits exactly 0 and
+    compaction has no constant to carry)."""
     rows: dict[str, torch.Tensor] = {}
     for unit in units:
         for gi in {gi for gi, _ in unit}:
             roots = {r for g, r in unit if g == gi}
             for it in groups[gi].items:
-                if it.role not in _PRODUCERS:
+                if not (it.role in _PRODUCERS or (norms and it.role == "slice" and isinstance(it.module, BATCHNORM))):
                     continue
-                n = out_major(it.module).shape[0]
+                n = out_major(it.module).shape[0] if it.role in _PRODUCERS else it.module.num_features
                 flags = rows.setdefault(it.name, torch.zeros(n, dtype=torch.bool))
                 for i, r in zip(it.idxs, it.root_idxs):
                     if r in roots:
@@ -249,18 +251,26 @@ def _masks(groups: list[graph.Group], units: Iterable[list[Unit]]) -> dict[str, 
     return rows
 
 
-def _mask(module: nn.Module, flags: torch.Tensor) -> torch.Tensor:
-    mask = torch.ones_like(module.weight)
-    rows = mask.t() if isinstance(module, nn.Embedding) or is_transposed_linear(module) else mask
+def _mask(module: nn.Module, flags: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    mask = torch.ones_like(getattr(module, name))
+    rows = mask.t() if name == "weight" and (isinstance(module, nn.Embedding) or is_transposed_linear(module)) \
+        else mask
     rows[flags.to(mask.device)] = 0
     return mask
+
+
+def _masked_tensors(module: nn.Module) -> list[str]:
+    """The tensors a masked row zeroes: the weight, and the bias where there is one (not an Embedding's)."""
+    return ["weight"] + (["bias"] if isinstance(getattr(module, "bias", None), torch.Tensor) else [])
 
 
 def _apply(model: nn.Module, rows: dict[str, torch.Tensor]) -> None:
     """Add the masks to ``model`` through torch's own prune API (stacking with earlier masks)."""
     for name, flags in rows.items():
         module = model.get_submodule(name)
-        prune.custom_from_mask(module, "weight", _mask(module, flags))
+        for tname in _masked_tensors(module):
+            if isinstance(getattr(module, tname, None), torch.Tensor):
+                prune.custom_from_mask(module, tname, _mask(module, flags, tname))
 
 
 def _zero(baked: nn.Module, rows: dict[str, torch.Tensor]) -> None:
@@ -268,7 +278,10 @@ def _zero(baked: nn.Module, rows: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, flags in rows.items():
             module = baked.get_submodule(name)
-            module.weight.mul_(_mask(module, flags))
+            for tname in _masked_tensors(module):
+                t = getattr(module, tname, None)
+                if isinstance(t, torch.Tensor):
+                    t.mul_(_mask(module, flags, tname))
 
 
 def _removed(groups: list[graph.Group], unit: list[Unit], cuts) -> bool:
@@ -508,7 +521,7 @@ def prune_channels(
         _prune_heads(model, work, example, heads, ignored, tied, importance, report)
     for c, (k, units_c) in enumerate(zip(keys, clusters)):
         idx = sorted(i for cc, i in picked if cc == c)
-        rows = _masks(groups, [units_c[i] for i in idx])
+        rows = _masks(groups, [units_c[i] for i in idx], norms=False)
         report.groups.append(GroupPruning(
             layers=tuple(sorted({it.name for gi in k for it in groups[gi].items if it.role in _PRODUCERS})),
             units=len(units_c), masked=len(idx), channels=int(sum(int(f.sum()) for f in rows.values())),

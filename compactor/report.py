@@ -179,6 +179,10 @@ def _folded(plan: Plan) -> list[str]:
         how = []
         if any(f.target in ("bias", "bn_mean") for f in folds):
             how.append(where)
+        for f in folds:
+            if f.target == "carrier":
+                how.append(f"into the column of its input channel {f.channel}, a kept channel that emits {f.scale:.4g} "
+                           "(the conv's own zero padding makes it exact at the border)")
         if any(f.target == "border" for f in folds):
             how.append(f"{where}, plus an exact correction on the zero-padded border")
         if any(f.target == "bn_border" for f in folds):

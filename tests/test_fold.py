@@ -16,9 +16,9 @@ EXACT = dict(rtol=0.0, atol=0.0)
 
 
 
-def _plan(model: nn.Module, x: torch.Tensor):
+def _plan(model: nn.Module, x: torch.Tensor, border: str = "carrier"):
     work = masks.bake(model).eval()
-    plan, _ = planner.make_plan(work, tensors.make_batches((x,), 2))
+    plan, _ = planner.make_plan(work, tensors.make_batches((x,), 2), border=border)
     return work, plan
 
 
@@ -30,8 +30,8 @@ def _shapes(model: nn.Module) -> dict:
     return {k: tuple(p.shape) for k, p in model.named_parameters(remove_duplicate=False)}
 
 
-def _assert_compact_equals_masked(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    small = compactor.compact(model, x)
+def _assert_compact_equals_masked(model: nn.Module, x: torch.Tensor, border: str = "carrier") -> nn.Module:
+    small = compactor.compact(model, x, border=border)
     torch.testing.assert_close(small(x), model(x))
     assert _params(small) < _params(masks.bake(model))
     return small
@@ -122,11 +122,11 @@ def _conv_bn(padding: int, stride: int = 1) -> nn.Module:
     return m
 
 
-def _conv_bn_fold(padding: int, stride: int = 1):
+def _conv_bn_fold(padding: int, stride: int = 1, border: str = "carrier"):
     """The conv -> BN model of _conv_bn, an input, its baked copy, its plan and the one fold the plan makes."""
     m = _conv_bn(padding=padding, stride=stride)
     x = torch.randn(2, 3, 6, 6)
-    work, plan = _plan(m, x)
+    work, plan = _plan(m, x, border)
     [f] = plan.folds
     return m, x, work, plan, f
 
@@ -154,11 +154,61 @@ def _padded(bias_free: bool = False) -> nn.Module:
     return m
 
 
-def test_zero_padded_consumer_gets_a_border_kernel_sum_of_v_c_times_w_c():
-    """Channels 1, 2 (constants 0.5, 0.3) feed a padding=1 conv: Fold(border) kernel = 0.5 W[:, 1] + 0.3 W[:, 2]."""
+def test_zero_padded_consumer_keeps_the_largest_constant_as_the_carrier_of_the_others():
+    """Channels 1, 2 (constants 0.5, 0.3) feed a padding=1 conv: channel 1 stays as the carrier (a plain kept
+    channel emitting 0.5) and its column becomes W[:, 1] + (0.3 / 0.5) W[:, 2]; channel 2 goes. The conv's own
+    zero padding then makes 0.5 * W'[:, 1] what both channels contributed, border included."""
     m = _padded()
     x = torch.randn(2, 3, 6, 6)
     work, plan = _plan(m, x)
+    [f] = plan.folds
+    assert (f.layer, f.target, f.channel) == ("2", "carrier", 1)
+    assert f.scale == 0.5
+    w = m[2].weight.detach().double()
+    v2 = torch.tensor(0.3).float().double()  # the float32 constant
+    torch.testing.assert_close(f.values, v2 * w[:, 2] / 0.5, rtol=1e-12, atol=0.0)
+    assert plan.cuts["0"].out == (2,) and plan.cuts["2"].inputs == (2,)
+    [kept] = [n for n in plan.notes if n.status == "kept"]
+    assert kept.channels == [1] and "carry" in kept.reason and "'2'" in kept.reason
+    small = _assert_compact_equals_masked(m, x)
+    assert [type(mod) for mod in small] == [nn.Conv2d, nn.ReLU, nn.Conv2d]
+    assert small[0].out_channels == 3 and small[2].in_channels == 3
+    torch.testing.assert_close(small[2].weight[:, 1].double(), w[:, 1] + 0.6 * w[:, 2], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(small[2].weight[:, 2], m[2].weight[:, 3], **EXACT)  # channel 3 moved to 2
+    # the border: at the top-left output only W[..., 1:, 1:] meets the image; the carrier makes that exact
+    xb = torch.randn(1, 3, 9, 5)
+    torch.testing.assert_close(small(xb), m(xb), rtol=1e-5, atol=1e-6)
+
+
+def test_a_constant_of_zero_needs_no_carrier():
+    """Masked channels whose constant is 0 (relu of a negative bias) add nothing, border or not: all go."""
+    m = _padded()
+    with torch.no_grad():
+        m[0].bias[1], m[0].bias[2] = -0.5, -0.3
+    x = torch.randn(2, 3, 6, 6)
+    work, plan = _plan(m, x)
+    assert plan.folds == () and plan.cuts["0"].out == (1, 2)
+    assert _assert_compact_equals_masked(m, x)[0].out_channels == 2
+
+
+def test_a_channel_rounding_keeps_anyway_is_the_carrier():
+    """Channels 1, 2 masked of 4: with round_to=3 rounding keeps one of them anyway, and that one is the carrier
+    (channel 1, the larger constant): width 3; with round_to=2 the carrier's width 3 rounds up to 4."""
+    m = _padded()
+    x = torch.randn(2, 3, 6, 6)
+    work = masks.bake(m).eval()
+    plan, _ = planner.make_plan(work, tensors.make_batches((x,), 2), round_to=3)
+    assert plan.cuts["0"].out == (2,)  # carrier 1 kept, 2 removed: width 3, a multiple of 3 already
+    plan, _ = planner.make_plan(work, tensors.make_batches((x,), 2), round_to=2)
+    assert "0" not in plan.cuts and plan.folds == ()
+
+
+def test_zero_padded_consumer_gets_a_border_kernel_sum_of_v_c_times_w_c():
+    """border='layers': channels 1, 2 (constants 0.5, 0.3) feed a padding=1 conv: Fold(border) kernel =
+    0.5 W[:, 1] + 0.3 W[:, 2]."""
+    m = _padded()
+    x = torch.randn(2, 3, 6, 6)
+    work, plan = _plan(m, x, "layers")
     [f] = plan.folds
     assert (f.layer, f.target, f.bn, f.offset) == ("2", "border", None, None)
     w = m[2].weight.detach().double()
@@ -176,14 +226,14 @@ def test_zero_padded_consumer_gets_a_border_kernel_sum_of_v_c_times_w_c():
     inside = f.values.sum((1, 2))
     torch.testing.assert_close(border[0, :, 0, 0].double(), corner, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(border[0, :, 3, 3].double(), inside, rtol=1e-6, atol=1e-7)
-    small = _assert_compact_equals_masked(m, x)
+    small = _assert_compact_equals_masked(m, x, "layers")
     assert type(small[2]) is BorderCorrectedConv2d
 
 
 def test_border_fold_with_a_batchnorm_puts_the_interior_in_its_mean_and_the_frame_in_the_batchnorm():
     """Bias-free stride-1 padded conv -> BN alone: Fold(bn_border, bn='3'), offset = kernel sum subtracted from
     the BN mean; the conv stays a plain Conv2d and the BN adds the frame, scaled by gamma / sqrt(var + eps)."""
-    m, x, work, plan, f = _conv_bn_fold(padding=1)
+    m, x, work, plan, f = _conv_bn_fold(padding=1, border="layers")
     assert (f.layer, f.target, f.bn) == ("2", "bn_border", "3")
     w = m[2].weight.detach().double()
     torch.testing.assert_close(f.values, 0.5 * w[:, 1], rtol=1e-12, atol=0.0)
@@ -205,16 +255,16 @@ def test_border_fold_with_a_batchnorm_puts_the_interior_in_its_mean_and_the_fram
         + m[3].bias.detach()[None, :, None, None] + frame * scale[None, :, None, None]
     with torch.no_grad():
         torch.testing.assert_close(built[3](y), expected)
-    _assert_compact_equals_masked(m, x)
+    _assert_compact_equals_masked(m, x, "layers")
 
 
 def test_border_fold_after_a_strided_conv_stays_on_the_conv():
     """Stride 2: the BN's input size does not tell the conv's, so the conv carries the frame (Fold border)."""
-    m, x, work, plan, f = _conv_bn_fold(padding=1, stride=2)
+    m, x, work, plan, f = _conv_bn_fold(padding=1, stride=2, border="layers")
     assert (f.layer, f.target, f.bn) == ("2", "border", "3")
     built = fold.apply(work, plan)
     assert type(built[2]) is BorderCorrectedConv2d and built[2].bias is None and type(built[3]) is nn.BatchNorm2d
-    _assert_compact_equals_masked(m, x)
+    _assert_compact_equals_masked(m, x, "layers")
 
 
 def test_folds_from_two_groups_into_one_consumer_add_up():
@@ -276,16 +326,16 @@ def test_a_transposed_linear_loses_columns_and_folds_like_a_linear():
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_compacting_a_compact_model_again_keeps_both_border_corrections(stride):
-    """Prune, compact, prune more, compact again: the second fold adds to the correction the first one left
+    """border='layers': prune, compact, prune more, compact again: the second fold adds to the correction the first one left
     (on the conv for stride 2, moving to the conv when the BatchNorm already carries one for stride 1)."""
     m = _conv_bn(padding=1, stride=stride)
     with torch.no_grad():
         m[0].bias[2] = 0.8  # a second constant channel, masked in round two
     x = torch.randn(2, 3, 7, 7)
-    small = compactor.compact(m, x)
+    small = compactor.compact(m, x, border="layers")
     assert small[0].out_channels == 3
     mask_rows(small[0], [1])  # old channel 2, constant 0.8
-    again = compactor.compact(small, x)
+    again = compactor.compact(small, x, border="layers")
     assert again[0].out_channels == 2
     xb = torch.randn(4, 3, 9, 7)
     with torch.no_grad():

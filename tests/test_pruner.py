@@ -20,7 +20,7 @@ def _masked_rows(model: nn.Module) -> dict[str, list[int]]:
     """Per layer with a mask, the output rows (Embedding: columns) whose mask is all zero."""
     out = {}
     for name, m in model.named_modules():
-        if hasattr(m, "weight_mask"):
+        if hasattr(m, "weight_mask") and not isinstance(m, nn.modules.batchnorm._BatchNorm):
             mask = m.weight_mask.t() if isinstance(m, nn.Embedding) else m.weight_mask
             rows = torch.nonzero(~mask.flatten(1).bool().any(1)).flatten().tolist()
             if rows:

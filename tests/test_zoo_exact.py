@@ -41,6 +41,11 @@ def _ln_half(model: nn.Module) -> nn.Module:
     return model
 
 
+def _own_classes(masked: nn.Module, compact: nn.Module) -> None:
+    """The compact model is made of the classes the masked model is made of (no compactor layer)."""
+    assert {type(m) for m in compact.modules()} <= {type(m) for m in masked.modules()}
+
+
 def _check(name: str, masked: nn.Module, compact: nn.Module, reference: nn.Module | None = None) -> None:
     reference = masked if reference is None else reference
     entry = zoo.get(name)
@@ -58,6 +63,7 @@ def test_zoo_half_masked_compacts_exactly_at_every_size(name):
     masked = _ln_half(model)
     small = compactor.compact(masked, x)
     _check(name, masked, small)
+    _own_classes(masked, small)
     r = small.compaction_report
     if name in SHRINKS:
         assert r.params_after < r.params_before, r
@@ -128,6 +134,7 @@ def test_random_masks_over_the_zoo_stay_exact(name, case):
         assert "zero-width" in str(exc)  # a random mask may empty a layer: that must be refused
         return
     _check(name, model, small)
+    _own_classes(model, small)
     built = compactor.report_of(small)
     assert built.params_after <= built.params_before
     # the dry run predicts exactly what was built: every layer's shape and parameters, the totals
@@ -206,17 +213,24 @@ def test_se_gated_constant_channels_are_kept_with_a_reason():
     assert any(g.status == "partial" and g.channels == [0, 1, 2, 3] for g in small.compaction_report.groups)
 
 
-def test_se_channels_go_when_the_gate_is_masked_too():
-    """Gate rows masked as well: sigmoid(bias) * constant is constant, so channels 0..3 go everywhere."""
+@pytest.mark.parametrize("border", ["carrier", "layers"])
+def test_se_channels_go_when_the_gate_is_masked_too(border):
+    """Gate rows masked as well: sigmoid(bias) * constant is constant, so channels 0..3 go everywhere; with
+    border='carrier' one of them stays to carry the constants into the zero-padded conv2 (a plain Conv2d)."""
     model, x = zoo.build("se")
     for conv in (model.conv1[0], model.se.fc2):
         mask = torch.ones_like(conv.weight)
         mask[:4] = 0
         prune.custom_from_mask(conv, "weight", mask)
-    small = compactor.compact(model, x)
+    small = compactor.compact(model, x, border=border)
     _check("se", model, small)
-    assert small.conv1[0].out_channels == 12 and small.se.fc2.out_channels == 12
-    assert small.se.fc1.in_channels == 12 and small.conv2[0].in_channels == 12
+    width = 13 if border == "carrier" else 12
+    assert small.conv1[0].out_channels == width and small.se.fc2.out_channels == width
+    assert small.se.fc1.in_channels == width and small.conv2[0].in_channels == width
+    new_classes = {type(m) for m in small.modules()} - {type(m) for m in model.modules()}
+    assert (new_classes == set()) == (border == "carrier")
+    carried = [g for g in small.compaction_report.groups if g.status == "kept"]
+    assert len(carried) == (border == "carrier") and all("carry" in g.reason for g in carried)
 
 
 @pytest.mark.parametrize("round_to", [4, 8])
@@ -276,19 +290,26 @@ def test_plan_predicts_what_compact_builds(name):
     assert (planned.params_after, planned.macs_after) == (built.params_after, built.macs_after)
 
 
-def test_constants_of_a_bias_free_conv_go_into_the_batchnorm_mean():
+@pytest.mark.parametrize("border", ["carrier", "layers"])
+def test_constants_of_a_bias_free_conv_go_into_the_batchnorm_mean(border):
     """Bottleneck conv2 rows masked: conv3 (bias-free, then BN) stays bias-free; bn3's mean absorbs
-    W3[:, c] @ v_c, and conv2's zero-padded border correction keeps only the frame."""
+    W3[:, c] @ v_c. conv1's constants reach the zero-padded conv2 through one carrier channel (border='carrier',
+    all plain layers) or through bn2's border correction (border='layers')."""
     model, x = zoo.build("resnet_bottleneck")
     block = model.layer[0] if hasattr(model, "layer") else next(m for m in model.modules() if type(m).__name__ == "Bottleneck")
     for conv in (block.conv1, block.conv2):
         mask = torch.ones_like(conv.weight)
         mask[: conv.out_channels // 2] = 0
         prune.custom_from_mask(conv, "weight", mask)
-    small = compactor.compact(model, x)
+    small = compactor.compact(model, x, border=border)
     _check("resnet_bottleneck", model, small)
     sb = next(m for m in small.modules() if type(m).__name__ == "Bottleneck")
     assert sb.conv3.bias is None and sb.conv2.bias is None
     assert not torch.equal(sb.bn3.running_mean, block.bn3.running_mean)
-    assert type(sb.conv2) is nn.Conv2d and type(sb.bn2).__name__ == "BorderCorrectedBatchNorm2d"
+    half = block.conv1.out_channels // 2
+    if border == "carrier":
+        assert type(sb.conv2) is nn.Conv2d and type(sb.bn2) is nn.BatchNorm2d and sb.conv1.out_channels == half + 1
+    else:
+        assert type(sb.conv2) is nn.Conv2d and type(sb.bn2).__name__ == "BorderCorrectedBatchNorm2d"
+        assert sb.conv1.out_channels == half
     assert "into the mean of" in str(small.compaction_report)
