@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from compactor.tensors import first_line  # noqa: E402
 
-VARIANTS = ["dense", "masked", "native", "compact", "compact-drop"]
+VARIANTS = ["dense", "masked", "native", "compact", "compact-layers", "compact-drop"]
 CASES = {  # model:scenario -> variants, in priority order
     "resnet50:bottleneck-inner-50": VARIANTS,
     "resnet50:all-50": VARIANTS + ["compact-round8"],

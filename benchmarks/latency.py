@@ -71,7 +71,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.repeats = args.big_repeats = 3
         args.sparsities = [0.3, 0.7]
         args.big_sparsities = []
-        args.big_variants = ["dense", "masked", "native", "compact"]
+        args.big_variants = ["dense", "masked", "native", "compact", "compact-layers"]
         args.out = common.smoke_base(args.out)
         if args.backends is None:
             args.backends = [b for b in ("torch-cpu-1t", "ort-cpu-1t") if b in bench.available_backends()]

@@ -120,7 +120,8 @@ def _bar(done: int, total: int, width: int = 24) -> str:
 
 
 def _rows_masked(model: nn.Module) -> int:
-    return sum(int((~m.weight_mask.flatten(1).bool().any(1)).sum()) for m in model.modules() if hasattr(m, "weight_mask"))
+    return sum(int((~m.weight_mask.flatten(1).bool().any(1)).sum()) for m in model.modules()
+               if hasattr(m, "weight_mask") and m.weight_mask.dim() > 1)  # not the BatchNorms' masks
 
 
 def residual_cnn() -> nn.Module:

@@ -57,7 +57,7 @@ class GroupNote:
 
     layers: list[str]
     channels: list[int]
-    status: Literal["removed", "kept", "partial"]
+    status: Literal["removed", "kept", "partial", "carrier"]  # "carrier": kept to carry constants (choose_carriers)
     reason: str
     unit: str = "channels"  # what ``channels`` counts ("key/value heads" for the head rule)
 
@@ -133,11 +133,11 @@ class Ledger:
         self.notes.append(GroupNote(layers=self.groups[gi].layers(), channels=sorted(roots), status=status,
                                     reason=reason))
 
-    def keep(self, gi: int, roots: set[int], reason: str) -> None:
+    def keep(self, gi: int, roots: set[int], reason: str, status: str = "kept") -> None:
         """Take ``roots`` out of group ``gi``'s candidates, noting why."""
         roots = roots & self.cand[gi]
         if roots:
-            self.note(gi, roots, "kept", reason)
+            self.note(gi, roots, status, reason)
             self.cand[gi] -= roots
 
     def sizes(self) -> dict[int, int]:
@@ -444,7 +444,7 @@ def choose_carriers(ledger: Ledger, modules: Mapping[str, nn.Module],
             ledger.keep(gi, {root}, f"kept to carry the removed channels' constants into zero-padded "
                                     f"{', '.join(repr(n) for n in names)} (its own zero padding makes that exact "
                                     "at the border; border='layers' removes it with a border-corrected layer "
-                                    "instead)")
+                                    "instead)", status="carrier")
             uncovered = [(name, options) for name, options in uncovered if root not in options]
 
 

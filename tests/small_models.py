@@ -122,9 +122,9 @@ def _mask_channels(model: nn.Module, layers: tuple[str, ...], channels: list[int
     return model
 
 
-def _compacted(masked: nn.Module, *shape: int) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+def _compacted(masked: nn.Module, *shape: int, border: str = "carrier") -> tuple[nn.Module, nn.Module, torch.Tensor]:
     x = torch.randn(*shape)
-    return compactor.compact(masked, x), masked, x
+    return compactor.compact(masked, x, border=border), masked, x
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,16 +149,17 @@ def depthwise_compact():
 
 @functools.lru_cache(maxsize=None)
 def border_compact():
-    """Half of conv1's channels go (ln_structured): conv2 becomes a BorderCorrectedConv2d."""
+    """Half of conv1's channels go (ln_structured); border='layers': conv2 becomes a BorderCorrectedConv2d."""
     torch.manual_seed(0)
     masked = Border().eval()
     prune.ln_structured(masked.conv1, "weight", 0.5, n=2, dim=0)
-    return _compacted(masked, 2, 3, 16, 16)
+    return _compacted(masked, 2, 3, 16, 16, border="layers")
 
 
 @functools.lru_cache(maxsize=None)
 def border_bn_compact():
-    """Rows of conv1 and conv2 masked: bn2 becomes a BorderCorrectedBatchNorm2d, conv3 a BorderCorrectedConv2d."""
+    """Rows of conv1 and conv2 masked; border='layers': bn2 becomes a BorderCorrectedBatchNorm2d, conv3 a
+    BorderCorrectedConv2d."""
     torch.manual_seed(0)
     masked = _randomize_bn(BorderBN()).eval()
     for name, rows in (("conv1", [0, 2, 5]), ("conv2", [1, 6])):
@@ -166,7 +167,7 @@ def border_bn_compact():
         mask[rows] = 0
         layer = getattr(masked, name)
         prune.custom_from_mask(layer, "weight", mask.expand_as(layer.weight))
-    return _compacted(masked, 2, 3, 15, 15)
+    return _compacted(masked, 2, 3, 15, 15, border="layers")
 
 
 COMPACTED = {"lenet": lenet_compact, "resbn": resbn_compact, "depthwise": depthwise_compact, "border": border_compact,

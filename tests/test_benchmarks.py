@@ -40,7 +40,7 @@ def test_latency_smoke_rows_are_checked_and_positive(tmp_path):
     assert {r["model"] for r in rows} == {"lenet", "resnet50"}
     assert {r["batch"] for r in rows} == {1, 2}
     assert all(r["median_s"] > 0 and r["p25_s"] <= r["median_s"] <= r["p75_s"] for r in rows)
-    compact = [r for r in rows if r["variant"] in ("compact", "compact-round8")]
+    compact = [r for r in rows if r["variant"] in ("compact", "compact-layers", "compact-round8")]
     assert compact and all(r["check_ref"] == "masked" for r in compact)
     assert all(0 <= r["check_max_abs_diff"] <= r["check_tolerance"] for r in compact)
     ort_rows = [r for r in rows if r["backend"].startswith("ort")]
@@ -49,7 +49,8 @@ def test_latency_smoke_rows_are_checked_and_positive(tmp_path):
     native = [r for r in rows if r["variant"] == "native"]
     assert {r["model"] for r in native} == {"lenet", "resnet50"}
     for r in native:  # designed at the compact widths: same parameters, checked before timing
-        twin = next(c for c in compact if (c["model"], c["backend"], c["batch"]) == (r["model"], r["backend"], r["batch"]))
+        twin = next(c for c in rows if c["variant"] == "compact-layers"
+                    and (c["model"], c["backend"], c["batch"]) == (r["model"], r["backend"], r["batch"]))
         assert r["params"] == twin["params"] and r["macs"] == twin["macs"]
         assert r["check_ref"].startswith("parameter names and shapes of compact")
         assert twin["speedup_vs_native"] == pytest.approx(r["median_s"] / twin["median_s"])
@@ -206,7 +207,7 @@ def test_gpu_runtimes_dry_run_on_cpu_checks_every_runtime(tmp_path):
     assert fp16["resnet50"] == "channels_last" and fp16["lenet"].startswith("contiguous (channels_last fails")
     assert {r["variant"] for r in rows if r["backend"] == "torch-cuda-compile"} == {
         "dense", "native", "compact", "compact-drop"}
-    assert doc["cases"]["resnet50:bottleneck-inner-50"]["native_checked"] == ["compact", "compact-drop"]
+    assert doc["cases"]["resnet50:bottleneck-inner-50"]["native_checked"] == ["compact-layers", "compact-drop"]
     (md,) = glob.glob(os.path.join(str(tmp_path), "cpu-*", "gpu_runtimes_smoke*.md"))
     with open(md) as f:
         text = f.read()
@@ -239,19 +240,23 @@ def test_gpu_sh_parses():
         assert "benchmarks/gpu_runtimes.py" in f.read()
 
 
-def test_exact_mode_launches_what_native_does_but_for_strided_convs():
-    """Counted on the GPU code paths: the BatchNorm after each stride-1 conv carries the border correction in
-    the pass it makes anyway, so compact (exact) dispatches native's ops, plus one add for each of the three
-    stride-2 3x3 convs (their correction stays on the conv); drop mode dispatches exactly native's."""
+def test_exact_mode_launches_what_native_does():
+    """Counted on the GPU code paths: exact mode's carrier channels are plain channels of plain layers, so
+    compact (exact) dispatches exactly native's ops, as drop mode does. border='layers' dispatches native's
+    plus one add for each of the three stride-2 3x3 convs (their correction stays on the conv), the
+    BatchNorm after each stride-1 conv carrying its correction in the pass it makes anyway."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import op_count
     finally:
         sys.path.pop(0)
-    prep = bench.prepare("resnet50", "bottleneck-inner-50", small=True, variants=("native", "compact", "compact-drop"))
+    names = ("native", "compact", "compact-layers", "compact-drop")
+    prep = bench.prepare("resnet50", "bottleneck-inner-50", small=True, variants=names)
     x = prep.inputs(1)
-    native, exact, drop = (op_count.count(prep.variants[v], x) for v in ("native", "compact", "compact-drop"))
-    assert drop["by_op"] == native["by_op"]
-    assert exact["ops"] == native["ops"] + 3 and exact["by_op"]["add_"] == 3
-    assert exact["by_op"]["addcmul"] == 13 and exact["by_op"]["native_batch_norm"] == native["by_op"]["native_batch_norm"] - 13
+    native, exact, layers, drop = (op_count.count(prep.variants[v], x) for v in names)
+    assert drop["by_op"] == native["by_op"] and exact["by_op"] == native["by_op"]
+    assert layers["ops"] == native["ops"] + 3 and layers["by_op"]["add_"] == 3
+    assert layers["by_op"]["addcmul"] == 13
+    assert layers["by_op"]["native_batch_norm"] == native["by_op"]["native_batch_norm"] - 13
+    torch.testing.assert_close(prep.variants["compact-layers"](x), prep.variants["masked"](x), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(prep.variants["compact"](x), prep.variants["masked"](x), rtol=1e-4, atol=1e-4)

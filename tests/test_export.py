@@ -292,10 +292,11 @@ class _ConvReluConvBN(nn.Module):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_fx_traced_compact_model_follows_train_and_eval_at_run_time(momentum):
-    """The border-corrected layers are one opaque call in an fx graph, so train / eval is read when it runs (as
-    for a BatchNorm left a leaf): traced in eval, trained a few steps, evaluated, it matches the masked model,
-    running statistics and num_batches_tracked included."""
+@pytest.mark.parametrize("border", ["carrier", "layers"])
+def test_fx_traced_compact_model_follows_train_and_eval_at_run_time(momentum, border):
+    """Traced in eval, trained a few steps, evaluated, the compact model matches the masked model, running
+    statistics and num_batches_tracked included: the carrier is a plain channel, and the border-corrected
+    layers are one opaque call in an fx graph, so train / eval is read when it runs."""
     torch.manual_seed(0)
     masked = _ConvReluConvBN().eval()
     masked.bn2.momentum = momentum
@@ -306,8 +307,8 @@ def test_fx_traced_compact_model_follows_train_and_eval_at_run_time(momentum):
     mask = torch.ones_like(masked.conv1.weight)
     mask[[1, 4]] = 0
     prune.custom_from_mask(masked.conv1, "weight", mask)
-    small = compactor.compact(masked, torch.randn(2, 3, 9, 9))
-    assert isinstance(small.bn2, BorderCorrectedBatchNorm2d)
+    small = compactor.compact(masked, torch.randn(2, 3, 9, 9), border=border)
+    assert isinstance(small.bn2, BorderCorrectedBatchNorm2d) == (border == "layers")
     traced = torch.fx.symbolic_trace(small)
     traced.train(), masked.train()
     for _ in range(3):

@@ -168,7 +168,7 @@ def test_zero_padded_consumer_keeps_the_largest_constant_as_the_carrier_of_the_o
     v2 = torch.tensor(0.3).float().double()  # the float32 constant
     torch.testing.assert_close(f.values, v2 * w[:, 2] / 0.5, rtol=1e-12, atol=0.0)
     assert plan.cuts["0"].out == (2,) and plan.cuts["2"].inputs == (2,)
-    [kept] = [n for n in plan.notes if n.status == "kept"]
+    [kept] = [n for n in plan.notes if n.status == "carrier"]
     assert kept.channels == [1] and "carry" in kept.reason and "'2'" in kept.reason
     small = _assert_compact_equals_masked(m, x)
     assert [type(mod) for mod in small] == [nn.Conv2d, nn.ReLU, nn.Conv2d]
