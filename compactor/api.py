@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import fold, masks, probe, report as _report
+from . import fingerprint, fold, masks, probe, report as _report
 from . import verify as _verify
 from .errors import CompactionError, NoPruningFoundError, VerificationError
 from .planner import Border, Mode, make_plan
@@ -247,6 +247,7 @@ def _compact(model: nn.Module, example_inputs: Inputs, verify: bool, mode: Mode,
         with progress.stage("verifying"):
             _verify_compact(compact_model, batches, reference, masked_output, mode, report)
     compact_model.compaction_report = report
+    compact_model.__dict__["compaction_probe"] = fingerprint.probe_inputs(example)  # save()'s fingerprint input
     return compact_model
 
 

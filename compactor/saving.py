@@ -1,25 +1,30 @@
-"""The compactor file format: a compact model's weights plus a manifest of its layer shapes.
+"""The compactor file format: a compact model's weights, a manifest of its layer shapes, and its fingerprint.
 
-:func:`save` writes ``{"format": "compactor/1", "manifest": ..., "state_dict": ...}``,
-readable with ``torch.load(path, weights_only=True)``: no pickled code, so :func:`load`
-never runs anything from the file. The manifest lists the constructor arguments of every
-Conv / Linear / BatchNorm / Embedding / PReLU / LayerNorm (and which convs are
-border-corrected), so :func:`load` rebuilds the smaller layers inside the original
-architecture. :func:`save_pickle` writes a full pickle for those who ask.
+:func:`save` writes ``{"format": "compactor/1", "manifest": ..., "state_dict": ...,
+"fingerprint": ...}``, readable with ``torch.load(path, weights_only=True)``: no pickled
+code, so :func:`load` never runs anything from the file. The manifest lists the widths of
+every Conv / Linear / BatchNorm / Embedding / PReLU / LayerNorm (and which layers are
+border-corrected); :func:`load` rebuilds each smaller layer as a copy of the original
+architecture's own instance with its tensors resized (never by calling a constructor with
+guessed arguments), then runs the fingerprint's probe and raises, naming the first layer
+that differs, unless the rebuilt model computes what the saved one did.
+:func:`save_pickle` writes a full pickle for those who ask.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from . import files, masks
+from . import files, fingerprint, masks
 from .errors import LoadError
 from .heads import COUNT_ATTRIBUTES
+from .tensors import as_inputs
 from .layers import (BATCHNORM, CONV, BorderCorrectedBatchNorm1d, BorderCorrectedBatchNorm2d,
                      BorderCorrectedBatchNorm3d, BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d,
                      is_transposed_linear, set_module)
@@ -141,12 +146,28 @@ def _report_summary(model: nn.Module) -> Optional[dict[str, Any]]:
     return out
 
 
-def save(model: nn.Module, path: files.PathLike, *, force: bool = False) -> str:
+def _refuse_unresizable(model: nn.Module) -> None:
+    """Layers :func:`load` could not rebuild by resizing a copy of the architecture's instance."""
+    from torch.nn.utils import parametrize
+
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module) and _kind(module) is not None:
+            tensors = ", ".join(sorted(module.parametrizations.keys()))
+            raise ValueError(
+                f"layer '{name}' ({type(module).__name__}) computes its {tensors} through a torch parametrization "
+                "(weight_norm, spectral_norm, ...), which compactor.save cannot write as resizable tensors; "
+                "call torch.nn.utils.parametrize.remove_parametrizations(layer, name) before saving"
+            )
+
+
+def save(model: nn.Module, path: files.PathLike, *, example_inputs: Any = None, force: bool = False) -> str:
     """Write ``model``'s weights and a manifest of its layer shapes to one ``torch.load(weights_only=True)`` file.
 
     The file holds ``{"format": "compactor/1", "manifest": {"layers": {name: {...}}},
-    "state_dict": {...}, ...}``: only tensors, numbers and strings, no pickled code.
-    Read it back with :func:`load` and the original architecture. Live
+    "state_dict": {...}, "fingerprint": {...}, ...}``: only tensors, numbers and strings,
+    no pickled code. Read it back with :func:`load` and the original architecture; the
+    fingerprint (a small probe input and a few numbers per layer output, a few kB) lets
+    :func:`load` check that the rebuilt model computes what ``model`` computes. Live
     ``torch.nn.utils.prune`` masks are made permanent in what is written (the
     model itself is not modified). For a full pickle of the module object, see
     :func:`save_pickle`.
@@ -154,6 +175,9 @@ def save(model: nn.Module, path: files.PathLike, *, force: bool = False) -> str:
     Args:
         model: usually the result of :func:`compactor.compact`.
         path: the file to write (atomically).
+        example_inputs: the probe of the fingerprint (as :func:`compactor.compact` takes them);
+            by default the example inputs ``compact()`` was given (their first row if large).
+            A model that has neither is written without a fingerprint, with a warning.
         force: replace an existing file.
 
     Returns:
@@ -161,6 +185,7 @@ def save(model: nn.Module, path: files.PathLike, *, force: bool = False) -> str:
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: a layer :func:`load` could not rebuild by resizing (a torch parametrization).
         FileExistsError: ``path`` exists and ``force`` is false.
 
     Example:
@@ -180,6 +205,13 @@ def save(model: nn.Module, path: files.PathLike, *, force: bool = False) -> str:
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects a torch.nn.Module, got {type(model).__name__}")
     plain = masks.bake(model) if masks.pruned_tensors(model) else model
+    _refuse_unresizable(plain)
+    probe = (fingerprint.probe_inputs(as_inputs(example_inputs, who="save")) if example_inputs is not None
+             else model.__dict__.get("compaction_probe"))
+    if probe is None:
+        warnings.warn(f"save: {type(model).__name__} carries no example inputs (it was not made by "
+                      "compactor.compact, or they are not tensors): the file gets no fingerprint, so load cannot "
+                      "check what it rebuilds; pass example_inputs=", stacklevel=2)
     layers: dict[str, dict[str, Any]] = {}
     counts: dict[str, dict[str, int]] = {}  # head counts stored on attention modules
     for name, module in plain.named_modules():
@@ -199,6 +231,7 @@ def save(model: nn.Module, path: files.PathLike, *, force: bool = False) -> str:
         "manifest": {"layers": layers, "attributes": counts},
         "state_dict": {k: v.detach().cpu() for k, v in plain.state_dict().items()},
         "report": _report_summary(model),
+        "fingerprint": fingerprint.take(plain, probe) if probe is not None else None,
     }
     return files.atomic_save(payload, path, force=force)
 
@@ -274,18 +307,8 @@ def _architecture(model_or_factory: ModelOrFactory) -> nn.Module:
 
 def _rebuild(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, torch.Tensor], prefix: str) -> nn.Module:
     kind = entry["class"]
-    if kind == "Conv1D":  # a copy of the architecture's own layer, at the saved width
-        new = copy.deepcopy(current)
-        dtype = getattr(torch, entry["dtype"]) if entry.get("dtype") else current.weight.dtype
-        new.weight = nn.Parameter(torch.zeros(entry["nx"], entry["nf"], dtype=dtype))
-        if entry["bias"]:
-            new.bias = nn.Parameter(torch.zeros(entry["nf"], dtype=dtype))
-        new.nf = entry["nf"]
-        if hasattr(new, "nx"):
-            new.nx = entry["nx"]
-        return new
-    args, kwargs = _constructor_args(entry)
-    if kind in _BORDER:
+    if kind in _BORDER:  # compactor's own classes: their constructor arguments are all in the manifest
+        args, kwargs = _constructor_args(entry)
         new = _BORDER[kind](*args, **kwargs)
         shape = tuple(state[prefix + "border_kernel"].shape) if prefix + "border_kernel" in state else tuple(
             entry["border_kernel"])
@@ -297,20 +320,39 @@ def _rebuild(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, t
             new.border_padding = padding if isinstance(padding, str) else tuple(padding)
             new.border_dilation = tuple(entry["border_dilation"])
         return new
-    if type(current) is _LAYERS[kind]:
-        return _LAYERS[kind](*args, **kwargs)
-    # A subclass (e.g. MultiheadAttention's out_proj, or the user's own): keep its class and behaviour.
-    try:
-        return type(current)(*args, **kwargs)
-    except Exception:
-        new = copy.deepcopy(current)
-        base = _LAYERS[kind](*args, **kwargs)
-        for attr, value in vars(base).items():
-            if not attr.startswith("_") and attr != "training":
-                setattr(new, attr, value)
-        new._parameters = base._parameters
-        new._buffers = base._buffers
-        return new
+    return _resized(current, entry, state, prefix)
+
+
+#: The attributes that hold a layer kind's widths (all its forward reads of its shape).
+_WIDTHS = {"Conv1D": ("nx", "nf"), "Conv": ("in_channels", "out_channels", "groups"), "Linear": ("in_features", "out_features"),
+           "BatchNorm": ("num_features",), "Embedding": ("num_embeddings", "embedding_dim"),
+           "PReLU": ("num_parameters",), "LayerNorm": ("normalized_shape",)}
+
+
+def _resized(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+             prefix: str) -> nn.Module:
+    """A copy of the architecture's own ``current`` (its class, activation, eps...: everything it was built
+    with) whose tensors take the file's shapes and whose width attributes the manifest's values."""
+    new = copy.deepcopy(current)
+    for key, t in state.items():
+        attr = key[len(prefix):]
+        if not key.startswith(prefix) or "." in attr:
+            continue
+        for table in (new._parameters, new._buffers):
+            if attr in table:
+                old = table[attr]
+                if old is None or tuple(old.shape) != tuple(t.shape):
+                    dtype = old.dtype if old is not None else t.dtype
+                    fresh = torch.zeros(t.shape, dtype=dtype)
+                    table[attr] = nn.Parameter(fresh, requires_grad=old.requires_grad if old is not None else True) \
+                        if table is new._parameters else fresh
+    kind = entry["class"]
+    family = kind if kind in _WIDTHS else next(f for f in _WIDTHS if kind.startswith(f))  # Conv2d: Conv
+    for attr in _WIDTHS[family]:
+        if attr in entry and hasattr(new, attr):
+            value = entry[attr]
+            setattr(new, attr, tuple(value) if isinstance(value, list) else value)
+    return new
 
 
 def _swapped(first: Any, second: Any) -> bool:
@@ -368,19 +410,23 @@ def _resize_bare_tensors(target: nn.Module, layers: Mapping[str, Any], state: Ma
             owner._buffers[attr] = torch.zeros(tensor.shape, dtype=owner._buffers[attr].dtype)
 
 
-def load(model_or_factory: ModelOrFactory, path: files.PathLike) -> nn.Module:
+def load(model_or_factory: ModelOrFactory, path: files.PathLike, *, verify: bool = True) -> nn.Module:
     """Rebuild a model written by :func:`save` inside its original architecture.
 
     Model first, like safetensors' ``load_model(model, filename)``. Every layer in
     the file's manifest replaces the architecture's layer of the same name with a
-    fresh one of the saved (smaller) shape -- a ``BorderCorrectedConv`` where the
-    manifest says so -- then the weights load strictly. The file is read with
+    copy of that layer, its tensors resized to the saved (smaller) shapes -- a
+    ``BorderCorrected*`` layer where the manifest says so -- then the weights load
+    strictly, and the rebuilt model runs the fingerprint's probe input: it must
+    compute what the saved model computed, layer by layer. The file is read with
     ``torch.load(weights_only=True)``: nothing in it is executed.
 
     Args:
         model_or_factory: the original (dense) architecture: an instance (copied,
             never modified) or a class / zero-argument callable returning one.
         path: a file written by :func:`compactor.save`.
+        verify: check the rebuilt model against the file's fingerprint (files written
+            without one load with a warning).
 
     Returns:
         The compact model, in eval mode.
@@ -388,7 +434,8 @@ def load(model_or_factory: ModelOrFactory, path: files.PathLike) -> nn.Module:
     Raises:
         LoadError: missing, truncated or foreign file; a manifest layer the
             architecture lacks or holds as another kind of layer; state_dict keys
-            or shapes that do not fit.
+            or shapes that do not fit; a rebuilt model that does not compute what
+            the saved one did (the message names the first layer that differs).
         TypeError: the arguments are in the old order ``load(path, model)``, or
             ``model_or_factory`` is neither a module nor a callable returning one.
 
@@ -417,4 +464,12 @@ def load(model_or_factory: ModelOrFactory, path: files.PathLike) -> nn.Module:
                      shape_fix="the file's manifest and weights disagree: write it again with compactor.save",
                      name_sides=True)
     target.load_state_dict(state, strict=True)
-    return target.eval()
+    target.eval()
+    fp = obj.get("fingerprint")
+    if verify and isinstance(fp, Mapping):
+        fingerprint.check(target, fp, path=f"'{path}'")
+    elif verify:
+        warnings.warn(f"'{path}' has no fingerprint (written by an older compactor, or saved without example "
+                      "inputs): the rebuilt model is not checked; save it again with compactor.save to have "
+                      "loads checked", stacklevel=2)
+    return target

@@ -203,3 +203,102 @@ def test_load_in_the_old_order_says_to_swap(border_file):
         compactor.load(border_file, Border)
     with pytest.raises(TypeError, match=r"swap them"):
         compactor.load(border_file, Border())
+
+
+class BNAct(nn.BatchNorm2d):
+    """A BatchNorm with its activation, built from a constructor argument (as timm's BatchNormAct2d is)."""
+
+    def __init__(self, num_features: int, act: type = nn.ReLU) -> None:
+        super().__init__(num_features)
+        self.act = act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+class ActNet(nn.Module):
+    """conv -> BNAct(act) -> conv (zero-padded) -> BNAct(act) -> pool -> linear."""
+
+    def __init__(self, act: type = nn.Hardswish) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), BNAct(8, act)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), BNAct(8, act)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn2(self.conv2(self.bn1(self.conv1(x)))).mean((2, 3)))
+
+
+def _act_net_compact(act: type = nn.Hardswish):
+    torch.manual_seed(0)
+    model = ActNet(act).eval()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+            bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
+    mask = torch.ones_like(model.conv1.weight)
+    mask[[0, 3, 5]] = 0
+    torch.nn.utils.prune.custom_from_mask(model.conv1, "weight", mask)
+    x = torch.randn(2, 3, 10, 10)
+    return model, compactor.compact(model, x), x
+
+
+def test_load_rebuilds_a_batchnorm_subclass_with_its_own_activation(tmp_path):
+    """A BatchNorm subclass whose activation comes from a constructor argument (Hardswish here, ReLU by
+    default): load copies the architecture's own instance and resizes it, so Hardswish stays and the reload
+    equals the masked model; a constructor called with default arguments would have made it a ReLU."""
+    masked, small, x = _act_net_compact()
+    assert {type(m) for m in small.modules()} <= {type(m) for m in masked.modules()}
+    assert small.conv1.out_channels < 8
+    path = compactor.save(small, tmp_path / "act.pt")
+    loaded = compactor.load(lambda: ActNet(nn.Hardswish), path)
+    assert type(loaded.bn1.act) is nn.Hardswish and loaded.bn1.num_features == small.bn1.num_features
+    xb = torch.randn(3, 3, 12, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(xb), small(xb), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(xb), masked(xb), rtol=1e-5, atol=1e-5)
+
+
+def test_load_names_the_first_layer_that_does_not_compute_what_was_saved(tmp_path):
+    """Loaded into an architecture built with other arguments (ReLU where the saved model has Hardswish), the
+    rebuilt model's shapes all fit, but its fingerprint check fails at bn1, the first layer whose output differs."""
+    _, small, _ = _act_net_compact()
+    path = compactor.save(small, tmp_path / "act.pt")
+    with pytest.raises(LoadError, match=r"layer 'bn1\.act' \(ReLU\) is the first whose output differs"):
+        compactor.load(lambda: ActNet(nn.ReLU), path)
+    unchecked = compactor.load(lambda: ActNet(nn.ReLU), path, verify=False)  # asked for: no check
+    assert type(unchecked.bn1.act) is nn.ReLU
+
+
+def test_a_file_without_fingerprint_loads_with_a_warning(tmp_path):
+    """Files written before fingerprints (or without example inputs) still load, and say they were not checked."""
+    _, small, x = _act_net_compact()
+    path = tmp_path / "old.pt"
+    compactor.save(small, path)
+    obj = torch.load(path, weights_only=True)
+    del obj["fingerprint"]
+    torch.save(obj, path)
+    with pytest.warns(UserWarning, match="has no fingerprint"):
+        loaded = compactor.load(ActNet, path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+
+
+def test_save_without_example_inputs_warns_and_explicit_inputs_give_a_fingerprint(tmp_path):
+    """A model not made by compact() carries no probe: save warns; example_inputs= gives the fingerprint."""
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.warns(UserWarning, match="no fingerprint"):
+        compactor.save(net, tmp_path / "a.pt")
+    compactor.save(net, tmp_path / "b.pt", example_inputs=torch.randn(2, 4))
+    fp = torch.load(tmp_path / "b.pt", weights_only=True)["fingerprint"]
+    assert [name for name, _, _ in fp["layers"]] == ["0", "1", "2"]
+    assert fp["outputs"][0]["shape"] == [2, 2]
+
+
+def test_save_refuses_a_parametrized_layer(tmp_path):
+    """weight_norm's weight is computed from two other tensors: save says so and how to proceed."""
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    torch.nn.utils.parametrizations.weight_norm(net[0])
+    with pytest.raises(ValueError, match=r"layer '0' \(ParametrizedLinear\).*remove_parametrizations"):
+        compactor.save(net, tmp_path / "wn.pt", example_inputs=torch.randn(2, 4))
+    assert not (tmp_path / "wn.pt").exists()
