@@ -5,7 +5,11 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 OUT    ?= compactor-demo
 
-.PHONY: demo test install bench clean
+ECO_VENV  ?= .venv-ecosystem
+ECO_PY    := $(ECO_VENV)/bin/python
+ECO_TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test install bench clean test-ecosystem
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +26,21 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# Third-party round trips (timm, ultralytics, torchvision, transformers) in a venv of their own: torchvision
+# does not import beside the pinned CPU torch of `make test`.
+$(ECO_VENV)/.installed: pyproject.toml Makefile
+	test -x $(ECO_PY) || $(PYTHON) -m venv $(ECO_VENV)
+	$(ECO_PY) -m pip install -q --upgrade pip
+	$(ECO_PY) -m pip install -q $(ECO_TORCH)
+	$(ECO_PY) -m pip install -q timm transformers ultralytics
+	$(ECO_PY) -m pip install -q -e ".[test]"
+	touch $@
+
+test-ecosystem: $(ECO_VENV)/.installed
+	YOLO_OFFLINE=1 $(ECO_PY) -m pytest -q tests/integration/test_ecosystem.py tests/integration/test_hf.py
+
 bench: install
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(ECO_VENV) $(OUT) .pytest_cache
