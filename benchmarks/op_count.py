@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from compactor import bench, layers, timing  # noqa: E402
 
-VARIANTS = ("dense", "native", "compact", "compact-drop")
+VARIANTS = ("dense", "native", "compact", "compact-layers", "compact-drop")
 _ALLOCATIONS = {"empty", "empty_like", "empty_strided"}  # no kernel (the CPU batch norm allocates its statistics)
 
 

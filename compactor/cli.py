@@ -359,7 +359,7 @@ def _compact(args: argparse.Namespace) -> int:
     example = _example(args)
     factory = _model_factory(args.model)
     masked = _load_pruned(factory, args.weights)
-    small = api.compact(masked, example, mode=args.mode, round_to=args.round_to)
+    small = api.compact(masked, example, mode=args.mode, round_to=args.round_to, border=args.border)
     with outputs:
         save(small, outputs.temp(args.out), force=True)
         onnx_report = None
@@ -398,7 +398,7 @@ def _inspect(args: argparse.Namespace) -> int:
         refuse_overwrite(args.plot, force=args.force)
     example = _example(args)
     masked = _load_pruned(_model_factory(args.model), args.weights)
-    report = api.plan(masked, example, mode=args.mode, round_to=args.round_to)
+    report = api.plan(masked, example, mode=args.mode, round_to=args.round_to, border=args.border)
     print(report)
     if args.plot:
         from .plot import widths_chart
@@ -442,6 +442,10 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                    help="exact: fold the constants removed channels still emit; drop: discard them (default: %(default)s)")
     p.add_argument("--round-to", type=int, default=None, metavar="N",
                    help="keep extra masked channels so every width is a multiple of N")
+    p.add_argument("--border", default="carrier", choices=("carrier", "layers"),
+                   help="exact mode, zero-padded convs: carrier keeps one masked channel to carry the constants "
+                        "(the compact model holds only your own layer classes); layers removes it and adds "
+                        "compactor's border-corrected layers (default: %(default)s)")
 
 
 def _onnx_options(p: argparse.ArgumentParser) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -313,3 +315,43 @@ def test_constants_of_a_bias_free_conv_go_into_the_batchnorm_mean(border):
         assert type(sb.conv2) is nn.Conv2d and type(sb.bn2).__name__ == "BorderCorrectedBatchNorm2d"
         assert sb.conv1.out_channels == half
     assert "into the mean of" in str(small.compaction_report)
+
+
+def _fusion_case():
+    """The zoo's small ResNet-50 with randomized BatchNorms, the tutorials' 50 % ln_structured on every conv
+    but the classifier: its masked channels emit constants into zero-padded 3x3 convs (carriers needed)."""
+    model, x = zoo.build("resnet50")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=gen) - 0.5)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.out_channels > 2:
+            prune.ln_structured(m, "weight", amount=0.5, n=2, dim=0)
+    small = compactor.compact(model.eval(), x)
+    assert any(g.status == "carrier" for g in small.compaction_report.groups)
+    _own_classes(model, small)
+    return model, small, x
+
+
+def test_torch_fusion_passes_keep_the_compact_model_exact():
+    """torch.fx's conv-BatchNorm fusion and torch.ao's fuse_modules rebuild convs from their own weights and the
+    BatchNorm's: a compact model made of plain layers (carriers included) stays equal to the masked model."""
+    from torch.ao.quantization import fuse_modules
+    from torch.fx.experimental.optimization import fuse
+
+    masked, small, x = _fusion_case()
+    xb = torch.randn((3,) + tuple(x[0].shape[1:]))
+    fx_fused = fuse(copy.deepcopy(small))
+    pairs = [[n, n.removesuffix("conv1") + "bn1"] for n, m in small.named_modules() if n.endswith("conv1")]
+    pairs += [[n, n.removesuffix("conv2") + "bn2"] for n, m in small.named_modules() if n.endswith("conv2")]
+    ao_fused = fuse_modules(copy.deepcopy(small), pairs)
+    for fused in (fx_fused, ao_fused):
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) < sum(
+            isinstance(m, nn.BatchNorm2d) for m in small.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(fused(xb), masked(xb), rtol=RTOL, atol=ATOL)
