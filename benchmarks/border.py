@@ -82,7 +82,8 @@ def write(args: argparse.Namespace, result: dict) -> list[str]:
     md = [common.header("Exact mode: carrier channels vs border-corrected layers vs native", machine,
                         result["settings"]), "", common.table(result["rows"], columns), ""]
     folder = common.out_dir(args.out, common.device_slug(False))
-    name = "border_" + common.tag(f"b{args.batch}", f"r{args.repeats}", "smoke" if args.smoke else "")
+    name = "border_" + common.tag("-".join(args.cases), f"b{args.batch}", f"r{args.repeats}",
+                                  "smoke" if args.smoke else "")
     files = common.write_results(folder, name, {"machine": machine, **result}, md)["files"]
     print("\n".join(md))
     return files

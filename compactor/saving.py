@@ -160,6 +160,18 @@ def _refuse_unresizable(model: nn.Module) -> None:
             )
 
 
+def _fingerprint(model: nn.Module, probe: Optional[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+    if probe is None:
+        return None
+    try:
+        return fingerprint.take(model, probe)
+    except Exception as exc:  # the model's own error on the probe: write the weights all the same, and say so
+        warnings.warn(f"save: {type(model).__name__} failed on the fingerprint's probe input ({type(exc).__name__}: "
+                      f"{exc}); the file gets no fingerprint, so load cannot check what it rebuilds; pass "
+                      "example_inputs= the model accepts", stacklevel=3)
+        return None
+
+
 def save(model: nn.Module, path: files.PathLike, *, example_inputs: Any = None, force: bool = False) -> str:
     """Write ``model``'s weights and a manifest of its layer shapes to one ``torch.load(weights_only=True)`` file.
 
@@ -231,7 +243,7 @@ def save(model: nn.Module, path: files.PathLike, *, example_inputs: Any = None, 
         "manifest": {"layers": layers, "attributes": counts},
         "state_dict": {k: v.detach().cpu() for k, v in plain.state_dict().items()},
         "report": _report_summary(model),
-        "fingerprint": fingerprint.take(plain, probe) if probe is not None else None,
+        "fingerprint": _fingerprint(plain, probe),
     }
     return files.atomic_save(payload, path, force=force)
 
