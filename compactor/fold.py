@@ -13,38 +13,21 @@ from typing import Union
 import torch
 from torch import nn
 
-from .layers import (BATCHNORM, CONV, is_transposed_linear, out_major, set_module, with_border_correction,
-                     with_border_correction_bn)
+from .kinds import Slicing, kind_of, out_major
+from .layers import set_module, with_border_correction, with_border_correction_bn
 from .planner import Cut, Fold, Plan
 
 __all__ = ["apply", "new_shapes"]
 
 
-# tensor name -> ((dimension, removed indices), ...)
-Slicing = dict[str, tuple[tuple[int, tuple[int, ...]], ...]]
-
-
 def _slicing(layer: Union[nn.Module, nn.Parameter], cut: Cut) -> Slicing:
     """Which tensors of ``layer`` lose which indices along which dimensions ("" names a bare parameter)."""
-    out, inp = ((0, cut.out),), ((1, cut.inputs),)
     if isinstance(layer, nn.Parameter):
         return {"": ((cut.parameter_dim or 0, cut.out),)}
-    if isinstance(layer, CONV):
-        # a grouped conv loses whole groups: its per-group input width (weight dim 1) stays
-        spec = {"weight": out + (inp if layer.groups == 1 else ()), "bias": out}
-        return {**spec, "border_kernel": out, "border_offset": out}
-    if isinstance(layer, nn.Linear):
-        return {"weight": out + inp, "bias": out}
-    if is_transposed_linear(layer):  # weight (in, out)
-        return {"weight": ((1, cut.out), (0, cut.inputs)), "bias": out}
-    if isinstance(layer, BATCHNORM):
-        return {"weight": out, "bias": out, "running_mean": out, "running_var": out, "border_kernel": out,
-                "border_offset": out}
-    if isinstance(layer, nn.PReLU):
-        return {"weight": out}
-    if isinstance(layer, nn.Embedding):
-        return {"weight": ((1, cut.out),)}
-    raise TypeError(f"cannot slice {type(layer).__name__} '{cut.name}'")  # the planner slices the types above only
+    kind = kind_of(layer)
+    if kind is None:  # the planner slices the kinds compactor knows only
+        raise TypeError(f"cannot slice {type(layer).__name__} '{cut.name}'")
+    return kind.slicing(layer, cut.out, cut.inputs)
 
 
 def _shape(shape: tuple[int, ...], dims: tuple[tuple[int, tuple[int, ...]], ...]) -> tuple[int, ...]:
@@ -111,23 +94,7 @@ def _slice(layer: nn.Module, cut: Cut) -> None:
 
 def _sync_widths(layer: nn.Module, cut: Cut) -> None:
     """Update the width attributes a layer's forward reads from its new tensors."""
-    if isinstance(layer, CONV):
-        if layer.groups > 1:  # whole groups went
-            layer.groups -= len(cut.inputs) // (layer.in_channels // layer.groups)
-        layer.out_channels = layer.weight.shape[0]
-        layer.in_channels -= len(cut.inputs)
-    elif isinstance(layer, nn.Linear):
-        layer.out_features, layer.in_features = layer.weight.shape
-    elif is_transposed_linear(layer):
-        layer.nf = layer.weight.shape[1]
-        if hasattr(layer, "nx"):
-            layer.nx = layer.weight.shape[0]
-    elif isinstance(layer, BATCHNORM):
-        layer.num_features -= len(cut.out)
-    elif isinstance(layer, nn.PReLU):
-        layer.num_parameters = layer.weight.shape[0]
-    elif isinstance(layer, nn.Embedding):
-        layer.embedding_dim = layer.weight.shape[1]
+    kind_of(layer).sync_widths(layer, cut.out, cut.inputs)
 
 
 def _fold_bias(module: nn.Module, delta: torch.Tensor) -> None:
@@ -149,10 +116,9 @@ def _execute(work: nn.Module, modules: dict[str, nn.Module], f: Fold) -> None:
     elif f.target == "bn_mean":
         _shift_mean(modules[f.bn], f.values)
     elif f.target == "carrier":
-        w = modules[f.layer].weight
+        column = out_major(modules[f.layer])[:, f.channel]  # a view of the weight
         with torch.no_grad():
-            column = w[:, f.channel]
-            column.copy_((column.double() + f.values.to(w.device)).to(w.dtype))
+            column.copy_((column.double() + f.values.to(column.device)).to(column.dtype))
     else:  # "border" / "bn_border": the conv or its BatchNorm becomes border-corrected
         if f.bn is not None:
             _shift_mean(modules[f.bn], f.offset)

@@ -29,7 +29,7 @@ from torch_pruning import ops as tp_ops
 from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import index_mapping, shape_infer
 
-from .layers import BATCHNORM, CONV, is_linear_like, is_transposed_linear
+from .kinds import BATCHNORM, CONV, is_linear_like, is_transposed_linear, kind_of
 from .tensors import Kwargs, flatten_outputs
 
 __all__ = ["Item", "Group", "trace"]
@@ -96,7 +96,7 @@ class Group:
             if it.role == "pass":
                 if it.op not in _IN_PLACE_GRAD_FNS:
                     return False
-            elif not isinstance(it.module, CONV + BATCHNORM + (nn.PReLU,)):
+            elif getattr(kind_of(it.module), "channel_axis", None) != 1:  # convs, BatchNorm, PReLU
                 return False
         return True
 
@@ -124,8 +124,11 @@ def _classify(node, handler, DG) -> tuple[str, str, str, int]:
     O = tp_ops.OPTYPE
     if t in (O.CONV, O.DEPTHWISE_CONV):
         op = type(module).__name__
+        kind = kind_of(module)
+        if kind is not None and kind.name == "ConvTranspose":
+            return ("out" if DG.is_out_channel_pruning_fn(handler) else "in"), op, "", 0
         if not isinstance(module, CONV):
-            return "blocked", op, f"{op} is not supported (only Conv1d/2d/3d)", 0
+            return "blocked", op, f"{op} is not supported (only Conv1d/2d/3d, ConvTranspose1d/2d/3d with groups=1)", 0
         if module.groups == 1:
             return ("out" if DG.is_out_channel_pruning_fn(handler) else "in"), op, "", 0
         if module.groups == module.in_channels == module.out_channels:
@@ -350,13 +353,13 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
     names = {m: n for n, m in model.named_modules()}
     names.update({p: n for n, p in model.named_parameters()})
     groups = []
-    roots = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)
+    roots = ("Conv", "ConvTranspose", "Linear", "Embedding", "Conv1D")  # kinds that compute channels
     visited: set = set()
     ignored = set(DG.IGNORED_LAYERS_IN_TRACING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for m in list(DG.module2node):
-            if not (isinstance(m, roots) or is_transposed_linear(m)) or m in visited or m in ignored:
+            if getattr(kind_of(m), "name", None) not in roots or m in visited or m in ignored:
                 continue
             check()
             pruner = DG.get_pruner_of_module(m)
@@ -407,7 +410,7 @@ def _group(DG: Any, module: nn.Module, fn: Any, n: int, names: dict, broken: dic
         group.items.append(Item(group.root, module, "blocked", list(range(n)), list(range(n)),
                                 _classify(root, fn, DG)[1], problem))
         return group
-    channels_last = not isinstance(module, CONV)  # Linear / Embedding / Conv1D groups: channels are the last dim
+    channels_last = kind_of(module).channel_axis == -1  # Linear / Embedding / Conv1D groups: channels last
     for (node, handler), (dep, pairs) in reached.items():
         if isinstance(node.module, nn.Parameter) and any(node.module is p for p in DG.ignored_params):
             continue

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import dead_rows, is_linear_like, out_major, zero_columns
+from .kinds import dead_rows, is_linear_like, out_major, zero_columns
 from .tensors import call
 
 __all__ = ["Attention", "HeadPlan", "COUNT_ATTRIBUTES", "find", "plan_heads"]

@@ -1,4 +1,4 @@
-"""Layer kinds compactor slices beyond torch's own, and the layers a compact model may contain beyond plain torch ones."""
+"""The layers ``compact(..., border="layers")`` adds: border-corrected convs and BatchNorms (opt-in)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,7 @@ from torch import nn
 
 __all__ = ["BorderCorrectedConv1d", "BorderCorrectedConv2d", "BorderCorrectedConv3d", "with_border_correction",
            "BorderCorrectedBatchNorm1d", "BorderCorrectedBatchNorm2d", "BorderCorrectedBatchNorm3d",
-           "with_border_correction_bn",
-           "is_transposed_linear", "out_major", "is_linear_like", "dead_rows", "zero_columns", "CONV", "BATCHNORM",
-           "set_module"]
-
-
-#: The layer types compactor slices along channel dimension 1 (convs) and the per-channel norms beside them.
-CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+           "with_border_correction_bn", "set_module"]
 
 
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -27,38 +20,6 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, new)
-
-
-def is_transposed_linear(module: object) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2 and kin): ``x @ weight + bias`` with ``weight`` stored (in, out)."""
-    return isinstance(module, nn.Module) and type(module).__name__ == "Conv1D" and hasattr(module, "nf") \
-        and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
-
-
-def is_linear_like(module: object) -> bool:
-    """``nn.Linear`` or a transposed one: reads and writes the last dimension."""
-    return isinstance(module, nn.Linear) or is_transposed_linear(module)
-
-
-def out_major(module: nn.Module) -> torch.Tensor:
-    """The layer's weight, detached, with output channels first and input channels second (a view)."""
-    w = module.weight.detach()
-    return w.t() if is_transposed_linear(module) or isinstance(module, nn.Embedding) else w
-
-
-def dead_rows(module: nn.Module) -> torch.Tensor:
-    """Boolean per output channel: True where the layer's weights for it are all zero."""
-    w = out_major(module)
-    w = w.reshape(w.shape[0], -1)
-    return (w.amax(1) == 0) & (w.amin(1) == 0)  # weights are finite (checked): faster than counting nonzeros
-
-
-def zero_columns(module: nn.Module) -> torch.Tensor:
-    """Boolean per input channel of a conv (groups=1) / linear: True where no output reads it."""
-    w = out_major(module)
-    flat = w.reshape(w.shape[0], -1)
-    zero = (flat.amax(0) == 0) & (flat.amin(0) == 0)  # per (input, kernel position)
-    return zero.reshape(w.shape[1], -1).all(1)
 
 
 

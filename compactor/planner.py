@@ -31,7 +31,7 @@ from torch import nn
 
 from . import graph, heads, probe
 from .errors import CompactionError
-from .layers import BATCHNORM, dead_rows, is_linear_like, out_major, zero_columns
+from .kinds import BATCHNORM, dead_rows, kind_of, out_major, zero_columns
 from .progress import Progress
 
 __all__ = ["Mode", "Border", "Cut", "Fold", "GroupNote", "Plan", "Ledger", "make_plan", "select", "settle", "place_folds",
@@ -448,6 +448,20 @@ def choose_carriers(ledger: Ledger, modules: Mapping[str, nn.Module],
             uncovered = [(name, options) for name, options in uncovered if root not in options]
 
 
+def check_correctable(ledger: Ledger, modules: Mapping[str, nn.Module],
+                      stats: Mapping[str, probe.ChannelStats]) -> None:
+    """``border="layers"``: keep channels whose nonzero constant reaches a layer no border correction models
+    (a transposed conv spreads a constant input unevenly: strides, borders, output padding)."""
+    for gi, rset in ledger.cand.items():
+        for it, local in _folded_inputs(ledger, gi, rset):
+            module = modules[it.name]
+            if kind_of(module).border_correctable(module) or not _constants(it, rset, stats):
+                continue
+            ledger.keep(gi, set(_constants(it, rset, stats)),
+                        f"{type(module).__name__} '{it.name}' spreads a constant input unevenly (strides, borders) "
+                        "and border='layers' has no correction for it (the default border='carrier' removes them)")
+
+
 def settle(ledger: Ledger, work: nn.Module, batch: tuple, stats: Mapping[str, probe.ChannelStats], *,
            mode: Mode, round_to: Optional[int], border: Border = "carrier",
            check: Callable[[], None] = lambda: None) -> None:
@@ -463,6 +477,8 @@ def settle(ledger: Ledger, work: nn.Module, batch: tuple, stats: Mapping[str, pr
             check_constant(ledger, stats)
             if border == "carrier":  # before rounding: a channel rounding keeps anyway can be the carrier
                 choose_carriers(ledger, modules, stats)
+            else:
+                check_correctable(ledger, modules, stats)
         if round_to:
             round_widths(ledger, round_to)
         restrict_grouped(ledger)
@@ -474,8 +490,9 @@ def settle(ledger: Ledger, work: nn.Module, batch: tuple, stats: Mapping[str, pr
 
 
 def _zero_padded(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.padding_mode == "zeros" and (
-        module.padding == "same" or (not isinstance(module.padding, str) and any(module.padding)))
+    """Whether a constant input reaches ``module``'s output unevenly (zero padding, a transposed conv's
+    strides and borders): no bias can take it, a carrier channel or a border correction must."""
+    return not kind_of(module).constant_folds_into_bias(module)
 
 
 def place_folds(ledger: Ledger, modules: Mapping[str, nn.Module], stats: Mapping[str, probe.ChannelStats],
@@ -497,11 +514,8 @@ def place_folds(ledger: Ledger, modules: Mapping[str, nn.Module], stats: Mapping
             w = out_major(module).index_select(1, torch.tensor(local, dtype=torch.long,
                                                                device=module.weight.device)).double()
             v = values.to(w.device)
-            if is_linear_like(module):
-                key, delta = "bias", w @ v
-            else:
-                kernel = torch.einsum("oc...,c->o...", w, v)
-                key, delta = ("border", kernel) if _zero_padded(module) else ("bias", kernel.flatten(1).sum(1))
+            kernel = torch.einsum("oc...,c->o...", w, v)  # (out,) for a linear, (out, *k) for a conv
+            key, delta = ("border", kernel) if _zero_padded(module) else ("bias", kernel.reshape(len(kernel), -1).sum(1))
             acc[key] = delta if acc[key] is None else acc[key] + delta
     folds: list[Fold] = []
     for name, acc in sums.items():

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .layers import BATCHNORM, CONV, is_linear_like, out_major
+from .kinds import BATCHNORM, kind_of
 from .tensors import call, flatten_outputs
 
 __all__ = ["ChannelStats", "Measurements", "Recording", "recording", "measure", "nan_probe", "zeroed_outputs", "count_macs", "channel_view"]
@@ -24,15 +24,14 @@ __all__ = ["ChannelStats", "Measurements", "Recording", "recording", "measure", 
 
 def channel_view(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Put the channel axis ``module`` reads first, everything else flattened after it."""
-    if isinstance(module, CONV):
-        return x.transpose(0, 1).reshape(x.shape[1], -1)
-    return x.reshape(-1, x.shape[-1]).t()
+    return kind_of(module).channel_view(x)
 
 
 def _filled(module: nn.Module, x: torch.Tensor, idxs: set[int], value: float) -> torch.Tensor:
     """A copy of ``x`` with channels ``idxs`` (as ``module`` reads or writes them) set to ``value``."""
     index = torch.tensor(sorted(idxs), dtype=torch.long, device=x.device)
-    return x.clone().index_fill_(1 if isinstance(module, CONV) else x.dim() - 1, index, value)
+    axis = kind_of(module).channel_axis
+    return x.clone().index_fill_(1 if axis == 1 else x.dim() - 1, index, value)
 
 
 @dataclass
@@ -72,16 +71,14 @@ class Measurements:
     bn_pairs: dict[str, str] = field(default_factory=dict)  # conv -> the BatchNorm that alone reads its output
 
 
-def _count(macs: dict[str, int], name: str, mod: nn.Module, out: torch.Tensor) -> None:
-    n = out.shape[0] if out.dim() > 1 else 1
-    if is_linear_like(mod):
-        per = out.numel() // n * out_major(mod).shape[1]
-    else:
-        k = 1
-        for d in mod.kernel_size:
-            k *= d
-        per = out.numel() // n * (mod.in_channels // mod.groups) * k
-    macs[name] = macs.get(name, 0) + per
+def _reads_channels(module: nn.Module) -> bool:
+    """A conv / linear kind: it reads channels through a weight (where constants are measured and MACs counted)."""
+    kind = kind_of(module)
+    return kind is not None and kind.reads
+
+
+def _count(macs: dict[str, int], name: str, mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+    macs[name] = macs.get(name, 0) + kind_of(mod).macs(mod, x, out)
 
 
 @dataclass
@@ -118,7 +115,7 @@ def recording(model: nn.Module) -> Iterator[Recording]:
         rec.inputs.setdefault(name, []).append(args[0].detach())
 
     def layer_out(name: str, mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        _count(rec.macs, name, mod, out)
+        _count(rec.macs, name, mod, args[0], out)
         rec.outputs_of.setdefault(name, []).append(out)
 
     def bn_in(name: str, mod: nn.Module, args: tuple) -> None:
@@ -130,7 +127,7 @@ def recording(model: nn.Module) -> Iterator[Recording]:
 
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, CONV) or is_linear_like(m):
+        if _reads_channels(m):
             hooks.append(m.register_forward_pre_hook(functools.partial(layer_in, name)))
             hooks.append(m.register_forward_hook(functools.partial(layer_out, name)))
         elif isinstance(m, BATCHNORM):
@@ -224,7 +221,7 @@ def nan_probe(model: nn.Module, produce: Mapping[str, set[int]], expect: Mapping
             return (torch.nan_to_num(x, nan=0.0),) + tuple(args[1:])
         return None
 
-    readers = set(expect) | {n for n, m in modules.items() if isinstance(m, CONV) or is_linear_like(m)}
+    readers = set(expect) | {n for n, m in modules.items() if _reads_channels(m)}
     hooks = _hook_inputs(model, readers, pre)
     hooks += [modules[n].register_forward_hook(lambda m, a, o, _i=idx: _filled(m, o, _i, float("nan")))
               for n, idx in produce.items() if idx]

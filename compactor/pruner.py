@@ -32,7 +32,7 @@ from torch.nn.utils import prune
 from . import graph, masks, planner
 from . import heads as heads_rule
 from .errors import CompactionError
-from .layers import BATCHNORM, is_transposed_linear, out_major
+from .kinds import BATCHNORM, kind_of, out_major
 from .tensors import Inputs, as_inputs, make_batches
 
 __all__ = ["Importance", "GroupPruning", "PruneReport", "prune_channels"]
@@ -243,7 +243,7 @@ def _masks(groups: list[graph.Group], units: Iterable[list[Unit]], norms: bool =
             for it in groups[gi].items:
                 if not (it.role in _PRODUCERS or (norms and it.role == "slice" and isinstance(it.module, BATCHNORM))):
                     continue
-                n = out_major(it.module).shape[0] if it.role in _PRODUCERS else it.module.num_features
+                n = kind_of(it.module).out_rows(it.module)
                 flags = rows.setdefault(it.name, torch.zeros(n, dtype=torch.bool))
                 for i, r in zip(it.idxs, it.root_idxs):
                     if r in roots:
@@ -252,11 +252,7 @@ def _masks(groups: list[graph.Group], units: Iterable[list[Unit]], norms: bool =
 
 
 def _mask(module: nn.Module, flags: torch.Tensor, name: str = "weight") -> torch.Tensor:
-    mask = torch.ones_like(getattr(module, name))
-    rows = mask.t() if name == "weight" and (isinstance(module, nn.Embedding) or is_transposed_linear(module)) \
-        else mask
-    rows[flags.to(mask.device)] = 0
-    return mask
+    return kind_of(module).row_mask(module, flags, name)
 
 
 def _masked_tensors(module: nn.Module) -> list[str]:
@@ -330,13 +326,7 @@ def _dry_run(work: nn.Module, groups: list[graph.Group], clusters: list[list[lis
 
 def _o_mask(o_mod: nn.Module, cols: torch.Tensor) -> torch.Tensor:
     """A mask of the O projection's weight zeroing the input columns ``cols`` (booleans)."""
-    mask = torch.ones_like(o_mod.weight)
-    cols = cols.to(mask.device)
-    if is_transposed_linear(o_mod):
-        mask[cols] = 0
-    else:
-        mask[:, cols] = 0
-    return mask
+    return kind_of(o_mod).column_mask(o_mod, cols)
 
 
 def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Union[float, int], ignored: set[str],

@@ -9,13 +9,11 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .layers import is_transposed_linear
+from .kinds import kind_of
 from .planner import GroupNote, Plan
 
 __all__ = ["LayerRow", "GroupNote", "Report", "Layout", "layout", "build", "report_of"]
 
-_REPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-             nn.Embedding, nn.PReLU, nn.LayerNorm)
 
 
 @dataclass
@@ -118,7 +116,7 @@ class Layout:
 def layout(model: nn.Module) -> Layout:
     """The :class:`Layout` of ``model``; its ``shapes`` are what :func:`compactor.fold.new_shapes` predicts."""
     layers = {name: type(m).__name__ for name, m in model.named_modules()
-              if (isinstance(m, _REPORTED) or is_transposed_linear(m)) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+              if kind_of(m) is not None and isinstance(getattr(m, "weight", None), torch.Tensor)}
     first = {k for k, _ in model.named_parameters()}
     shapes = {k: tuple(p.shape) for k, p in model.named_parameters(remove_duplicate=False)}
     return Layout(layers, shapes, frozenset(shapes) - first)

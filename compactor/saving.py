@@ -25,9 +25,9 @@ from . import files, fingerprint, masks
 from .errors import LoadError
 from .heads import COUNT_ATTRIBUTES
 from .tensors import as_inputs
-from .layers import (BATCHNORM, CONV, BorderCorrectedBatchNorm1d, BorderCorrectedBatchNorm2d,
-                     BorderCorrectedBatchNorm3d, BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d,
-                     is_transposed_linear, set_module)
+from .kinds import BATCHNORM, CONV, CONV_TRANSPOSE, is_transposed_linear, kind_of
+from .layers import (BorderCorrectedBatchNorm1d, BorderCorrectedBatchNorm2d, BorderCorrectedBatchNorm3d,
+                     BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d, set_module)
 
 __all__ = ["FORMAT", "save", "save_pickle", "load"]
 
@@ -43,23 +43,22 @@ _BORDER = {"BorderCorrectedConv1d": BorderCorrectedConv1d, "BorderCorrectedConv2
            "BorderCorrectedConv3d": BorderCorrectedConv3d, "BorderCorrectedBatchNorm1d": BorderCorrectedBatchNorm1d,
            "BorderCorrectedBatchNorm2d": BorderCorrectedBatchNorm2d,
            "BorderCorrectedBatchNorm3d": BorderCorrectedBatchNorm3d}
-# Most specific first: a BorderCorrectedConv2d is also a Conv2d.
+# The manifest names a layer by its torch base class; most specific first: a BorderCorrectedConv2d is a Conv2d.
 _LAYERS: dict[str, type] = {
-    **_BORDER,
-    "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d, "Linear": nn.Linear,
-    "BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d, "BatchNorm3d": nn.BatchNorm3d,
-    "Embedding": nn.Embedding, "PReLU": nn.PReLU, "LayerNorm": nn.LayerNorm,
+    **_BORDER, **{cls.__name__: cls for cls in (*CONV, *CONV_TRANSPOSE, *BATCHNORM)},
+    "Linear": nn.Linear, "Embedding": nn.Embedding, "PReLU": nn.PReLU, "LayerNorm": nn.LayerNorm,
 }
 _BASE = {name: next(b for b in (*CONV, *BATCHNORM) if issubclass(cls, b)) for name, cls in _BORDER.items()}
 
 
 def _kind(module: nn.Module) -> Optional[str]:
-    if is_transposed_linear(module):
+    """The manifest's name for ``module``'s class, or None for a layer the manifest does not list."""
+    kind = kind_of(module)
+    if kind is None:
+        return None
+    if kind.name == "Conv1D":
         return "Conv1D"
-    for name, cls in _LAYERS.items():
-        if isinstance(module, cls):
-            return name
-    return None
+    return next(name for name, cls in _LAYERS.items() if isinstance(module, cls))
 
 
 def _dtype_name(module: nn.Module) -> Optional[str]:
@@ -68,66 +67,36 @@ def _dtype_name(module: nn.Module) -> Optional[str]:
 
 
 def _describe(module: nn.Module, kind: str) -> dict[str, Any]:
-    """The constructor arguments that rebuild ``module`` at its current (compact) shape."""
+    """``module``'s class, dtype and widths (what :func:`load` sets on a resized copy of the architecture's
+    layer); for compactor's border-corrected layers, also the constructor arguments that rebuild them."""
     m: Any = module
     entry: dict[str, Any] = {"class": kind, "type": f"{type(m).__module__}.{type(m).__qualname__}",
-                             "dtype": _dtype_name(m)}
-    if kind == "Conv1D":  # Hugging Face's: weight (in, out); rebuilt from the architecture's own instance
-        entry.update(nx=m.weight.shape[0], nf=m.weight.shape[1], bias=m.bias is not None)
-    elif isinstance(m, CONV):
-        entry.update(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
-                     stride=list(m.stride), padding=m.padding if isinstance(m.padding, str) else list(m.padding),
-                     dilation=list(m.dilation), groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
-        if kind in _BORDER:
-            entry["border_kernel"] = list(m.border_kernel.shape)
-    elif isinstance(m, nn.Linear):
-        entry.update(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
-    elif isinstance(m, BATCHNORM):
-        entry.update(num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
-                     track_running_stats=m.track_running_stats)
-        if kind in _BORDER:  # the stride-1 conv geometry its border map follows
-            entry.update(border_kernel=list(m.border_kernel.shape), border_dilation=list(m.border_dilation),
-                         border_padding=m.border_padding if isinstance(m.border_padding, str)
-                         else list(m.border_padding))
-    elif isinstance(m, nn.Embedding):
-        entry.update(num_embeddings=m.num_embeddings, embedding_dim=m.embedding_dim, padding_idx=m.padding_idx,
-                     max_norm=m.max_norm, norm_type=m.norm_type, scale_grad_by_freq=m.scale_grad_by_freq,
-                     sparse=m.sparse)
-    elif isinstance(m, nn.PReLU):
-        entry.update(num_parameters=m.num_parameters)
-    elif isinstance(m, nn.LayerNorm):
-        entry.update(normalized_shape=list(m.normalized_shape), eps=m.eps, elementwise_affine=m.elementwise_affine,
-                     bias=getattr(m, "bias", None) is not None)
+                             "dtype": _dtype_name(m), **kind_of(m).describe(m)}
+    if kind in _BORDER and isinstance(m, CONV):
+        entry.update(kernel_size=list(m.kernel_size), stride=list(m.stride),
+                     padding=m.padding if isinstance(m.padding, str) else list(m.padding),
+                     dilation=list(m.dilation), bias=m.bias is not None, padding_mode=m.padding_mode,
+                     border_kernel=list(m.border_kernel.shape))
+    elif kind in _BORDER:  # a BatchNorm, and the stride-1 conv geometry its border map follows
+        entry.update(eps=m.eps, momentum=m.momentum, affine=m.affine, track_running_stats=m.track_running_stats,
+                     border_kernel=list(m.border_kernel.shape), border_dilation=list(m.border_dilation),
+                     border_padding=m.border_padding if isinstance(m.border_padding, str)
+                     else list(m.border_padding))
     return entry
 
 
 def _constructor_args(entry: Mapping[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """The constructor arguments of a border-corrected layer (compactor's own class) from its manifest entry."""
     e = entry
-    kind = e["class"]
-    base = _BASE.get(kind, _LAYERS[kind])
-    kw: dict[str, Any] = {}
-    if e.get("dtype"):
-        kw["dtype"] = getattr(torch, e["dtype"])
+    base = _BASE[e["class"]]
+    kw: dict[str, Any] = {"dtype": getattr(torch, e["dtype"])} if e.get("dtype") else {}
     if issubclass(base, CONV):
         padding = e["padding"] if isinstance(e["padding"], str) else tuple(e["padding"])
         return (e["in_channels"], e["out_channels"], tuple(e["kernel_size"])), dict(
             kw, stride=tuple(e["stride"]), padding=padding, dilation=tuple(e["dilation"]), groups=e["groups"],
             bias=e["bias"], padding_mode=e["padding_mode"])
-    if base is nn.Linear:
-        return (e["in_features"], e["out_features"]), dict(kw, bias=e["bias"])
-    if issubclass(base, BATCHNORM):
-        return (e["num_features"],), dict(kw, eps=e["eps"], momentum=e["momentum"], affine=e["affine"],
-                                          track_running_stats=e["track_running_stats"])
-    if base is nn.Embedding:
-        return (e["num_embeddings"], e["embedding_dim"]), dict(
-            kw, padding_idx=e["padding_idx"], max_norm=e["max_norm"], norm_type=e["norm_type"],
-            scale_grad_by_freq=e["scale_grad_by_freq"], sparse=e["sparse"])
-    if base is nn.PReLU:
-        return (), dict(kw, num_parameters=e["num_parameters"])
-    if base is nn.LayerNorm:
-        return (tuple(e["normalized_shape"]),), dict(kw, eps=e["eps"], elementwise_affine=e["elementwise_affine"],
-                                                     bias=e["bias"])
-    raise LoadError(f"unknown layer class {kind!r} in the manifest")  # pragma: no cover - _LAYERS guards it
+    return (e["num_features"],), dict(kw, eps=e["eps"], momentum=e["momentum"], affine=e["affine"],
+                                      track_running_stats=e["track_running_stats"])
 
 
 # --------------------------------------------------------------------------- save
@@ -335,12 +304,6 @@ def _rebuild(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, t
     return _resized(current, entry, state, prefix)
 
 
-#: The attributes that hold a layer kind's widths (all its forward reads of its shape).
-_WIDTHS = {"Conv1D": ("nx", "nf"), "Conv": ("in_channels", "out_channels", "groups"), "Linear": ("in_features", "out_features"),
-           "BatchNorm": ("num_features",), "Embedding": ("num_embeddings", "embedding_dim"),
-           "PReLU": ("num_parameters",), "LayerNorm": ("normalized_shape",)}
-
-
 def _resized(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, torch.Tensor],
              prefix: str) -> nn.Module:
     """A copy of the architecture's own ``current`` (its class, activation, eps...: everything it was built
@@ -358,9 +321,7 @@ def _resized(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, t
                     fresh = torch.zeros(t.shape, dtype=dtype)
                     table[attr] = nn.Parameter(fresh, requires_grad=old.requires_grad if old is not None else True) \
                         if table is new._parameters else fresh
-    kind = entry["class"]
-    family = kind if kind in _WIDTHS else next(f for f in _WIDTHS if kind.startswith(f))  # Conv2d: Conv
-    for attr in _WIDTHS[family]:
+    for attr in kind_of(new).widths:
         if attr in entry and hasattr(new, attr):
             value = entry[attr]
             setattr(new, attr, tuple(value) if isinstance(value, list) else value)
