@@ -524,13 +524,15 @@ def place_folds(ledger: Ledger, modules: Mapping[str, nn.Module], stats: Mapping
         if acc["bias"] is not None:
             folds.append(Fold(layer=name, target="bn_mean" if bn else "bias", values=acc["bias"], bn=bn,
                               sources=sources))
-        if acc["border"] is not None and name in carried:
+        if acc["border"] is not None and not bool(acc["border"].ne(0).any()):
+            pass  # constants of 0: nothing reaches the conv, border or not
+        elif acc["border"] is not None and name in carried:
             channel, c = carried[name]
             folds.append(Fold(layer=name, target="carrier", values=acc["border"] / c, channel=channel, scale=c,
                               sources=sources))
-        elif acc["border"] is not None and border == "carrier":
-            if bool(acc["border"].ne(0).any()):  # choose_carriers covers every consumer a nonzero constant reaches
-                raise AssertionError(f"no carrier channel for zero-padded '{name}'")
+        elif acc["border"] is not None and (border == "carrier" or not kind_of(modules[name]).border_correctable(
+                modules[name])):  # choose_carriers / check_correctable cover every layer a nonzero constant reaches
+            raise AssertionError(f"no carrier channel or border correction for '{name}'")
         elif acc["border"] is not None:
             kernel = acc["border"]
             offset = kernel.flatten(1).sum(1) if bn else None
