@@ -421,16 +421,21 @@ def choose_carriers(ledger: Ledger, modules: Mapping[str, nn.Module],
     computes what all of them did. Each zero-padded consumer needs one such channel; greedy
     choice: the channel nonzero at most consumers still uncovered, then the largest constant.
     """
+    covered = set(_carrier_columns(ledger, stats))  # consumers a carrier of any group already reaches
     for gi, rset in ledger.cand.items():
-        if not rset:
+        loud = rset - ledger.silent[gi]  # read by some consumer (measured there)
+        if not loud:
             continue
         carriers = ledger.carriers.setdefault(gi, set())
         uncovered: list[tuple[str, dict[int, tuple[int, float]]]] = []
         for it, local in _folded_inputs(ledger, gi, rset):
-            if not _zero_padded(modules[it.name]) or _constants(it, carriers, stats):
+            module = modules[it.name]
+            if not _zero_padded(module) or it.name in covered:
                 continue
-            options = _constants(it, rset, stats)
-            if options:  # else every constant reaching it is 0: nothing to carry
+            if not bool(_fold_kernel(module, local, stats[it.name]).ne(0).any()):
+                continue  # constants of 0, or columns of 0: nothing reaches it
+            options = _constants(it, loud, stats)
+            if options:
                 uncovered.append((it.name, options))
         while uncovered:
             scores: dict[int, tuple[int, float]] = {}
@@ -441,11 +446,20 @@ def choose_carriers(ledger: Ledger, modules: Mapping[str, nn.Module],
             root = max(sorted(scores), key=lambda r: scores[r])
             names = sorted({name for name, options in uncovered if root in options})
             carriers.add(root)
+            covered.update(names)
             ledger.keep(gi, {root}, f"kept to carry the removed channels' constants into zero-padded "
                                     f"{', '.join(repr(n) for n in names)} (its own zero padding makes that exact "
                                     "at the border; border='layers' removes it with a border-corrected layer "
                                     "instead)", status="carrier")
             uncovered = [(name, options) for name, options in uncovered if root not in options]
+
+
+def _fold_kernel(module: nn.Module, local: Sequence[int], stats: probe.ChannelStats) -> torch.Tensor:
+    """What input channels ``local`` of ``module``, each emitting its measured constant, add to its output
+    before padding: ``sum_c v_c W[:, c]`` (float64), (out,) for a linear, (out, *k) for a conv."""
+    values, _ = stats.query(local)
+    w = out_major(module).index_select(1, torch.tensor(local, dtype=torch.long, device=module.weight.device))
+    return torch.einsum("oc...,c->o...", w.double(), values.to(w.device))
 
 
 def check_correctable(ledger: Ledger, modules: Mapping[str, nn.Module],
@@ -455,9 +469,10 @@ def check_correctable(ledger: Ledger, modules: Mapping[str, nn.Module],
     for gi, rset in ledger.cand.items():
         for it, local in _folded_inputs(ledger, gi, rset):
             module = modules[it.name]
-            if kind_of(module).border_correctable(module) or not _constants(it, rset, stats):
+            loud = _constants(it, rset - ledger.silent[gi], stats)
+            if kind_of(module).border_correctable(module) or not loud:
                 continue
-            ledger.keep(gi, set(_constants(it, rset, stats)),
+            ledger.keep(gi, set(loud),
                         f"{type(module).__name__} '{it.name}' spreads a constant input unevenly (strides, borders) "
                         "and border='layers' has no correction for it (the default border='carrier' removes them)")
 
@@ -507,14 +522,10 @@ def place_folds(ledger: Ledger, modules: Mapping[str, nn.Module], stats: Mapping
             if mode == "drop":
                 dropped.setdefault(it.name, set()).update(local)
                 continue
-            values, _ = stats[it.name].query(local)
             acc = sums.setdefault(it.name, {"bias": None, "border": None, "sources": []})
             acc["sources"].append(ledger.groups[gi].root)
             module = modules[it.name]
-            w = out_major(module).index_select(1, torch.tensor(local, dtype=torch.long,
-                                                               device=module.weight.device)).double()
-            v = values.to(w.device)
-            kernel = torch.einsum("oc...,c->o...", w, v)  # (out,) for a linear, (out, *k) for a conv
+            kernel = _fold_kernel(module, local, stats[it.name])
             key, delta = ("border", kernel) if _zero_padded(module) else ("bias", kernel.reshape(len(kernel), -1).sum(1))
             acc[key] = delta if acc[key] is None else acc[key] + delta
     folds: list[Fold] = []

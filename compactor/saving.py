@@ -309,6 +309,8 @@ def _resized(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, t
     """A copy of the architecture's own ``current`` (its class, activation, eps...: everything it was built
     with) whose tensors take the file's shapes and whose width attributes the manifest's values."""
     new = copy.deepcopy(current)
+    device = next((t.device for t in (*new._parameters.values(), *new._buffers.values()) if t is not None),
+                  torch.device("cpu"))
     for key, t in state.items():
         attr = key[len(prefix):]
         if not key.startswith(prefix) or "." in attr:
@@ -318,7 +320,7 @@ def _resized(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, t
                 old = table[attr]
                 if old is None or tuple(old.shape) != tuple(t.shape):
                     dtype = old.dtype if old is not None else t.dtype
-                    fresh = torch.zeros(t.shape, dtype=dtype)
+                    fresh = torch.zeros(t.shape, dtype=dtype, device=old.device if old is not None else device)
                     table[attr] = nn.Parameter(fresh, requires_grad=old.requires_grad if old is not None else True) \
                         if table is new._parameters else fresh
     for attr in kind_of(new).widths:
@@ -439,8 +441,10 @@ def load(model_or_factory: ModelOrFactory, path: files.PathLike, *, verify: bool
     target.load_state_dict(state, strict=True)
     target.eval()
     fp = obj.get("fingerprint")
-    if verify and isinstance(fp, Mapping):
-        fingerprint.check(target, fp, path=f"'{path}'")
+    if isinstance(fp, Mapping):
+        if verify:
+            fingerprint.check(target, fp, path=f"'{path}'")
+        target.__dict__["compaction_probe"] = fp["inputs"]  # saving it again keeps the fingerprint
     elif verify:
         warnings.warn(f"'{path}' has no fingerprint (written by an older compactor, or saved without example "
                       "inputs): the rebuilt model is not checked; save it again with compactor.save to have "

@@ -342,3 +342,73 @@ def test_compacting_a_compact_model_again_keeps_both_border_corrections(stride):
         reference = copy.deepcopy(m)
         mask_rows(reference[0], [1, 2])
         torch.testing.assert_close(again(xb), reference(xb), rtol=1e-5, atol=1e-5)
+
+
+def test_a_masked_channel_no_consumer_reads_is_never_the_carrier():
+    """conv0 rows 0-2 masked (constants relu(b) > 0) into the zero-padded conv2, whose columns 5, 6 are masked
+    too (those channels are unread, never measured): one of 0-2 carries the others, 5 and 6 go silently."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    with torch.no_grad():
+        m[0].bias.copy_(m[0].bias.abs() + 0.2)
+    mask_rows(m[0], [0, 1, 2])
+    cols = torch.ones_like(m[2].weight)
+    cols[:, 5:7] = 0
+    torch.nn.utils.prune.custom_from_mask(m[2], "weight", cols)
+    x = torch.randn(2, 3, 8, 8)
+    work, plan = _plan(m, x)
+    [carrier] = [n for n in plan.notes if n.status == "carrier"]
+    assert carrier.channels[0] in (0, 1, 2) and plan.cuts["0"].out == tuple(sorted({0, 1, 2, 5, 6} - set(carrier.channels)))
+    _assert_compact_equals_masked(m, x)
+
+
+def test_one_carrier_serves_every_group_a_conv_reads():
+    """c(relu(cat[a(x), b(x)])), rows 0-3 masked in both a and b: two groups, one zero-padded reader; one
+    carrier (from either group) takes both groups' constants, the other group loses all four rows."""
+
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(16, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.c(torch.relu(torch.cat([self.a(x), self.b(x)], 1)))
+
+    torch.manual_seed(0)
+    m = Cat().eval()
+    with torch.no_grad():
+        m.a.bias.copy_(m.a.bias.abs() + 0.1)
+        m.b.bias.copy_(m.b.bias.abs() + 0.1)
+    mask_rows(m.a, [0, 1, 2, 3])
+    mask_rows(m.b, [0, 1, 2, 3])
+    x = torch.randn(2, 3, 8, 8)
+    small = _assert_compact_equals_masked(m, x)
+    assert sorted([small.a.out_channels, small.b.out_channels]) == [4, 5] and small.c.in_channels == 9
+    assert len([g for g in small.compaction_report.groups if g.status == "carrier"]) == 1
+
+
+def test_no_carrier_where_the_padded_conv_does_not_read_the_constants():
+    """a's rows 0-2 masked; the zero-padded x has those columns masked too (reads nothing of them), the 1x1 y
+    reads them (a bias fold): no carrier is kept, all three rows go."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.x, self.y = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, i):
+            h = torch.relu(self.a(i))
+            return self.x(h) + self.y(h)
+
+    torch.manual_seed(0)
+    m = Two().eval()
+    with torch.no_grad():
+        m.a.bias.copy_(m.a.bias.abs() + 0.2)
+    mask_rows(m.a, [0, 1, 2])
+    cols = torch.ones_like(m.x.weight)
+    cols[:, :3] = 0
+    torch.nn.utils.prune.custom_from_mask(m.x, "weight", cols)
+    x = torch.randn(2, 3, 8, 8)
+    small = _assert_compact_equals_masked(m, x)
+    assert small.a.out_channels == 5
+    assert [f.target for f in planner.make_plan(masks.bake(m).eval(), [(x,)])[0].folds] == ["bias"]

@@ -302,3 +302,48 @@ def test_save_refuses_a_parametrized_layer(tmp_path):
     with pytest.raises(ValueError, match=r"layer '0' \(ParametrizedLinear\).*remove_parametrizations"):
         compactor.save(net, tmp_path / "wn.pt", example_inputs=torch.randn(2, 4))
     assert not (tmp_path / "wn.pt").exists()
+
+
+def test_fingerprint_catches_nan_small_changes_and_missing_outputs():
+    """check() names the first differing layer for a NaN bias and for a bias moved by 0.01, and says so when the
+    rebuilt model returns fewer tensors; the same model passes."""
+    import copy
+
+    from compactor import fingerprint
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    fp = fingerprint.take(m, fingerprint.probe_inputs((torch.randn(1, 3, 16, 16),)))
+    fingerprint.check(copy.deepcopy(m), fp)
+    nan, moved = copy.deepcopy(m), copy.deepcopy(m)
+    with torch.no_grad():
+        nan[0].bias[0] = float("nan")
+        moved[2].bias += 0.01
+    with pytest.raises(LoadError, match=r"layer '0' \(Conv2d\) is the first whose output differs \(non-finite"):
+        fingerprint.check(nan, fp)
+    with pytest.raises(LoadError, match=r"layer '2' \(Conv2d\) is the first whose output differs"):
+        fingerprint.check(moved, fp)
+
+    class Pair(nn.Module):
+        def __init__(self, k: int) -> None:
+            super().__init__()
+            self.c, self.k = nn.Conv2d(3, 4, 1), k
+
+        def forward(self, x):
+            y = self.c(x)
+            return (y, 2 * y)[: self.k]
+
+    two = Pair(2).eval()
+    fp2 = fingerprint.take(two, fingerprint.probe_inputs((torch.randn(1, 3, 4, 4),)))
+    two.k = 1
+    with pytest.raises(LoadError, match=r"returns 1 tensor\(s\) where the saved model returned 2"):
+        fingerprint.check(two, fp2)
+
+
+def test_a_loaded_model_saves_again_with_its_fingerprint(tmp_path):
+    """load keeps the probe, so save(load(...)) writes a fingerprint without example_inputs."""
+    _, small, x = _act_net_compact()
+    loaded = compactor.load(ActNet, compactor.save(small, tmp_path / "a.pt"))
+    compactor.save(loaded, tmp_path / "b.pt")
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["fingerprint"] is not None
+    compactor.load(ActNet, tmp_path / "b.pt")

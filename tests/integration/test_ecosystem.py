@@ -149,10 +149,11 @@ def test_yolo_predict_boxes_equal_masked(yolo_pair):
 
 
 @pytest.mark.timeout(300)
-def test_yolo_onnx_export_equals_masked(yolo_pair, tmp_path):
+def test_yolo_onnx_export_equals_masked(yolo_pair, tmp_path, monkeypatch):
     """YOLO(...).export(format='onnx'): the exported compact model, run in onnxruntime, equals the masked model."""
     import onnxruntime as ort
 
+    monkeypatch.chdir(tmp_path)  # the exporter writes beside the model's file name, in the working directory
     masked, small, x = yolo_pair
     wrapper = _yolo(copy.deepcopy(small))
     path = wrapper.export(format="onnx", imgsz=64, simplify=False, dynamic=False, project=str(tmp_path))
