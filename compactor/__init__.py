@@ -29,4 +29,9 @@ __all__ = [
     "ExportError",
     "LoadError",
 ]
-__version__ = "0.1.0"
+try:  # one version, pyproject.toml's, read from the installed package's metadata
+    from importlib.metadata import PackageNotFoundError, version as _version
+
+    __version__ = _version("compactor")
+except PackageNotFoundError:  # pragma: no cover - imported from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -470,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
                "  compactor bench --model mypkg.nets:LeNet --weights pruned_model.pth --input-shape 1,1,28,28\n\n"
                "User errors print one line and exit with status 2.",
     )
+    import torch
+
+    from . import __version__
+
+    parser.add_argument("--version", action="version",
+                        version=f"compactor {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(

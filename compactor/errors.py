@@ -13,8 +13,9 @@ class NoPruningFoundError(CompactionError):
     """The model carries no torch.nn.utils.prune masks and no all-zero channels."""
 
 
-class VerificationError(CompactionError):
-    """The compact model's outputs differ from the masked model's beyond tolerance."""
+class VerificationError(RuntimeError):
+    """The compact model's outputs differ from the masked model's beyond tolerance: a bug in compactor, not bad
+    input, so it is not a :class:`CompactionError` (``except CompactionError`` does not swallow it)."""
 
 
 class MaskLoadError(CompactionError):

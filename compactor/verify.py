@@ -8,11 +8,15 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from . import masks
 from .errors import VerificationError
-from .tensors import flatten_outputs
+from .tensors import Kwargs, call, flatten_outputs
 
 __all__ = ["RELATIVE_TOLERANCE", "RUNTIME_RELATIVE_TOLERANCE", "Comparison", "full_precision", "max_abs_diff",
-           "tolerance", "compare", "check"]
+           "tolerance", "compare", "check", "within_float32_error"]
+
+#: The float64 second opinion copies the masked model in float64: not for models above this many bytes.
+FLOAT64_CHECK_MAX_BYTES = 4 << 30
 
 #: compact and masked may differ by at most this times the output scale (fp32 summation order);
 #: for fp16 / bf16 outputs, 16 x the dtype's epsilon.
@@ -110,3 +114,29 @@ def check(reference: Sequence[Any], candidate: Sequence[Any], what: str = "maske
             "with the model"
         )
     return result
+
+
+def _double(batch: tuple) -> tuple:
+    def conv(x: Any) -> Any:
+        return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+    return tuple(Kwargs({k: conv(v) for k, v in b.items()}) if isinstance(b, Kwargs) else conv(b) for b in batch)
+
+
+def within_float32_error(masked: torch.nn.Module, batches: Sequence[tuple], reference: Sequence[Any],
+                         candidate: Sequence[Any]) -> bool:
+    """Whether ``candidate`` (the compact model's fp32 outputs) is about as close to the masked model run in
+    float64 as ``reference`` (the masked model's own fp32 outputs) is: then the fp32 difference between them
+    is summation order, not compaction. False when the model is too large to copy in float64 or will not run
+    in it."""
+    params = sum(t.numel() for t in masked.state_dict().values() if isinstance(t, torch.Tensor))
+    if params * 8 > FLOAT64_CHECK_MAX_BYTES:
+        return False
+    try:
+        wide = masks.clone(masked).double().eval()
+        with torch.no_grad():
+            exact = [call(wide, _double(b)) for b in batches]
+    except Exception:
+        return False
+    masked_err, _ = max_abs_diff(exact, reference)
+    compact_err, scale = max_abs_diff(exact, candidate)
+    return compact_err <= 4 * masked_err + tolerance(reference, scale)

@@ -104,3 +104,9 @@ def test_an_output_compactor_cannot_compare_is_a_user_error_not_a_bug():
     with pytest.raises(CompactionError, match="returns a Box") as info:
         compactor.compact(m, torch.randn(2, 4))
     assert not isinstance(info.value, VerificationError)
+
+
+def test_a_verification_error_is_a_bug_not_bad_input():
+    """VerificationError stands outside the CompactionError tree: `except CompactionError` (bad input, said
+    clearly) does not swallow a compact model that differs from the masked one."""
+    assert not issubclass(VerificationError, CompactionError) and issubclass(VerificationError, RuntimeError)

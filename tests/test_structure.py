@@ -16,7 +16,7 @@ ORDER = [
     "errors", "tensors", "timing", "progress", "files", "kinds",   # base: no pipeline knowledge
     "layers", "masks", "graph", "probe", "heads", "planner", "fold", "report", "verify", "fingerprint",  # the pipeline
     "api", "pruner", "saving", "export", "plot",        # what users call
-    "testing", "demo", "bench", "cli",                  # built on all of the above
+    "testing", "demo", "bench", "cli", "__main__",      # built on all of the above
 ]
 
 

@@ -121,3 +121,49 @@ def test_nan_and_inf_must_match_in_place_and_do_not_hide_other_differences():
     c = verify.compare([(t([-inf, 1.0]), t([1.0, 2.0]))], [(t([-inf, 1.0]), t([50.0, -9.0]))])
     assert (c.max_abs_diff, c.scale, c.ok) == (49.0, 2.0, False)
     assert verify.compare([t([-inf, nan, 2.0])], [t([-inf, nan, 2.0])]).ok
+
+
+def _cancelling() -> tuple[torch.nn.Module, torch.Tensor]:
+    """fc2 sums 512 terms of ~1e3 that cancel in pairs: the output is ~0.04, its fp32 rounding ~0.01. Rows 3, 100
+    and their twins 259, 356 are masked (their bias constants fold into fc2's bias, which changes the order)."""
+    from torch import nn
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 512), nn.ReLU(), nn.Linear(512, 2)).eval()
+    with torch.no_grad():
+        m[0].weight.normal_(0, 1000.0)
+        m[0].bias.uniform_(0, 1000)
+        m[0].weight[256:] = m[0].weight[:256]
+        m[0].bias[256:] = m[0].bias[:256]
+        w = torch.randn(2, 256)
+        m[2].weight.copy_(torch.cat([w, -w], 1))
+    mask = torch.ones(512, 4)
+    mask[[3, 259, 100, 356]] = 0
+    prune.custom_from_mask(m[0], "weight", mask)
+    return m, torch.randn(8, 4)
+
+
+def test_a_difference_within_the_masked_models_own_fp32_error_is_not_a_bug():
+    """Outputs that are fp32 rounding noise (0.01 on 0.04) differ between any two summation orders: the fp32
+    check fails, the float64 second opinion finds the compact model as close to the exact result as the
+    masked model itself, and compact() returns it, saying so in the report."""
+    import compactor
+
+    m, x = _cancelling()
+    small = compactor.compact(m, x)
+    report = compactor.report_of(small)
+    assert report.judged_in_float64 and report.max_abs_diff > 1e-3
+    assert "float64" in str(report)
+
+
+def test_the_float64_second_opinion_still_catches_a_wrong_model():
+    """A candidate 0.1 off (ten times the masked model's own fp32 error) is not summation order."""
+    from compactor import tensors
+
+    m, x = _cancelling()
+    batches = tensors.make_batches((x,), 1)
+    with torch.no_grad():
+        ref = [m(*b) for b in batches]
+    assert verify.within_float32_error(m, batches, ref, ref)
+    assert not verify.within_float32_error(m, batches, ref, [r + 0.1 for r in ref])

@@ -460,3 +460,14 @@ def test_bench_builtin_name_with_weights_is_refused(capsys):
     """A built-in name (lenet) and --weights: one line saying --weights is for module:callable models."""
     assert main(["bench", "--model", "lenet", "--weights", "pruned_model.pth"]) == 2
     assert "--weights is for your own model (--model module:callable)" in one_line_error(capsys)
+
+
+def test_version_and_python_dash_m():
+    """`python -m compactor --version` prints the package's version (from its metadata) and torch's."""
+    import subprocess
+    import sys
+
+    import compactor
+
+    out = subprocess.run([sys.executable, "-m", "compactor", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().startswith(f"compactor {compactor.__version__} (torch ")

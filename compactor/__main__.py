@@ -1,0 +1,7 @@
+"""``python -m compactor``: the ``compactor`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
