@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 from . import fingerprint, fold, masks, probe, report as _report
 from . import verify as _verify
 from .errors import CompactionError, NoPruningFoundError, VerificationError
-from .planner import Border, Mode, make_plan
+from .planner import Border, Mode, Plan, make_plan
 from .progress import Progress
 from .report import Report
 from .tensors import Inputs, as_inputs, call, describe, first_line, flatten_outputs, make_batches
@@ -58,6 +59,20 @@ def _run_masked(model: nn.Module, batch: tuple) -> Any:
             m.training = flag
 
 
+@dataclass
+class _Prepared:
+    """What :func:`_prepare` hands the builders: the inputs, the baked copy and its plan."""
+
+    example: tuple
+    batches: list
+    work: nn.Module  # the baked copy (the user's model itself with inplace=True)
+    plan: Plan
+    measured: probe.Measurements
+    pruned: list[str]  # the keys of the tensors that carried masks
+    masked_output: Any  # the user's masked model on the example (exact mode)
+    frozen: list[str]  # parametrizations frozen to the tensors they compute
+
+
 def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Optional[int], extra: int,
              progress: Progress, inplace: bool = False, border: str = "carrier"):
     if not isinstance(model, nn.Module):
@@ -76,6 +91,7 @@ def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Opti
         # the user's own masked model, hooks and all: what the compact model must compute
         masked_output = _run_masked(model, example) if mode == "exact" else None
         work = (masks.bake_(model) if inplace else masks.bake(model)).eval()
+        frozen = masks.freeze_parametrizations_(work)
         _check_finite(work)
     batches = make_batches(example, extra)
     failure: Optional[BaseException] = None
@@ -108,7 +124,7 @@ def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Opti
             "has all-zero output channels. Prune it first, e.g. prune.ln_structured(model.conv1, 'weight', "
             "amount=0.5, n=2, dim=0), or load a pruned state_dict with compactor.load_pruned(Model, path)"
         )
-    return example, batches, work, the_plan, measured, [t.key for t in pruned], masked_output
+    return _Prepared(example, batches, work, the_plan, measured, [t.key for t in pruned], masked_output, frozen)
 
 
 def _sparsity(model: nn.Module, keys: list[str]) -> dict[str, float]:
@@ -151,9 +167,11 @@ def plan(model: nn.Module, example_inputs: Inputs, *, mode: Mode = "exact", roun
         [0, 3]
     """
     with _verify.full_precision():
-        _, _, work, the_plan, measured, _, _ = _prepare(model, example_inputs, mode, round_to, random_inputs,
-                                                        Progress(progress, time_limit), border=border)
-    return _report.build(the_plan, _report.layout(work), fold.new_shapes(work, the_plan), measured.macs)
+        p = _prepare(model, example_inputs, mode, round_to, random_inputs, Progress(progress, time_limit),
+                     border=border)
+    report = _report.build(p.plan, _report.layout(p.work), fold.new_shapes(p.work, p.plan), p.measured.macs)
+    report.frozen = p.frozen
+    return report
 
 
 def compact(
@@ -196,7 +214,7 @@ def compact(
             channel narrower, but only compactor's own code runs it exactly).
         random_inputs: how many random batches to verify on besides the example.
         inplace: turn ``model`` itself into the compact model instead of copying it: its masks
-            are made permanent (as ``prune.remove`` does) and its layers sliced. Saves one copy
+            are made permanent (as ``prune.remove`` does), its parametrizations frozen and its layers sliced. Saves one copy
             of the model's memory, for models near the machine's limit. An error raised before
             slicing leaves ``model`` with its masks made permanent, computing what it computed.
         progress: print each stage's time to standard error: ``None`` once the run has taken
@@ -233,8 +251,9 @@ def compact(
 
 def _compact(model: nn.Module, example_inputs: Inputs, verify: bool, mode: Mode, round_to: Optional[int],
              random_inputs: int, inplace: bool, progress: Progress, border: Border = "carrier") -> nn.Module:
-    example, batches, work, the_plan, measured, pruned, masked_output = _prepare(
-        model, example_inputs, mode, round_to, random_inputs, progress, inplace, border)
+    p = _prepare(model, example_inputs, mode, round_to, random_inputs, progress, inplace, border)
+    example, batches, work, the_plan, measured, masked_output = (p.example, p.batches, p.work, p.plan, p.measured,
+                                                                 p.masked_output)
     reference = measured.outputs
     if mode == "drop" and the_plan.dropped:
         reference = probe.zeroed_outputs(work, the_plan.dropped, batches)
@@ -242,7 +261,8 @@ def _compact(model: nn.Module, example_inputs: Inputs, verify: bool, mode: Mode,
     with progress.stage("building the compact model"):
         compact_model = fold.apply(work, the_plan).eval()
     report = _report.build(the_plan, before, _report.layout(compact_model).shapes, measured.macs)
-    report.sparsity = _sparsity(compact_model, pruned)
+    report.sparsity = _sparsity(compact_model, p.pruned)
+    report.frozen = p.frozen
     if verify:
         with progress.stage("verifying"):
             masked = None if inplace or mode != "exact" else model

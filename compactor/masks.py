@@ -147,6 +147,32 @@ def bake_(model: nn.Module) -> nn.Module:
     return model
 
 
+def freeze_parametrizations_(model: nn.Module) -> list[str]:
+    """Replace every torch parametrization (``weight_norm``, ``spectral_norm``, ...) in ``model`` by the plain
+    tensor it computes now, in place; returns what was frozen, in words.
+
+    A parametrized layer's weight is computed from other tensors on every call, so it cannot
+    be sliced row by row; frozen, the layer is the plain layer it computes (in eval mode, where
+    compaction is verified) and compacts like any other.
+    """
+    from torch.nn.utils import parametrize
+
+    frozen = []
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            # torch puts the parametrized properties on a class every copy of the module shares, and removing
+            # one deletes it from that class: give this copy a class of its own first
+            cls = type(module)
+            module.__class__ = type(cls.__name__, cls.__bases__,
+                                    {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+            for tensor in list(module.parametrizations.keys()):
+                kinds = ", ".join(type(p).__name__ for p in module.parametrizations[tensor])
+                # (not under no_grad: the computed tensor must require grad to come back as a Parameter)
+                parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
+                frozen.append(f"'{name}'.{tensor} ({kinds}) frozen to the tensor it computes")
+    return frozen
+
+
 StateSource = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 
 

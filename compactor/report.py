@@ -52,6 +52,8 @@ class Report:
     #: the fp32 difference exceeded the tolerance, and the compact model was judged against the masked model
     #: run in float64 instead: it is as close to that as the masked model's own fp32 outputs
     judged_in_float64: bool = False
+    #: torch parametrizations (weight_norm, ...) frozen to the tensors they compute, in words
+    frozen: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         head = ("layer", "op", "shape before", "shape after", "removed", "params", "MACs", "why")
@@ -90,6 +92,8 @@ class Report:
         for key, frac in self.sparsity.items():
             out.append(f"sparsity left: {key} is {frac:.1%} zeros inside the kept channels "
                        "(unstructured masks remove only whole rows)")
+        for what in self.frozen:
+            out.append(f"parametrization: {what} (a plain layer now)")
         if self.max_abs_diff is not None and self.judged_in_float64:
             out.append(f"verified on {self.verified_inputs} input(s): max |compact - masked| = "
                        f"{self.max_abs_diff:.3g} in fp32 (summation order); against the masked model in float64 "

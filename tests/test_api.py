@@ -118,3 +118,25 @@ def test_a_failure_after_tracing_names_the_stage(monkeypatch):
     monkeypatch.setattr(probe, "measure", broken)
     with pytest.raises(CompactionError, match=r"failed while measuring channels on 3 input\(s\): index out of range"):
         compactor.compact(_net(), torch.randn(5, 4))
+
+
+def test_a_parametrized_layer_is_frozen_to_the_plain_layer_it_computes():
+    """weight_norm on an unpruned conv between pruned ones (wav2vec2's positional conv): compact freezes it to
+    the weight it computes (a plain Conv1d, said in the report), slices its input columns, and stays exact;
+    the user's model keeps its parametrization."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.ReLU(), weight_norm(nn.Conv1d(8, 8, 3, padding=1)), nn.ReLU(),
+                      nn.Conv1d(8, 4, 1)).eval()
+    prune.ln_structured(m[0], "weight", 0.5, n=2, dim=0)
+    x = torch.randn(2, 3, 16)
+    small = compactor.compact(m, x)
+    assert type(small[2]) is nn.Conv1d and small[2].in_channels < 8
+    assert parametrize.is_parametrized(m[2])
+    assert compactor.report_of(small).frozen == ["'2'.weight (_WeightNorm) frozen to the tensor it computes"]
+    assert "parametrization: '2'.weight" in str(compactor.report_of(small))
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x), rtol=1e-5, atol=1e-6)
+    assert compactor.plan(m, x).frozen == compactor.report_of(small).frozen
