@@ -1,5 +1,6 @@
 """graph.trace on hand-built models: the role, indices and root mapping of every item that matters."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -177,3 +178,18 @@ def test_bn_pairs_skip_a_conv_whose_output_is_also_read_elsewhere():
 
     _, bn_pairs = _trace(Shared(), 1, 3, 4, 4)
     assert bn_pairs == {}
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fast_index_mappings_give_torch_prunings_pairs(reverse):
+    """graph._mapped applies flatten / concat / split / slice mappings without torch-pruning's per-index
+    namedtuple construction: the same (idx, root) pairs, as sets, for each kind and direction."""
+    from torch_pruning._helpers import _HybridIndex
+    from torch_pruning.dependency import index_mapping as im
+
+    idxs = [_HybridIndex(idx=i, root_idx=r) for i, r in [(0, 0), (3, 1), (5, 1), (7, 4), (12, 2)]]
+    for mapping in (im._FlattenIndexMapping(stride=3, reverse=reverse), im._ConcatIndexMapping([4, 9], reverse=reverse),
+                    im._SplitIndexMapping([4, 9], reverse=reverse),
+                    im._SliceIndexMapping(dim=1, start=2, step=3, end=11, reverse=reverse)):
+        assert set(graph._mapped(mapping, idxs)) == set(mapping(idxs)), type(mapping).__name__
+        assert all(type(p) is _HybridIndex for p in graph._mapped(mapping, idxs))
