@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import fingerprint, fold, masks, probe, report as _report
+from . import fingerprint, fold, graph, masks, probe, report as _report
 from . import verify as _verify
 from .errors import CompactionError, NoPruningFoundError, VerificationError
 from .planner import Border, Mode, Plan, make_plan
@@ -109,7 +109,7 @@ def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Opti
         failure = exc.with_traceback(None)  # drop the failed trace's frames (and memory) before running again
     if failure is not None:
         list(flatten_outputs(_run(work, example)))  # a rejected input or an output type, said clearly
-        if progress.current.startswith("tracing"):
+        if isinstance(failure, graph.TraceError):
             raise CompactionError(
                 f"could not trace {type(model).__name__} to find its channel dependencies: {first_line(failure)}"
             ) from failure

@@ -32,9 +32,10 @@ from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import index_mapping, shape_infer
 
 from .kinds import BATCHNORM, CONV, is_linear_like, is_transposed_linear, kind_of
-from .tensors import Kwargs, flatten_outputs
+from .errors import CompactionError
+from .tensors import Kwargs, first_line, flatten_outputs
 
-__all__ = ["Item", "Group", "trace"]
+__all__ = ["Item", "Group", "TraceError", "trace"]
 
 # Autograd functions that act on each channel on its own, so a channel that is
 # constant over batch and positions stays constant through them (up to zero-padded
@@ -378,7 +379,20 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
     "blocked" (its group is kept and reported), never an error. Also returns, for each
     conv whose output feeds one BatchNorm and nothing else, that BatchNorm's name.
     ``check`` is called before each group (it may raise to stop a long trace).
+
+    Raises:
+        TraceError: torch-pruning could not trace the model (the message says why).
     """
+    try:
+        return _trace(model, example_inputs, check)
+    except (MemoryError, CompactionError):
+        raise
+    except Exception as exc:
+        raise TraceError(first_line(exc)) from exc
+
+
+def _trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
+           check: Callable[[], None]) -> tuple[list[Group], dict[str, str]]:
     with warnings.catch_warnings(), torch.enable_grad():
         warnings.simplefilter("ignore")
         DG, broken, output_nodes = _build(model, example_inputs)
@@ -416,6 +430,10 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
 
 
 _NOT_UNDERSTOOD = "the traced channel mapping"
+
+
+class TraceError(Exception):
+    """The model could not be traced (torch-pruning's ``DependencyGraph`` failed on it)."""
 
 
 def _mean_mixes(node: Any, channels_last: bool) -> bool:

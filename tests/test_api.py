@@ -82,7 +82,7 @@ def test_a_tracer_failure_names_the_model_and_the_cause(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("a shape the tracer did not expect\nmore detail")
 
-    monkeypatch.setattr(graph, "trace", broken)
+    monkeypatch.setattr(graph, "_build", broken)  # inside graph.trace, which raises its own TraceError
     with pytest.raises(CompactionError, match="could not trace Sequential .*: a shape the tracer did not expect$"):
         compactor.compact(_net(), torch.randn(5, 4))
 
