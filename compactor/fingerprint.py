@@ -13,12 +13,14 @@ model. Both runs use full fp32 precision (no TF32), so a model saved on a GPU ch
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 
+from . import probe
 from .errors import LoadError
 from .tensors import Kwargs, call
 from .verify import full_precision
@@ -105,22 +107,13 @@ def _device(model: nn.Module) -> torch.device:
 def _record(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[list[list], list[dict[str, Any]]]:
     """(per module call in execution order: [name, type, stats of its output tensors]; stats of the outputs)."""
     calls: list[list] = []
-    handles = []
 
-    def hook(name: str):
-        def fn(module, args, out):
-            calls.append([name, type(module).__name__, [_stats(t) for t in _floats(out)[:_TENSORS_PER_CALL]]])
-        return fn
+    def hook(name: str, module: nn.Module, args: tuple, out: Any) -> None:
+        calls.append([name, type(module).__name__, [_stats(t) for t in _floats(out)[:_TENSORS_PER_CALL]]])
 
-    try:
-        for name, module in model.named_modules():
-            if name:
-                handles.append(module.register_forward_hook(hook(name)))
-        with _eval_no_grad(model), full_precision():
-            out = call(model, _batch(inputs, _device(model)))
-    finally:
-        for h in handles:
-            h.remove()
+    every = {name: functools.partial(hook, name) for name, _ in model.named_modules() if name}
+    with probe.hooked(model, post=every), _eval_no_grad(model), full_precision():
+        out = call(model, _batch(inputs, _device(model)))
     return calls, [_stats(t) for t in _floats(out)]
 
 

@@ -32,6 +32,7 @@ from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import index_mapping, shape_infer
 
 from .kinds import BATCHNORM, CONV, is_linear_like, is_transposed_linear, kind_of
+from . import probe
 from .errors import CompactionError
 from .tensors import Kwargs, first_line, flatten_outputs
 
@@ -213,14 +214,11 @@ def _build(model: nn.Module, example_inputs: Sequence) -> tuple[Any, dict[Any, s
     def outputs(mod: nn.Module, args: tuple, out: Any) -> None:
         returned.update(t.grad_fn for t in flatten_outputs(out) if t.grad_fn is not None)
 
-    hook = model.register_forward_hook(outputs)
-    try:
-        inputs = example_inputs[0] if len(example_inputs) == 1 and isinstance(example_inputs[0], Kwargs) \
-            else tuple(example_inputs)  # torch-pruning calls model(**inputs) for a dict
+    inputs = example_inputs[0] if len(example_inputs) == 1 and isinstance(example_inputs[0], Kwargs) \
+        else tuple(example_inputs)  # torch-pruning calls model(**inputs) for a dict
+    with probe.hooked(model, post={"": outputs}):
         DG.module2node = DG._trace(model, inputs, None, output_transform=lambda out: [
             t for t in flatten_outputs(out) if t.grad_fn is not None])  # ModelOutput, caches skipped
-    finally:
-        hook.remove()
     DG._build_dependency(DG.module2node)
     output_nodes = {n for n in DG.module2node.values() if n.grad_fn in returned}
     broken: dict[Any, str] = {}

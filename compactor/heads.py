@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import probe
 from .kinds import dead_rows, is_linear_like, out_major, zero_columns
 from .tensors import call
 
@@ -157,7 +158,6 @@ def _head_shaped(att: Attention, modules: dict) -> str:
 def _o_inputs(model: nn.Module, names: set[str], batch: tuple, perturb: dict[str, set[int]]) -> dict:
     """The first input of each O projection in ``names`` over one forward, with large noise added to the output
     channels ``perturb[layer]`` of the Q / K / V layers."""
-    modules = dict(model.named_modules())
     seen: dict[str, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(0)
 
@@ -167,16 +167,10 @@ def _o_inputs(model: nn.Module, names: set[str], batch: tuple, perturb: dict[str
         out[..., idx] += noise.to(out.dtype).to(out.device)
         return out
 
-    hooks = [modules[n].register_forward_pre_hook(lambda m, a, _n=n: seen.__setitem__(_n, a[0].detach()))
-             for n in names]
-    hooks += [modules[n].register_forward_hook(lambda m, a, o, _i=sorted(rows): noisy(m, a, o, _i))
-              for n, rows in perturb.items()]
-    try:
-        with torch.no_grad():
-            call(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    keep = {n: (lambda m, a, _n=n: seen.__setitem__(_n, a[0].detach())) for n in names}
+    shake = {n: (lambda m, a, o, _i=sorted(rows): noisy(m, a, o, _i)) for n, rows in perturb.items()}
+    with probe.hooked(model, keep, shake), torch.no_grad():
+        call(model, batch)
     return seen
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -20,6 +21,28 @@ from .tensors import call, flatten_outputs
 
 __all__ = ["ChannelStats", "Measurements", "Recording", "recording", "measure", "nan_probe", "zeroed_outputs", "count_macs", "channel_view"]
 
+
+
+Hook = Callable[..., Any]
+
+
+@contextlib.contextmanager
+def hooked(model: nn.Module, pre: Mapping[str, Hook] = MappingProxyType({}),
+           post: Mapping[str, Hook] = MappingProxyType({})) -> Iterator[None]:
+    """Forward pre-hooks ``pre[name](module, args)`` and hooks ``post[name](module, args, output)`` on the named
+    modules of ``model`` ("" names ``model`` itself) inside the block; all removed on exit, whatever happens.
+    A hook that returns a value replaces the input (pre) or the output (post), as torch's hooks do."""
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for name, fn in pre.items():
+            handles.append(modules[name].register_forward_pre_hook(fn))
+        for name, fn in post.items():
+            handles.append(modules[name].register_forward_hook(fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def channel_view(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -125,19 +148,12 @@ def recording(model: nn.Module) -> Iterator[Recording]:
         rec.returned = {id(t) for t in flatten_outputs(out)}
         rec.output = _detached(out)
 
-    hooks = []
-    for name, m in model.named_modules():
-        if _reads_channels(m):
-            hooks.append(m.register_forward_pre_hook(functools.partial(layer_in, name)))
-            hooks.append(m.register_forward_hook(functools.partial(layer_out, name)))
-        elif isinstance(m, BATCHNORM):
-            hooks.append(m.register_forward_pre_hook(functools.partial(bn_in, name)))
-    hooks.append(model.register_forward_hook(model_out))
-    try:
+    readers = [n for n, m in model.named_modules() if _reads_channels(m)]
+    norms = [n for n, m in model.named_modules() if isinstance(m, BATCHNORM) and n not in readers]
+    pre = {**{n: functools.partial(layer_in, n) for n in readers}, **{n: functools.partial(bn_in, n) for n in norms}}
+    post = {**{n: functools.partial(layer_out, n) for n in readers}, "": model_out}
+    with hooked(model, pre, post):
         yield rec
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def _handed(rec: Recording, bn_pairs: Mapping[str, str]) -> dict[str, str]:
@@ -174,16 +190,11 @@ def measure(model: nn.Module, watch: Mapping[str, Sequence[int]], batches: Seque
     first.inputs.clear()  # the first batch's activations are no longer needed: free them before the next forward
     first.outputs_of.clear()
     first.bn_inputs.clear()
-    hooks = [modules[n].register_forward_pre_hook(lambda mod, args, _s=st: _s.update(mod, args[0]))
-             for n, st in stats.items()]
     outputs = [first.output]
-    try:
-        with torch.no_grad():
-            for b in batches[1:]:
-                outputs.append(call(model, b))
-    finally:
-        for h in hooks:
-            h.remove()
+    with hooked(model, {n: (lambda mod, args, _s=st: _s.update(mod, args[0])) for n, st in stats.items()}), \
+            torch.no_grad():
+        for b in batches[1:]:
+            outputs.append(call(model, b))
     return Measurements(stats, outputs, dict(first.macs), bn_checked)
 
 
@@ -192,11 +203,6 @@ def count_macs(model: nn.Module, inputs: tuple) -> dict[str, int]:
     with recording(model) as rec, torch.no_grad():
         call(model, inputs)
     return rec.macs
-
-
-def _hook_inputs(model: nn.Module, names: set[str], fn: Callable) -> list:
-    modules = dict(model.named_modules())
-    return [modules[n].register_forward_pre_hook(lambda mod, args, _n=n: fn(_n, mod, args)) for n in names]
 
 
 def nan_probe(model: nn.Module, produce: Mapping[str, set[int]], expect: Mapping[str, set[int]],
@@ -222,28 +228,15 @@ def nan_probe(model: nn.Module, produce: Mapping[str, set[int]], expect: Mapping
         return None
 
     readers = set(expect) | {n for n, m in modules.items() if _reads_channels(m)}
-    hooks = _hook_inputs(model, readers, pre)
-    hooks += [modules[n].register_forward_hook(lambda m, a, o, _i=idx: _filled(m, o, _i, float("nan")))
-              for n, idx in produce.items() if idx]
-    out = None
-    try:
-        with torch.no_grad():
-            out = call(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    fill = {n: (lambda m, a, o, _i=idx: _filled(m, o, _i, float("nan"))) for n, idx in produce.items() if idx}
+    with hooked(model, {n: functools.partial(pre, n) for n in readers}, fill), torch.no_grad():
+        out = call(model, batch)
     leaked = any(bool(torch.isnan(o).any()) for o in flatten_outputs(out) if o.is_floating_point())
     return bad, leaked
 
 
 def zeroed_outputs(model: nn.Module, zero_inputs: Mapping[str, Sequence[int]], batches: Sequence[tuple]) -> list:
     """Outputs of ``model`` with the listed input channels of each consumer zeroed ("drop" semantics)."""
-    modules = dict(model.named_modules())
-    hooks = [modules[n].register_forward_pre_hook(
-        lambda m, a, _i=set(idx): (_filled(m, a[0], _i, 0.0),) + tuple(a[1:])) for n, idx in zero_inputs.items()]
-    try:
-        with torch.no_grad():
-            return [call(model, b) for b in batches]
-    finally:
-        for h in hooks:
-            h.remove()
+    zero = {n: (lambda m, a, _i=set(idx): (_filled(m, a[0], _i, 0.0),) + tuple(a[1:])) for n, idx in zero_inputs.items()}
+    with hooked(model, zero), torch.no_grad():
+        return [call(model, b) for b in batches]
