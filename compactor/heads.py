@@ -30,6 +30,7 @@ shared config):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -208,22 +209,59 @@ def _layout_holds(model: nn.Module, cands: list, batch: tuple) -> set[str]:
     return {att.name for att, gone in cands if run([(att, gone)])}
 
 
+def _v_bias_columns(att: Attention, gone: list[int], modules: dict) -> tuple[list[int], Optional[torch.Tensor]]:
+    """O's input columns that the KV heads ``gone`` (with their query heads) write, and the V bias each of them
+    carries there (None without a V bias)."""
+    v = modules[att.v]
+    cols = sorted(att.q_rows(gone))
+    if v.bias is None:
+        return cols, None
+    hd, rep, vo = att.head_dim, att.group, att.offsets[2]
+    v_of_col = torch.tensor([vo + (c // hd // rep) * hd + c % hd for c in cols], dtype=torch.long,
+                            device=v.bias.device)
+    return cols, v.bias.detach().index_select(0, v_of_col)
+
+
+def _folds_hold(model: nn.Module, cands: list, modules: dict, batches: Sequence[tuple]) -> set[str]:
+    """The attention modules among ``cands`` whose removed heads really hand O their V bias at every position
+    of every batch. A head whose V rows are masked averages its V bias with weights that sum to 1, except on a
+    query that may attend to no key at all (left padding): eager attention then spreads it evenly (still the
+    bias), SDPA returns 0 there, and no bias of O can say that."""
+    checks = {}
+    for att, gone in cands:
+        cols, bias = _v_bias_columns(att, gone, modules)
+        o_cols_read = not bool(zero_columns(modules[att.o])[cols].all())
+        if bias is not None and bool(bias.ne(0).any()) and o_cols_read:
+            checks[att.name] = (att.o, cols, bias)
+    if not checks:
+        return {att.name for att, _ in cands}
+    failed: set[str] = set()
+    for batch in batches:
+        try:
+            seen = _o_inputs(model, {o for o, _, _ in checks.values()}, batch, {})
+        except Exception:
+            return {att.name for att, _ in cands} - set(checks)
+        for name, (o, cols, bias) in checks.items():
+            x = seen.get(o)
+            if x is None or not torch.allclose(x[..., cols], bias.to(x.dtype).expand_as(x[..., cols]),
+                                               rtol=1e-4, atol=1e-6):
+                failed.add(name)
+    return {att.name for att, _ in cands} - failed
+
+
 def _cut(att: Attention, gone: list[int], modules: dict, out: HeadPlan) -> None:
     """Record the rows, columns, bias fold and head counts that removing KV heads ``gone`` of ``att`` takes."""
     hd, rep = att.head_dim, att.group
     qo, ko, vo = att.offsets
-    v, o = modules[att.v], modules[att.o]
+    o = modules[att.o]
     q_rows, kv_rows = set(att.q_rows(gone)), set(att.kv_rows(gone))
     for name, rows, off in ((att.q, q_rows, qo), (att.k, kv_rows, ko), (att.v, kv_rows, vo)):
         out.cuts.setdefault(name, (set(), set()))[0].update(r + off for r in rows)
     out.cuts.setdefault(att.o, (set(), set()))[1].update(q_rows)
-    if v.bias is not None:  # the constant heads emit their V bias; O reads it through the removed columns
-        bias = v.bias.detach().double()
-        cols = sorted(q_rows)
-        dev = bias.device
-        v_of_col = torch.tensor([vo + (c // hd // rep) * hd + c % hd for c in cols], dtype=torch.long, device=dev)
-        w = out_major(o).index_select(1, torch.tensor(cols, dtype=torch.long, device=dev)).double()
-        delta = w @ bias[v_of_col]  # zero where O's columns are masked
+    cols, bias = _v_bias_columns(att, gone, modules)
+    if bias is not None:  # the constant heads emit their V bias; O reads it through the removed columns
+        w = out_major(o).index_select(1, torch.tensor(cols, dtype=torch.long, device=bias.device)).double()
+        delta = w @ bias.double()  # zero where O's columns are masked
         if bool(delta.any()):
             out.folds[att.o] = out.folds.get(att.o, 0) + delta
     left = att.heads - len(gone) * rep
@@ -232,10 +270,12 @@ def _cut(att: Attention, gone: list[int], modules: dict, out: HeadPlan) -> None:
         out.attributes[att.name] = {a: values[a] for a in att.counts}
 
 
-def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None) -> HeadPlan:
+def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None,
+               fold_batches: Sequence[tuple] = ()) -> HeadPlan:
     """Which key/value heads (with their query heads) go in every recognized attention module of ``model``.
 
-    With ``batch``, the assumed layout is checked on the model first (:func:`_layout_holds`).
+    With ``batch``, the assumed layout is checked on the model first (:func:`_layout_holds`); with
+    ``fold_batches``, that the removed heads' V bias reaches O unchanged on every one (:func:`_folds_hold`).
     """
     out = HeadPlan()
     modules = dict(model.named_modules())
@@ -283,11 +323,19 @@ def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None) -> 
             continue
         cands.append((att, gone))
     held = _layout_holds(model, cands, batch) if batch is not None else {att.name for att, _ in cands}
+    folds = _folds_hold(model, [c for c in cands if c[0].name in held], modules, fold_batches) if fold_batches \
+        else held
     for att, gone in cands:
         layers = list(dict.fromkeys([att.q, att.k, att.v, att.o]))
         if att.name not in held:
             out.notes.append((layers, gone, "kept", f"the head layout assumed for '{att.name}' did not hold when "
                               "checked on the model (e.g. Q, K and V interleaved per head)"))
+            continue
+        if att.name not in folds:
+            out.notes.append((layers, gone, "kept", f"their V bias reaches '{att.o}' through attention weights "
+                              "that do not sum to 1 on every query (a query that may attend to no key, under "
+                              "padding, gets 0 from SDPA): no bias of O can take it; mask their O columns too "
+                              "(prune_channels does), or use attn_implementation='eager'"))
             continue
         _cut(att, gone, modules, out)
         out.notes.append((layers, gone, "removed", f"key/value head(s) with every V row (or every O column "

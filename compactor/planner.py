@@ -653,7 +653,7 @@ def make_plan(work: nn.Module, batches: Sequence[tuple], *, mode: Mode = "exact"
         with probe.recording(work) as first:  # the trace's forward is the first batch's measurement too
             groups, bn_pairs = graph.trace(work, batches[0], check=progress.check)
         tied = tied_layers(work)
-        by_rule = heads.plan_heads(work, tied, batches[0])
+        by_rule = heads.plan_heads(work, tied, batches[0], fold_batches=batches if mode == "exact" else ())
         ledger = select(groups, tied, frozenset(by_rule.owned))
     with progress.stage(f"measuring channels on {len(batches)} input(s)"):
         watch: dict[str, list[int]] = {}

@@ -242,3 +242,48 @@ def test_distilbert_heads_go():
     with torch.no_grad():
         torch.testing.assert_close(small(**inputs).last_hidden_state, model(**inputs).last_hidden_state,
                                    rtol=1e-5, atol=1e-5)
+
+
+def _qwen2_v_masked(attn: str) -> tuple[nn.Module, dict]:
+    """Qwen2 (V biases, as every trained Qwen2 has them nonzero), KV head 0 of layer 1 with its V rows masked,
+    a tokenizer-style dict with a left-padded row."""
+    torch.manual_seed(0)
+    cfg = T.Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn)
+    m = T.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    vp = m.model.layers[1].self_attn.v_proj
+    mask = torch.ones_like(vp.weight)
+    mask[:16] = 0
+    prune.custom_from_mask(vp, "weight", mask)
+    ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    am = torch.ones_like(ids)
+    am[1, :3] = 0  # left padding: the first queries of row 1 may attend to no key
+    return m, {"input_ids": ids, "attention_mask": am}
+
+
+def test_a_v_masked_head_with_a_v_bias_stays_where_sdpa_gives_fully_masked_queries_zero():
+    """SDPA returns 0 for a query that may attend to no key (left padding), so there the removed head's V bias
+    never reaches O: no bias of O can model that. The head stays, with the reason, and compact is exact
+    (this raised VerificationError before)."""
+    m, inputs = _qwen2_v_masked("sdpa")
+    small = compactor.compact(m, inputs)
+    kept = [g for g in compactor.report_of(small).groups if g.unit == "key/value heads" and g.status == "kept"]
+    assert len(kept) == 1 and "do not sum to 1" in kept[0].reason
+    assert small.model.layers[1].self_attn.v_proj.out_features == 32
+    with torch.no_grad():
+        torch.testing.assert_close(small(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_v_masked_head_with_a_v_bias_goes_under_eager_attention():
+    """Eager attention spreads a query with no key evenly over the keys (weights still sum to 1): the V bias
+    reaches O at every position, so the head goes and its bias folds into O's bias; exact, padding included."""
+    m, inputs = _qwen2_v_masked("eager")
+    small = compactor.compact(m, inputs)
+    attn = small.model.layers[1].self_attn
+    assert attn.v_proj.out_features == 16 and attn.q_proj.out_features == 32
+    with torch.no_grad():
+        torch.testing.assert_close(small(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
