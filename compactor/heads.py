@@ -41,8 +41,11 @@ from .tensors import call
 
 __all__ = ["Attention", "HeadPlan", "COUNT_ATTRIBUTES", "find", "plan_heads"]
 
-#: Attributes of attention modules that hold a head count or a width derived from it (updated on the module).
-COUNT_ATTRIBUTES = ("num_attention_heads", "all_head_size", "num_heads", "split_size", "n_heads")
+#: Attributes of attention modules that hold a head count or a width derived from it (updated on the module),
+#: by what they count: query heads, key/value heads, or the query width (heads x head_dim).
+COUNT_ATTRIBUTES = {"num_attention_heads": "heads", "num_heads": "heads", "n_heads": "heads",
+                    "num_key_value_heads": "kv_heads", "num_kv_heads": "kv_heads", "n_kv_heads": "kv_heads",
+                    "all_head_size": "width", "split_size": "width"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class Attention:
     heads: int
     kv_heads: int
     head_dim: int
-    counts: tuple[str, ...] = ()  # attributes of the module that hold a head count or a width to update
+    counts: tuple[str, ...] = ()  # attributes of the module holding a head count or width (COUNT_ATTRIBUTES)
     offsets: tuple[int, int, int] = (0, 0, 0)  # where Q, K, V start in their layers' outputs (a fused QKV layer)
 
     @property
@@ -91,31 +94,34 @@ def _name(prefix: str, child: str) -> str:
     return f"{prefix}.{child}" if prefix else child
 
 
+def _counts(m: nn.Module) -> tuple[str, ...]:
+    """The head-count attributes (:data:`COUNT_ATTRIBUTES`) stored on attention module ``m`` (its forward may
+    reshape with any of them: StableLM reads ``num_heads`` and ``num_key_value_heads``)."""
+    return tuple(a for a in COUNT_ATTRIBUTES if isinstance(m.__dict__.get(a), int) and not isinstance(m.__dict__[a], bool))
+
+
 def _recognize(name: str, m: nn.Module, modules: dict) -> tuple | None:
     """(q, k, v, o names, head_dim, query heads per KV head, attributes to update[, Q/K/V offsets]) or None."""
     if isinstance(getattr(m, "head_dim", None), int) and all(
             is_linear_like(getattr(m, p, None)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
         groups = getattr(m, "num_key_value_groups", 1)
-        counts = ("num_attention_heads",) if isinstance(getattr(m, "num_attention_heads", None), int) else ()
-        return (*(_name(name, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")), m.head_dim, groups, counts)
+        return (*(_name(name, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")), m.head_dim, groups, _counts(m))
     if isinstance(getattr(m, "attention_head_size", None), int) and all(
             is_linear_like(getattr(m, p, None)) for p in ("q_lin", "k_lin", "v_lin", "out_lin")):
-        counts = ("n_heads",) if isinstance(getattr(m, "n_heads", None), int) else ()
-        return (*(_name(name, p) for p in ("q_lin", "k_lin", "v_lin", "out_lin")), m.attention_head_size, 1, counts)
+        return (*(_name(name, p) for p in ("q_lin", "k_lin", "v_lin", "out_lin")), m.attention_head_size, 1,
+                _counts(m))
     if isinstance(getattr(m, "attention_head_size", None), int) and all(
             is_linear_like(getattr(m, p, None)) for p in ("query", "key", "value")) and "." in name:
         parent = name.rpartition(".")[0]
         o = f"{parent}.output.dense"
         if is_linear_like(modules.get(o)):
-            counts = tuple(a for a in ("num_attention_heads", "all_head_size") if isinstance(getattr(m, a, None), int))
-            return (*(_name(name, p) for p in ("query", "key", "value")), o, m.attention_head_size, 1, counts)
+            return (*(_name(name, p) for p in ("query", "key", "value")), o, m.attention_head_size, 1, _counts(m))
     if isinstance(getattr(m, "head_dim", None), int) and isinstance(getattr(m, "split_size", None), int) \
             and isinstance(getattr(m, "num_heads", None), int) and not hasattr(m, "q_attn") \
             and is_linear_like(getattr(m, "c_attn", None)) and is_linear_like(getattr(m, "c_proj", None)) \
             and out_major(m.c_attn).shape[0] == 3 * m.split_size:
         qkv = _name(name, "c_attn")
-        return (qkv, qkv, qkv, _name(name, "c_proj"), m.head_dim, 1, ("num_heads", "split_size"),
-                (0, m.split_size, 2 * m.split_size))
+        return (qkv, qkv, qkv, _name(name, "c_proj"), m.head_dim, 1, _counts(m), (0, m.split_size, 2 * m.split_size))
     return None
 
 
@@ -265,9 +271,9 @@ def _cut(att: Attention, gone: list[int], modules: dict, out: HeadPlan) -> None:
         if bool(delta.any()):
             out.folds[att.o] = out.folds.get(att.o, 0) + delta
     left = att.heads - len(gone) * rep
-    values = dict(zip(COUNT_ATTRIBUTES, (left, left * hd, left, left * hd, left)))
+    values = {"heads": left, "kv_heads": att.kv_heads - len(gone), "width": left * hd}
     if att.counts:
-        out.attributes[att.name] = {a: values[a] for a in att.counts}
+        out.attributes[att.name] = {a: values[COUNT_ATTRIBUTES[a]] for a in att.counts}
 
 
 def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None,

@@ -287,3 +287,27 @@ def test_a_v_masked_head_with_a_v_bias_goes_under_eager_attention():
     assert attn.v_proj.out_features == 16 and attn.q_proj.out_features == 32
     with torch.no_grad():
         torch.testing.assert_close(small(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_stablelm_head_counts_it_reshapes_with_are_updated():
+    """StableLM's attention reshapes with self.num_heads and self.num_key_value_heads: prune_channels(heads=0.25)
+    then compact updates both (8 / 4 heads -> 6 / 3), the logits are exact and greedy generation unchanged."""
+    torch.manual_seed(0)
+    cfg = T.StableLmConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=8, num_key_value_heads=4)
+    m = T.StableLmForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.normal_(0.5 if n.endswith("norm.weight") else 0.0, 0.1)
+    ids = torch.randint(0, 200, (2, 8), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    compactor.prune_channels(m, inputs, 0.5, heads=0.25)
+    small = compactor.compact(m, inputs)
+    attn = small.model.layers[0].self_attn
+    assert (attn.num_heads, attn.num_key_value_heads, attn.q_proj.out_features) == (6, 3, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(small(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
+        want = m.generate(ids[:1], max_new_tokens=8, do_sample=False)
+        got = small.generate(ids[:1], max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, want)
