@@ -121,8 +121,9 @@ def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Opti
     if not pruned and not the_plan.any_masked:
         raise NoPruningFoundError(
             f"no pruning found in {type(model).__name__}: no layer carries torch.nn.utils.prune masks and none "
-            "has all-zero output channels. Prune it first, e.g. prune.ln_structured(model.conv1, 'weight', "
-            "amount=0.5, n=2, dim=0), or load a pruned state_dict with compactor.load_pruned(Model, path)"
+            "has all-zero output channels. Prune it first: compactor.prune_channels(model, inputs, 0.5) masks "
+            "channels compaction removes entirely (or prune.ln_structured(model.conv1, 'weight', amount=0.5, n=2, "
+            "dim=0) per layer), or load a pruned state_dict with compactor.load_pruned(Model, path)"
         )
     return _Prepared(example, batches, work, the_plan, measured, [t.key for t in pruned], masked_output, frozen)
 

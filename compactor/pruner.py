@@ -76,8 +76,11 @@ class PruneReport:
         units = sum(g.units for g in self.groups)
         masked = sum(g.masked for g in self.groups)
         lines.append("")
-        lines.append(f"masked {masked} of {units} units in {len(self.groups)} groups (amount={self.amount}, "
-                     f"scope={self.scope}); compact() removes all of them")
+        if masked:
+            lines.append(f"masked {masked} of {units} units in {len(self.groups)} groups (amount={self.amount}, "
+                         f"scope={self.scope}); compact() removes all of them")
+        else:
+            lines.append(f"masked nothing (amount={self.amount}, scope={self.scope}): no group could be pruned")
         if self.dropped:
             lines.append(f"{self.dropped} unit(s) left unmasked: the dry run showed compaction would keep them "
                          "(others of their group were masked instead where there were any)")
@@ -516,4 +519,20 @@ def prune_channels(
             layers=tuple(sorted({it.name for gi in k for it in groups[gi].items if it.role in _PRODUCERS})),
             units=len(units_c), masked=len(idx), channels=int(sum(int(f.sum()) for f in rows.values())),
             score=sum(scores[c][i] for i in idx) / len(idx) if idx else 0.0))
+    if not any(g.masked for g in report.groups) and (report.dropped or not any(g.units for g in report.groups)) \
+            and (amount or heads):  # nothing could be masked (not: the amounts round to no unit)
+        raise CompactionError(_nothing_masked(model, report))
     return report
+
+
+def _nothing_masked(model: nn.Module, report: PruneReport) -> str:
+    """Why prune_channels masked nothing (the model is left as it was), group by group."""
+    why = "; ".join(f"{', '.join(layers[:3])}{' …' if len(layers) > 3 else ''}: {reason}"
+                    for layers, reason in report.skipped[:8])
+    more = f" (and {len(report.skipped) - 8} more)" if len(report.skipped) > 8 else ""
+    tried = (f"{report.dropped} unit(s) tried, each of which compaction would have kept (the dry run); "
+             if report.dropped else "")
+    return (f"prune_channels found nothing it can mask in {type(model).__name__}; the model is unchanged. {tried}"
+            + (f"Not pruned: {why}{more}" if why else "No other group computes channels another layer reads")
+            + ". Mask what you can by hand with torch.nn.utils.prune and compact() keeps what it cannot remove, "
+            "with the reason")

@@ -112,9 +112,10 @@ def test_what_compaction_must_keep_is_never_masked():
     [(layers, why)] = report.skipped
     assert "0" in layers and why == "1: LayerNorm normalizes across channels"
     m = net()
-    report = compactor.prune_channels(m, x, 0.5, ignore=[m[4]])
+    with pytest.raises(compactor.CompactionError, match=r"found nothing it can mask.*Not pruned: 2, 4: 4: in ignore; "
+                                                        r"0, 2: 1: LayerNorm normalizes across channels"):
+        compactor.prune_channels(m, x, 0.5, ignore=[m[4]])
     assert _masked_rows(m) == {}
-    assert sorted(why for _, why in report.skipped) == ["1: LayerNorm normalizes across channels", "4: in ignore"]
 
 
 def test_masks_stack_with_earlier_ones_and_behave_like_torch_masks():
@@ -178,6 +179,20 @@ def test_bad_arguments_name_the_argument(bad, match):
 def test_over_the_zoo_compact_removes_every_masked_row(name, amount, scope):
     """The property that matters: whatever prune_channels masks, compact() removes entirely, exactly."""
     model, x = zoo.build(name)
-    compactor.prune_channels(model, x, amount, scope=scope)
-    if _masked_rows(model):  # a zoo model whose channels all have to stay (a channel shuffle) gets no mask
+    try:
+        compactor.prune_channels(model, x, amount, scope=scope)
+    except compactor.CompactionError as exc:  # a zoo model whose channels all have to stay (a channel shuffle)
+        assert "found nothing it can mask" in str(exc) and _masked_rows(model) == {}
+        return
+    if _masked_rows(model):  # (amounts too small to mask a unit of a small group: nothing to remove)
         _removed_everything(model, x)
+
+
+def test_nothing_maskable_raises_with_each_group_and_why_and_leaves_the_model_alone():
+    """Linear -> LayerNorm -> Linear: the only group runs through a LayerNorm (it normalizes across channels), so
+    prune_channels masks nothing: it raises naming the group and the reason, and adds no mask."""
+    m = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    with pytest.raises(compactor.CompactionError, match=r"found nothing it can mask in Sequential.*Not pruned: 0, 2: "
+                                                        r"1: LayerNorm normalizes across channels"):
+        compactor.prune_channels(m, torch.randn(2, 4), 0.5)
+    assert not any(hasattr(mod, "weight_mask") for mod in m.modules())
