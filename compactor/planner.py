@@ -532,7 +532,7 @@ def place_folds(ledger: Ledger, modules: Mapping[str, nn.Module], stats: Mapping
     for name, acc in sums.items():
         bn = _absorbing_bn(name, modules, bn_pairs)
         sources = tuple(dict.fromkeys(acc["sources"]))
-        if acc["bias"] is not None:
+        if acc["bias"] is not None and bool(acc["bias"].ne(0).any()):  # a fold of zeros creates no bias
             folds.append(Fold(layer=name, target="bn_mean" if bn else "bias", values=acc["bias"], bn=bn,
                               sources=sources))
         if acc["border"] is not None and not bool(acc["border"].ne(0).any()):

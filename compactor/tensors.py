@@ -138,8 +138,8 @@ def flatten_outputs(out: Any) -> Iterator[torch.Tensor]:
     """
     if isinstance(out, torch.Tensor):
         yield out
-    elif isinstance(out, dict):
-        for k in sorted(out):
+    elif isinstance(out, dict):  # in insertion order, as exporters flatten a dict (ONNX outputs are positional)
+        for k in out:
             yield from flatten_outputs(out[k])
     elif isinstance(out, (list, tuple)):
         for o in out:

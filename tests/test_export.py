@@ -318,3 +318,28 @@ def test_fx_traced_compact_model_follows_train_and_eval_at_run_time(momentum, bo
     traced.eval(), masked.eval()
     with torch.no_grad():
         torch.testing.assert_close(traced(xb), masked(xb), rtol=1e-4, atol=1e-5)
+
+
+class _DictHead(nn.Module):
+    """Returns (y, {"z": ..., "a": ...}): dict keys not in sorted order, as YOLOv8's detection head does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(h.mean((2, 3))), {"z": h[:, :2], "a": h.mean(1)}
+
+
+def test_dict_outputs_are_compared_in_the_order_onnx_returns_them(tmp_path):
+    """ONNX flattens a returned dict in insertion order ("z" before "a"); the parity check compares in that order
+    too (it sorted the keys, and called a correct export broken)."""
+    torch.manual_seed(0)
+    m = _DictHead().eval()
+    prune.ln_structured(m.conv, "weight", 0.5, n=2, dim=0)
+    x = torch.randn(2, 3, 8, 8)
+    small = compactor.compact(m, x)
+    assert [tuple(t.shape[1:]) for t in flatten_outputs(small(x))] == [(2,), (2, 8, 8), (8, 8)]
+    compactor.export_onnx(small, x, str(tmp_path / "dict.onnx"))

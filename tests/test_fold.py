@@ -412,3 +412,18 @@ def test_no_carrier_where_the_padded_conv_does_not_read_the_constants():
     small = _assert_compact_equals_masked(m, x)
     assert small.a.out_channels == 5
     assert [f.target for f in planner.make_plan(masks.bake(m).eval(), [(x,)])[0].folds] == ["bias"]
+
+
+def test_a_fold_of_zeros_creates_no_bias():
+    """Row 1 of Linear(4,3) masked with bias -0.7: relu gives 0, so the bias-free second layer gets no bias (a
+    GLU neuron whose gate row is masked emits 0 the same way: LLaMA's bias-free down_proj stays bias-free)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2, bias=False)).eval()
+    with torch.no_grad():
+        m[0].bias[1] = -0.7
+    mask_rows(m[0], [1])
+    x = torch.randn(3, 4)
+    work, plan = _plan(m, x)
+    assert plan.folds == ()
+    small = _assert_compact_equals_masked(m, x)
+    assert small[2].bias is None and small[2].in_features == 2

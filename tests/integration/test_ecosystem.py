@@ -164,6 +164,13 @@ def test_yolo_onnx_export_equals_masked(yolo_pair, tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(300)
+def test_yolo_compactor_export_onnx_passes_its_parity_check(yolo_pair, tmp_path):
+    """compactor.export_onnx on the compact YOLOv8 (its head returns a dict): onnxruntime equals torch."""
+    _, small, x = yolo_pair
+    compactor.export_onnx(copy.deepcopy(small), x, str(tmp_path / "yolo.onnx"))
+
+
+@pytest.mark.timeout(300)
 def test_yolo_save_and_reload_equals_masked(yolo_pair, tmp_path):
     """YOLO(...).save(path) -> YOLO(path): ultralytics stores the weights in float16, so the reloaded compact
     model equals the compact model with float16-rounded weights exactly, and the masked model to that rounding."""
