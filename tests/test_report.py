@@ -14,9 +14,11 @@ from tests.hand_models import Residual, Scaled, Tied, mask_rows
 
 
 def _mlp() -> nn.Module:
-    """Linear(4, 6) -> ReLU -> Linear(6, 2), rows 0 and 3 of the first masked."""
+    """Linear(4, 6) -> ReLU -> Linear(6, 2), rows 0 and 3 of the first masked (biases 0.4, 0.2: constants > 0)."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    with torch.no_grad():
+        m[0].bias[0], m[0].bias[3] = 0.4, 0.2
     mask_rows(m[0], [0, 3])
     return m
 
