@@ -218,9 +218,42 @@ def _failure(model: nn.Module, order: list[str], failures: list[tuple[str, str]]
     return ExportError(f"could not export {type(model).__name__} to ONNX: {said}; {fix}")
 
 
+class _Keywords(nn.Module):
+    """``model(**dict(zip(keys, inputs)))`` as a module of positional tensors (ONNX inputs are positional);
+    a Hugging Face model's key/value cache is turned off (``use_cache=False``) and its ``ModelOutput`` returned
+    as the tuple of its tensors."""
+
+    def __init__(self, model: nn.Module, keys: Sequence[str]) -> None:
+        super().__init__()
+        self.model, self.keys = model, list(keys)
+        try:
+            self.cache_flag = "use_cache" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+            self.cache_flag = False
+
+    def forward(self, *inputs: torch.Tensor) -> tuple:
+        kwargs: dict[str, Any] = dict(zip(self.keys, inputs))
+        if self.cache_flag:
+            kwargs["use_cache"] = False
+        return tuple(flatten_outputs(self.model(**kwargs)))
+
+
+def _output_names(model: nn.Module, example: tuple, count: int) -> list[str]:
+    """The names of a dict-like output's tensors (a ModelOutput: "logits", ...), else output / output_<i>."""
+    inner = model.model if isinstance(model, _Keywords) else None
+    if inner is not None:
+        with torch.no_grad():
+            out = inner(**dict(zip(model.keys, example)), **({"use_cache": False} if model.cache_flag else {}))
+        if isinstance(out, dict):
+            names = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+            if len(names) == count:
+                return names
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
 def export_onnx(
     model: nn.Module,
-    example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]],
+    example_inputs: Union[torch.Tensor, Sequence[torch.Tensor], dict],
     path: Union[str, os.PathLike],
     *,
     dynamic_batch: bool = True,
@@ -247,7 +280,10 @@ def export_onnx(
 
     Args:
         model: the model to export (e.g. the result of :func:`compactor.compact`).
-        example_inputs: a tensor or tuple of tensors, batch first.
+        example_inputs: a tensor or tuple of tensors, batch first; or, as :func:`compactor.compact`
+            takes them, a dict of keyword inputs (a tokenizer's output): they become ONNX inputs of the
+            same names, and a Hugging Face model is exported without its cache (``use_cache=False``), its
+            outputs named as in its ``ModelOutput`` ("logits").
         path: where to write the ``.onnx`` file (atomically).
         dynamic_batch: make dimension 0 of every input and output symbolic ("batch").
         opset: ONNX opset version; ``None`` lets the exporter choose.
@@ -280,9 +316,14 @@ def export_onnx(
         raise ValueError(f"exporter={exporter!r} should be one of {', '.join(map(repr, _EXPORTERS))}")
     path = os.fspath(path)
     files.refuse_overwrite(path, force=force)
+    keys = list(example_inputs) if isinstance(example_inputs, dict) else None
+    if keys is not None:
+        example_inputs = tuple(example_inputs[k] for k in keys)
     example = as_inputs(example_inputs, tensors_only=True, who="export_onnx")
     t0 = time.perf_counter()
     work = masks.clone(model).eval()
+    if keys is not None:
+        work = _Keywords(work, keys).eval()
 
     try:
         expected = _outputs(work, example)
@@ -309,8 +350,8 @@ def export_onnx(
                 "any batch size, so export it with dynamic_batch=False (--no-dynamic-batch)"
             ) from None
 
-    input_names = ["input"] if len(example) == 1 else [f"input_{i}" for i in range(len(example))]
-    output_names = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
+    input_names = keys or (["input"] if len(example) == 1 else [f"input_{i}" for i in range(len(example))])
+    output_names = _output_names(work, example, len(expected))
     dynamic_axes: dict[str, dict[int, str]] = {}
     if dynamic_batch:
         dynamic_axes = {n: {0: "batch"} for n in input_names}

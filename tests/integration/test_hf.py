@@ -311,3 +311,28 @@ def test_stablelm_head_counts_it_reshapes_with_are_updated():
         want = m.generate(ids[:1], max_new_tokens=8, do_sample=False)
         got = small.generate(ids[:1], max_new_tokens=8, do_sample=False)
     assert torch.equal(got, want)
+
+
+def test_export_onnx_takes_the_tokenizer_dict_compact_takes(tmp_path):
+    """export_onnx(small, {"input_ids", "attention_mask"}): ONNX inputs of those names, the cache off, the output
+    named "logits"; onnxruntime equals torch at two batch sizes, a left-padded row included."""
+    import onnxruntime as ort
+
+    model, _ = _llama()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.normal_(1.0, 0.1)
+    inputs = _tokens()
+    inputs["attention_mask"][1, :4] = 0
+    compactor.prune_channels(model, inputs, 0.5, heads=0.5)
+    small = compactor.compact(model, inputs)
+    path = tmp_path / "llama.onnx"
+    report = compactor.export_onnx(small, inputs, path)
+    assert report.batch_sizes == [2, 1] and report.max_abs_diff <= report.tolerance
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    (logits,) = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), model(**inputs).logits, rtol=1e-4, atol=1e-4)
