@@ -3,6 +3,7 @@
 from .api import compact, plan
 from .errors import CompactionError, ExportError, LoadError, MaskLoadError, NoPruningFoundError, VerificationError
 from .export import ExportReport, export_onnx, export_program
+from .pretrained import save_pretrained
 from .saving import load, save, save_pickle
 from .masks import load_pruned
 from .pruner import PruneReport, prune_channels
@@ -21,6 +22,7 @@ __all__ = [
     "export_program",
     "save",
     "save_pickle",
+    "save_pretrained",
     "load",
     "CompactionError",
     "NoPruningFoundError",

@@ -25,7 +25,7 @@ from .errors import LoadError
 from .tensors import Kwargs, call
 from .verify import full_precision
 
-__all__ = ["probe_inputs", "take", "check"]
+__all__ = ["probe_inputs", "probe_batch", "take", "check"]
 
 #: Above this many bytes, the probe keeps the first row of the example inputs only; above the second, nothing.
 MAX_PROBE_BYTES = 4 << 20
@@ -73,7 +73,8 @@ def _bytes(items: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in items)
 
 
-def _batch(inputs: Mapping[str, Any], device: torch.device) -> tuple:
+def probe_batch(inputs: Mapping[str, Any], device: torch.device) -> tuple:
+    """The probe ``inputs`` (from :func:`probe_inputs`) as a batch for :func:`compactor.tensors.call`."""
     if inputs["kwargs"]:
         return (Kwargs({k: v.to(device) for k, v in inputs["kwargs"].items()}),)
     return tuple(t.to(device) for t in inputs["args"])
@@ -113,7 +114,7 @@ def _record(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[list[list], li
 
     every = {name: functools.partial(hook, name) for name, _ in model.named_modules() if name}
     with probe.hooked(model, post=every), _eval_no_grad(model), full_precision():
-        out = call(model, _batch(inputs, _device(model)))
+        out = call(model, probe_batch(inputs, _device(model)))
     return calls, [_stats(t) for t in _floats(out)]
 
 

@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(compactor.__file__).parent
 ORDER = [
     "errors", "tensors", "timing", "progress", "files", "kinds",   # base: no pipeline knowledge
     "layers", "masks", "probe", "graph", "heads", "planner", "fold", "report", "verify", "fingerprint",  # the pipeline
-    "api", "pruner", "saving", "export", "plot",        # what users call
+    "api", "pruner", "saving", "pretrained", "export", "plot",        # what users call
     "testing", "demo", "bench", "cli", "__main__",      # built on all of the above
 ]
 

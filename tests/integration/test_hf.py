@@ -336,3 +336,57 @@ def test_export_onnx_takes_the_tokenizer_dict_compact_takes(tmp_path):
     (logits,) = session.run(None, {k: v.numpy() for k, v in inputs.items()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(logits), model(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Mistral"])
+def test_save_pretrained_loads_with_vanilla_from_pretrained(family, tmp_path):
+    """prune_channels(0.5, heads=0.5) -> compact -> compactor.save_pretrained: config.json holds the compact
+    widths (4 / 2 heads, explicit head_dim 16, intermediate 128), AutoModelForCausalLM.from_pretrained loads it
+    with no missing or unexpected keys, and its logits and greedy tokens equal the masked model's."""
+    import json
+
+    torch.manual_seed(0)
+    cfg = getattr(T, f"{family}Config")(vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=8, num_key_value_heads=4)
+    model = getattr(T, f"{family}ForCausalLM")(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    inputs = _tokens()
+    compactor.prune_channels(model, inputs, 0.5, heads=0.5)
+    small = compactor.compact(model, inputs)
+    folder = compactor.save_pretrained(small, tmp_path / "small")
+    with open(tmp_path / "small" / "config.json") as f:
+        config = json.load(f)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"],
+            config["intermediate_size"]) == (4, 2, 16, 128)
+    loaded, info = T.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+        ids = inputs["input_ids"][:1]
+        assert torch.equal(loaded.generate(ids, max_new_tokens=8, do_sample=False),
+                           model.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_save_pretrained_refuses_what_no_config_can_describe(tmp_path):
+    """Per-layer MLP widths (scope='global') and a head count LlamaConfig rejects (6 heads at hidden 128): a clear
+    error naming the widths, and nothing written."""
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=4)
+    inputs = _tokens()
+    model = T.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight.mul_(3.0)  # layer 0's neurons score higher: uneven widths
+    compactor.prune_channels(model, inputs, 0.5, scope="global")
+    small = compactor.compact(model, inputs)
+    with pytest.raises(compactor.CompactionError, match=r"MLP widths differ between layers .*scope='local'"):
+        compactor.save_pretrained(small, tmp_path / "a")
+    model = T.LlamaForCausalLM(cfg).eval()
+    compactor.prune_channels(model, inputs, 0.5, heads=0.25)
+    with pytest.raises(compactor.CompactionError, match=r"LlamaConfig rejects .*'num_attention_heads': 6.*not a "
+                                                        r"multiple of the number of attention heads"):
+        compactor.save_pretrained(compactor.compact(model, inputs), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
