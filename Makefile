@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/compactor demo --out $(OUT)
+	$(VENV)/bin/compactor demo --out $(OUT) $(if $(FORCE),--force)
 
 test: install
 	$(PY) -m pytest -q

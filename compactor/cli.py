@@ -54,7 +54,9 @@ def _model_factory(spec: str) -> Callable[[], Any]:
                 f"--model: no module named '{exc.name}' in {cwd} or on PYTHONPATH; run compactor from the folder "
                 f"that holds {module_name.split('.')[0]}, or add that folder to PYTHONPATH"
             ) from None
-        raise UserError(f"--model: importing '{module_name}' failed: {first_line(exc)}; install what it needs") from None
+        missing = (exc.name or "").split(".")[0]
+        raise UserError(f"--model: importing '{module_name}' failed: {first_line(exc)}; install it "
+                        f"(pip install {missing or 'the missing package'}) in this environment") from None
     except Exception as exc:
         raise UserError(f"--model: importing '{module_name}' raised {type(exc).__name__}: {first_line(exc)}; "
                         "fix that module") from None

@@ -221,6 +221,9 @@ def _prepare(case, name, folder):
         return {"--model": name}
     if case == "model does not import":
         return {"--model": "no_such_module_xyz:LeNet"}
+    if case == "model needs a missing package":
+        (folder / "needs_pkg.py").write_text("import no_such_package_abc\n")
+        return {"--model": "needs_pkg:LeNet"}
     if case == "model has no such callable":
         return {"--model": f"{name}:Nope"}
     if case == "model is not a module":
@@ -242,6 +245,7 @@ def _prepare(case, name, folder):
     ("shapes do not match", "has shape"),
     ("model not module:callable", "module:callable"),
     ("model does not import", "no module named 'no_such_module_xyz'"),
+    ("model needs a missing package", "pip install no_such_package_abc"),
     ("model has no such callable", "has no 'Nope' (it defines"),
     ("model is not a module", "not a torch.nn.Module"),
     ("bad input shape", "--input-shape '1,one,28,28'"),
@@ -257,7 +261,8 @@ def test_bad_input_one_line_exit_2_nothing_written(case, keyword, user, capsys):
     assert code == 2
     assert line.startswith("compactor compact: error: ") and keyword in line, line
     assert "Traceback" not in line
-    assert sorted(p for p in os.listdir(folder) if p != "__pycache__") == [p for p in before if p != "__pycache__"]
+    written = {"__pycache__", "needs_pkg.py"}  # the case's own module
+    assert sorted(p for p in os.listdir(folder) if p not in written) == [p for p in before if p not in written]
 
 
 def test_existing_outputs_are_refused_up_front(user, capsys):
