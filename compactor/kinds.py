@@ -52,8 +52,11 @@ class Kind:
     #: computes each output from input channels through its weight: a consumer where constants fold, MACs counted
     reads = False
 
-    def matches(self, module: object) -> bool:  # pragma: no cover - every kind overrides it
-        raise NotImplementedError
+    #: the module types of this kind (subclasses included)
+    types: tuple[type, ...] = ()
+
+    def matches(self, module: object) -> bool:
+        return isinstance(module, self.types)
 
     # ---- the weight
     def out_major(self, module: nn.Module) -> torch.Tensor:
@@ -132,12 +135,10 @@ class Kind:
 
 
 class _Linear(Kind):
+    types = (nn.Linear,)
     name = "Linear"
     widths = ("in_features", "out_features")
     reads = True
-
-    def matches(self, module: object) -> bool:
-        return isinstance(module, nn.Linear)
 
     def sync_widths(self, module, out, inputs):
         module.out_features, module.in_features = module.weight.shape
@@ -169,13 +170,11 @@ class _TransposedLinear(Kind):
 
 
 class _Conv(Kind):
+    types = CONV
     name = "Conv"
     widths = ("in_channels", "out_channels", "groups")
     channel_axis = 1
     reads = True
-
-    def matches(self, module: object) -> bool:
-        return isinstance(module, CONV)
 
     def slicing(self, module, out, inputs):
         # a grouped conv loses whole groups: its per-group input width (weight dim 1) stays
@@ -236,12 +235,10 @@ class _ConvTranspose(Kind):
 
 
 class _BatchNorm(Kind):
+    types = BATCHNORM
     name = "BatchNorm"
     widths = ("num_features",)
     channel_axis = 1
-
-    def matches(self, module: object) -> bool:
-        return isinstance(module, BATCHNORM)
 
     def out_rows(self, module):
         return module.num_features
@@ -254,51 +251,51 @@ class _BatchNorm(Kind):
         module.num_features -= len(out)
 
 
-class _PReLU(Kind):
-    name = "PReLU"
-    widths = ("num_parameters",)
-    channel_axis = 1
+class _SlicedWeight(Kind):
+    """A layer whose only sliced tensor is its weight, along ``weight_dim``; ``width`` holds that size."""
 
-    def matches(self, module: object) -> bool:
-        return isinstance(module, nn.PReLU)
-
-    def slicing(self, module, out, inputs):
-        return {"weight": ((0, out),)}
-
-    def sync_widths(self, module, out, inputs):
-        module.num_parameters = module.weight.shape[0]
-
-
-class _Embedding(Kind):
-    """Rows are the embedding's features (weight dim 1): the channels it writes."""
-
-    name = "Embedding"
-    widths = ("num_embeddings", "embedding_dim")
-
-    def matches(self, module: object) -> bool:
-        return isinstance(module, nn.Embedding)
+    weight_dim = 0
+    width = ""
 
     def out_major(self, module):
-        return module.weight.detach().t()
+        return module.weight.detach().t() if self.weight_dim == 1 else module.weight.detach()
 
     def out_dim_of(self, tensor: str) -> int:
-        return 1
+        return self.weight_dim
 
     def slicing(self, module, out, inputs):
-        return {"weight": ((1, out),)}
+        return {"weight": ((self.weight_dim, out),)}
 
     def sync_widths(self, module, out, inputs):
-        module.embedding_dim = module.weight.shape[1]
+        setattr(module, self.width, module.weight.shape[self.weight_dim])
+
+
+class _PReLU(_SlicedWeight):
+    """Its per-channel slopes."""
+
+    types = (nn.PReLU,)
+    name = "PReLU"
+    widths = ("num_parameters",)
+    width = "num_parameters"
+    channel_axis = 1
+
+
+class _Embedding(_SlicedWeight):
+    """Rows are the embedding's features (weight dim 1): the channels it writes."""
+
+    types = (nn.Embedding,)
+    name = "Embedding"
+    widths = ("num_embeddings", "embedding_dim")
+    width = "embedding_dim"
+    weight_dim = 1
 
 
 class _LayerNorm(Kind):
     """Never sliced (it normalizes across channels); :func:`compactor.load` resizes it when a head rule did."""
 
+    types = (nn.LayerNorm,)
     name = "LayerNorm"
     widths = ("normalized_shape",)
-
-    def matches(self, module: object) -> bool:
-        return isinstance(module, nn.LayerNorm)
 
 
 #: Tried in order, first match wins.
