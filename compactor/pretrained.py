@@ -14,7 +14,6 @@ layers or keys named: ``compactor.save`` / ``compactor.load`` round-trip any com
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile
@@ -129,6 +128,7 @@ def save_pretrained(model: nn.Module, path: "str | os.PathLike", *, force: bool 
         raise FileExistsError(f"'{path}' exists; pass force=True to replace it")
     new_config = compact_config(model)
     parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".compactor-", dir=parent)
     try:
         old = model.config
@@ -138,9 +138,19 @@ def save_pretrained(model: nn.Module, path: "str | os.PathLike", *, force: bool 
         finally:
             model.config = old
         _check_reload(model, tmp)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        old_folder = None
+        if os.path.exists(path):  # moved aside, not deleted, until the new folder is in place
+            old_folder = tempfile.mkdtemp(prefix=".compactor-old-", dir=parent)
+            os.replace(path, os.path.join(old_folder, "x"))
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old_folder is not None:
+                os.replace(os.path.join(old_folder, "x"), path)
+            raise
+        finally:
+            if old_folder is not None:
+                shutil.rmtree(old_folder, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -149,7 +159,14 @@ def save_pretrained(model: nn.Module, path: "str | os.PathLike", *, force: bool 
 
 def _check_reload(model: nn.Module, folder: str) -> None:
     """Load ``folder`` with the class's own ``from_pretrained``: no missing or unexpected keys, same logits."""
-    loaded, info = type(model).from_pretrained(folder, output_loading_info=True)
+    try:
+        loaded, info = type(model).from_pretrained(folder, output_loading_info=True)
+    except Exception as exc:
+        raise CompactionError(
+            f"{type(model).__name__}.from_pretrained cannot load the compact model as written: "
+            f"{str(exc).strip().splitlines()[0]}; the family's config does not describe these widths (e.g. a head "
+            "size other than hidden_size / heads where the family has no head_dim); save it with compactor.save "
+            "and reload it with compactor.load") from None
     bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
     if bad:
         raise CompactionError(
@@ -160,10 +177,15 @@ def _check_reload(model: nn.Module, folder: str) -> None:
     if probe is None:
         return
     loaded = loaded.to(next(model.parameters()).device).eval()
-    want_model = copy.copy(model).eval() if model.training else model
-    with torch.no_grad(), full_precision():
-        batch = probe_batch(probe, next(model.parameters()).device)
-        want, got = call(want_model, batch), call(loaded, batch)
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), full_precision():
+            batch = probe_batch(probe, next(model.parameters()).device)
+            want, got = call(model, batch), call(loaded, batch)
+    finally:
+        for m, flag in flags:
+            m.training = flag
     result = compare([list(flatten_outputs(want))], [list(flatten_outputs(got))])
     if not result.ok:
         raise CompactionError(

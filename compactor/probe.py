@@ -31,14 +31,17 @@ def hooked(model: nn.Module, pre: Mapping[str, Hook] = MappingProxyType({}),
            post: Mapping[str, Hook] = MappingProxyType({})) -> Iterator[None]:
     """Forward pre-hooks ``pre[name](module, args)`` and hooks ``post[name](module, args, output)`` on the named
     modules of ``model`` ("" names ``model`` itself) inside the block; all removed on exit, whatever happens.
-    A hook that returns a value replaces the input (pre) or the output (post), as torch's hooks do."""
+    A hook that returns a value replaces the input (pre) or the output (post), as torch's hooks do; a list
+    registers several on one module, in order."""
     modules = dict(model.named_modules())
     handles = []
     try:
-        for name, fn in pre.items():
-            handles.append(modules[name].register_forward_pre_hook(fn))
-        for name, fn in post.items():
-            handles.append(modules[name].register_forward_hook(fn))
+        for name, fns in pre.items():
+            for fn in fns if isinstance(fns, (list, tuple)) else [fns]:
+                handles.append(modules[name].register_forward_pre_hook(fn))
+        for name, fns in post.items():
+            for fn in fns if isinstance(fns, (list, tuple)) else [fns]:
+                handles.append(modules[name].register_forward_hook(fn))
         yield
     finally:
         for h in handles:
@@ -151,7 +154,8 @@ def recording(model: nn.Module) -> Iterator[Recording]:
     readers = [n for n, m in model.named_modules() if _reads_channels(m)]
     norms = [n for n, m in model.named_modules() if isinstance(m, BATCHNORM) and n not in readers]
     pre = {**{n: functools.partial(layer_in, n) for n in readers}, **{n: functools.partial(bn_in, n) for n in norms}}
-    post = {**{n: functools.partial(layer_out, n) for n in readers}, "": model_out}
+    post: dict[str, Any] = {n: functools.partial(layer_out, n) for n in readers}
+    post[""] = [post[""], model_out] if "" in post else model_out  # the model may itself be one layer
     with hooked(model, pre, post):
         yield rec
 

@@ -140,3 +140,12 @@ def test_a_parametrized_layer_is_frozen_to_the_plain_layer_it_computes():
     with torch.no_grad():
         torch.testing.assert_close(small(x), m(x), rtol=1e-5, atol=1e-6)
     assert compactor.plan(m, x).frozen == compactor.report_of(small).frozen
+
+
+def test_a_model_that_is_one_layer_reports_its_macs():
+    """A bare pruned Conv2d is both the model and its only layer: both hooks run, so its MACs are counted
+    (6*6 outputs x 4 channels x 3*9 per image; its rows are the model's output, so they stay)."""
+    conv = nn.Conv2d(3, 4, 3)
+    prune.ln_structured(conv, "weight", 0.5, n=2, dim=0)
+    report = compactor.plan(conv, torch.randn(1, 3, 8, 8))
+    assert report.macs_before == report.macs_after == 6 * 6 * 4 * 3 * 9

@@ -167,3 +167,35 @@ def test_the_float64_second_opinion_still_catches_a_wrong_model():
         ref = [m(*b) for b in batches]
     assert verify.within_float32_error(m, batches, ref, ref)
     assert not verify.within_float32_error(m, batches, ref, [r + 0.1 for r in ref])
+
+
+def test_the_float64_second_opinion_refuses_non_finite_and_integer_differences():
+    """A reference that overflows in fp32 (inf where float64 is finite) vouches for nothing, and an integer output
+    must equal the masked model's exactly: both make the second opinion say no."""
+    m, x = _cancelling()
+    from compactor import tensors
+
+    batches = tensors.make_batches((x,), 0)
+    with torch.no_grad():
+        ref = [m(*b) for b in batches]
+    overflowed = [(r, torch.full_like(r, float("inf"))) for r in ref]
+    assert not verify.within_float32_error(_Pair(m), batches, overflowed, [(r + 5, torch.zeros_like(r)) for r in ref])
+    ints = [(r, r.round().long()) for r in ref]
+    assert verify.within_float32_error(_IntPair(m), batches, ints, ints)
+    assert not verify.within_float32_error(_IntPair(m), batches, ints, [(r, i + 1) for r, i in ints])
+
+
+class _Pair(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        y = self.m(x)
+        return y, y * 0
+
+
+class _IntPair(_Pair):
+    def forward(self, x):
+        y = self.m(x)
+        return y, y.round().long()

@@ -355,8 +355,9 @@ def test_save_pretrained_loads_with_vanilla_from_pretrained(family, tmp_path):
                 p.normal_(0, 0.1)
     inputs = _tokens()
     compactor.prune_channels(model, inputs, 0.5, heads=0.5)
-    small = compactor.compact(model, inputs)
+    small = compactor.compact(model, inputs).train()
     folder = compactor.save_pretrained(small, tmp_path / "small")
+    assert all(m.training for m in small.modules())  # its check ran in eval mode; the flags are restored
     with open(tmp_path / "small" / "config.json") as f:
         config = json.load(f)
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"],
@@ -390,3 +391,16 @@ def test_save_pretrained_refuses_what_no_config_can_describe(tmp_path):
                                                         r"multiple of the number of attention heads"):
         compactor.save_pretrained(compactor.compact(model, inputs), tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_save_pretrained_of_a_head_pruned_gpt2_says_the_config_cannot_describe_it(tmp_path):
+    """GPT-2 derives the head size as hidden_size / heads and has no head_dim: after heads go, vanilla
+    from_pretrained cannot read the folder, and save_pretrained says so (CompactionError), writing nothing."""
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32)).eval()
+    inputs = _tokens()
+    compactor.prune_channels(model, inputs, 0.5, heads=0.5)
+    small = compactor.compact(model, inputs)
+    with pytest.raises(compactor.CompactionError, match="cannot load the compact model as written"):
+        compactor.save_pretrained(small, tmp_path / "gpt2")
+    assert not (tmp_path / "gpt2").exists() and [p.name for p in tmp_path.iterdir()] == []
