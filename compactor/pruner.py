@@ -160,18 +160,41 @@ def _units(groups: list[graph.Group], ok: set[int]) -> tuple[list[list[Unit]], s
     return [u for u in units if not any(gi in bad for gi, _ in u)], bad
 
 
-def _rows(item: graph.Item, roots: set[int]) -> torch.Tensor:
-    """The weight rows (Embedding: columns) of ``item`` that belong to ``roots``."""
+def _rows(item: graph.Item, roots: set[int], scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The weight rows (Embedding: columns) of ``item`` that belong to ``roots``, each times ``scale`` of its
+    channel where given (the BatchNorm after it)."""
     local = [i for i, r in zip(item.idxs, item.root_idxs) if r in roots]
     w = out_major(item.module)
-    return w.index_select(0, torch.tensor(local, dtype=torch.long, device=w.device))
+    index = torch.tensor(local, dtype=torch.long, device=w.device)
+    rows = w.index_select(0, index)
+    if scale is None:
+        return rows
+    return rows * scale.to(rows.device, rows.dtype).index_select(0, index).reshape(-1, *[1] * (rows.dim() - 1))
 
 
-def _score(groups: list[graph.Group], unit: list[Unit], importance: Importance) -> float:
+def _bn_scales(work: nn.Module, bn_after: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Per conv that a BatchNorm alone reads, that BatchNorm's per-channel scale |weight| / sqrt(var + eps) in
+    eval mode: what a row's output is multiplied by before anything else reads it."""
+    modules = dict(work.named_modules())
+    out = {}
+    for conv, name in bn_after.items():
+        bn = modules[name]
+        if getattr(bn, "running_var", None) is None:
+            continue
+        scale = (bn.running_var.detach().double() + bn.eps).rsqrt()
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach().double().abs()
+        out[conv] = scale
+    return out
+
+
+def _score(groups: list[graph.Group], unit: list[Unit], importance: Importance,
+           scales: Optional[dict[str, torch.Tensor]] = None) -> float:
     rows = []
+    scales = {} if callable(importance) else (scales or {})  # a callable sees the plain weight rows
     for gi in sorted({gi for gi, _ in unit}):
         roots = {r for g, r in unit if g == gi}
-        rows += [_rows(it, roots) for it in groups[gi].items if it.role in _PRODUCERS]
+        rows += [_rows(it, roots, scales.get(it.name)) for it in groups[gi].items if it.role in _PRODUCERS]
     return _norm(rows, importance)
 
 
@@ -446,8 +469,10 @@ def prune_channels(
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs, to trace the model.
         amount: a fraction in [0, 1) of each group's units (``scope="local"``) or of all units
             (``"global"``), or a count, as in torch's prune functions.
-        importance: ``"l2"`` / ``"l1"`` norm of a unit's rows over all its producers, or a callable
-            taking those rows (a list of tensors) and returning a score; low scores go first.
+        importance: ``"l2"`` / ``"l1"`` norm of a unit's rows over all its producers (a conv's rows times the
+            scale of the BatchNorm that alone reads it, ``|weight| / sqrt(running_var + eps)``, as its output
+            is), or a callable taking the plain rows (a list of tensors) and returning a score; low scores go
+            first.
         scope: ``"local"`` masks ``amount`` of every group; ``"global"`` ranks units across groups,
             each group's scores divided by their mean so no group of small weights is emptied.
         round_to: leave each group's width a multiple of this.
@@ -482,7 +507,8 @@ def prune_channels(
     example = as_inputs(example_inputs, who="prune_channels")
     ignored = _names(model, ignore)
     work = masks.bake(model).eval()
-    groups, _ = graph.trace(work, example)
+    groups, bn_after = graph.trace(work, example)
+    scales = _bn_scales(work, bn_after)
     tied = planner.tied_layers(work)
     report = PruneReport(amount=amount, scope=scope)
     ok = set()
@@ -506,7 +532,7 @@ def prune_channels(
         by_groups.setdefault(tuple(sorted({gi for gi, _ in unit})), []).append(unit)
     keys = sorted(by_groups)
     clusters = [by_groups[k] for k in keys]
-    scores = [[_score(groups, u, importance) for u in c] for c in clusters]
+    scores = [[_score(groups, u, importance, scales) for u in c] for c in clusters]
     chosen = _select(clusters, scores, amount, scope, round_to, max_amount)
     picked = _dry_run(work, groups, clusters, scores, chosen, example, report)
     _apply(model, _masks(groups, [clusters[c][i] for c, i in picked]))

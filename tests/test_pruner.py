@@ -196,3 +196,26 @@ def test_nothing_maskable_raises_with_each_group_and_why_and_leaves_the_model_al
                                                         r"1: LayerNorm normalizes across channels"):
         compactor.prune_channels(m, torch.randn(2, 4), 0.5)
     assert not any(hasattr(mod, "weight_mask") for mod in m.modules())
+
+
+def test_l2_scores_a_conv_row_as_its_batchnorm_scales_it():
+    """conv rows 0 and 1 have equal norms, but bn scales channel 0 by 0.1 / sqrt(1 + eps) and channel 1 by 2: with
+    one unit to mask, channel 0 goes (what it contributes after the BatchNorm is smaller); a callable importance
+    still sees the plain rows."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.ones_like(m[0].weight))
+        m[0].weight[2:] *= 5.0  # channels 2, 3: larger rows, unit BN scale
+        m[1].weight.copy_(torch.tensor([0.1, 2.0, 1.0, 1.0]))
+        m[1].running_var.fill_(1.0)
+    x = torch.randn(2, 3, 6, 6)
+    compactor.prune_channels(m, x, 1)
+    assert _masked_rows(m) == {"0": [0]}
+    seen = []
+    m2 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():
+        m2[0].weight.fill_(1.0)
+        m2[1].weight.fill_(3.0)
+    compactor.prune_channels(m2, x, 1, importance=lambda rows: seen.append(float(rows[0].abs().max())) or 1.0)
+    assert set(seen) == {1.0}
