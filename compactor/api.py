@@ -170,9 +170,8 @@ def plan(model: nn.Module, example_inputs: Inputs, *, mode: Mode = "exact", roun
     with _verify.full_precision():
         p = _prepare(model, example_inputs, mode, round_to, random_inputs, Progress(progress, time_limit),
                      border=border)
-    report = _report.build(p.plan, _report.layout(p.work), fold.new_shapes(p.work, p.plan), p.measured.macs)
-    report.frozen = p.frozen
-    return report
+    return _report.build(p.plan, _report.layout(p.work), fold.new_shapes(p.work, p.plan), p.measured.macs,
+                         frozen=p.frozen)
 
 
 def compact(
@@ -261,21 +260,21 @@ def _compact(model: nn.Module, example_inputs: Inputs, verify: bool, mode: Mode,
     before = _report.layout(work)
     with progress.stage("building the compact model"):
         compact_model = fold.apply(work, the_plan).eval()
-    report = _report.build(the_plan, before, _report.layout(compact_model).shapes, measured.macs)
-    report.sparsity = _sparsity(compact_model, p.pruned)
-    report.frozen = p.frozen
+    checked = None
     if verify:
         with progress.stage("verifying"):
             masked = None if inplace or mode != "exact" else model
-            _verify_compact(compact_model, batches, reference, masked_output, mode, report, masked)
-    compact_model.compaction_report = report
+            checked = _verify_compact(compact_model, batches, reference, masked_output, mode, masked)
+    compact_model.compaction_report = _report.build(  # built once, finished
+        the_plan, before, _report.layout(compact_model).shapes, measured.macs,
+        sparsity=_sparsity(compact_model, p.pruned), frozen=p.frozen, verification=checked)
     compact_model.__dict__["compaction_probe"] = fingerprint.probe_inputs(example)  # save()'s fingerprint input
     return compact_model
 
 
 def _verify_compact(compact_model: nn.Module, batches: list, reference: list, masked_output: Any, mode: str,
-                    report: Report, masked: Optional[nn.Module] = None) -> None:
-    """Compare the compact model with the reference outputs; record the result in ``report``.
+                    masked: Optional[nn.Module] = None) -> _report.Verification:
+    """Compare the compact model with the reference outputs; return what was found (raise if they differ).
 
     When the fp32 comparison fails and the user's masked model is at hand (``masked``), both are
     judged against the masked model run in float64: a compact model no farther from that than the
@@ -300,7 +299,6 @@ def _verify_compact(compact_model: nn.Module, batches: list, reference: list, ma
     except VerificationError:
         if masked is None or not _verify.within_float32_error(masked, batches, reference, got):
             raise
-        diff, tol = _verify.compare(reference, got).max_abs_diff, float("nan")
-        report.judged_in_float64 = True
-    report.max_abs_diff, report.tolerance = diff, tol
-    report.verified_inputs = len(batches)
+        return _report.Verification(_verify.compare(reference, got).max_abs_diff, float("nan"), len(batches),
+                                    judged_in_float64=True)
+    return _report.Verification(diff, tol, len(batches))

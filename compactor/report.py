@@ -33,7 +33,7 @@ class LayerRow:
     macs_after: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class Report:
     """What ``compact`` / ``plan`` did, printable as a table."""
 
@@ -201,19 +201,35 @@ def _folded(plan: Plan) -> list[str]:
     return out
 
 
-def build(plan: Plan, before: Layout, after: Mapping[str, tuple[int, ...]], macs: Mapping[str, int]) -> Report:
-    """The report of ``plan``: ``before`` is the baked model's :func:`layout` before compaction.
+@dataclass(frozen=True)
+class Verification:
+    """What verification found: the largest difference, the tolerance, on how many inputs."""
+
+    max_abs_diff: float
+    tolerance: float
+    inputs: int
+    judged_in_float64: bool = False
+
+
+def build(plan: Plan, before: Layout, after: Mapping[str, tuple[int, ...]], macs: Mapping[str, int], *,
+          sparsity: Optional[Mapping[str, float]] = None, frozen: Sequence[str] = (),
+          verification: Optional[Verification] = None) -> Report:
+    """The finished report of ``plan``: ``before`` is the baked model's :func:`layout` before compaction.
 
     ``after`` holds the compact model's parameter shapes: measured on the built model
     (``layout(compact_model).shapes``) by ``compact()``, predicted by ``fold.new_shapes``
-    in ``plan()``.
+    in ``plan()``; ``verification`` is what ``compact()`` checked (None for the dry run).
     """
     rows = _rows(plan, before, after, macs)
     macs_before = sum(macs.values())
+    v = verification
     return Report(
         mode=plan.mode, layers=rows, groups=list(plan.notes), folded=_folded(plan),
-        params_before=before.params(), params_after=before.params(after),
+        sparsity=dict(sparsity or {}), params_before=before.params(), params_after=before.params(after),
         macs_before=macs_before, macs_after=macs_before - sum(r.macs_before - r.macs_after for r in rows),
+        max_abs_diff=v.max_abs_diff if v else None, tolerance=v.tolerance if v else None,
+        verified_inputs=v.inputs if v else 0, judged_in_float64=v.judged_in_float64 if v else False,
+        frozen=list(frozen),
     )
 
 
