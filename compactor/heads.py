@@ -37,6 +37,7 @@ from torch import nn
 
 from . import probe
 from .kinds import dead_rows, is_linear_like, out_major, zero_columns
+from .plans import Cut, Fold, GroupNote
 from .tensors import call
 
 __all__ = ["Attention", "HeadPlan", "COUNT_ATTRIBUTES", "find", "plan_heads"]
@@ -80,14 +81,25 @@ class Attention:
 
 @dataclass
 class HeadPlan:
-    """What the head rule decided: cuts (layer -> out rows, input columns), O-bias folds, notes."""
+    """What the head rule decided, in the planner's vocabulary (:mod:`compactor.plans`)."""
 
-    cuts: dict[str, tuple[set[int], set[int]]] = field(default_factory=dict)
-    folds: dict[str, torch.Tensor] = field(default_factory=dict)  # o layer -> bias delta (float64)
-    notes: list[tuple[list[str], list[int], str, str]] = field(default_factory=list)  # layers, kv heads, status, why
+    cuts: dict[str, Cut] = field(default_factory=dict)
+    folds: list[Fold] = field(default_factory=list)  # O-bias folds of removed heads' V bias
+    notes: list[GroupNote] = field(default_factory=list)  # per attention module, in key/value heads
     owned: set[str] = field(default_factory=set)  # projections whose traced groups this rule answers for
     attributes: dict[str, dict[str, int]] = field(default_factory=dict)  # module -> attribute -> new value
     any_masked: bool = False
+
+
+def _note(out: HeadPlan, layers: list[str], kv_heads: list[int], status: str, why: str) -> None:
+    out.notes.append(GroupNote(layers=layers, channels=kv_heads, status=status, reason=why, unit="key/value heads"))
+
+
+def _add_cut(out: HeadPlan, name: str, rows: set[int] = frozenset(), columns: set[int] = frozenset()) -> None:
+    """``name`` loses output ``rows`` and input ``columns`` besides what it loses already."""
+    old = out.cuts.get(name, Cut(name=name, why="attention head(s) removed"))
+    out.cuts[name] = Cut(name=name, out=tuple(sorted(set(old.out) | set(rows))),
+                         inputs=tuple(sorted(set(old.inputs) | set(columns))), why=old.why)
 
 
 def _name(prefix: str, child: str) -> str:
@@ -262,14 +274,14 @@ def _cut(att: Attention, gone: list[int], modules: dict, out: HeadPlan) -> None:
     o = modules[att.o]
     q_rows, kv_rows = set(att.q_rows(gone)), set(att.kv_rows(gone))
     for name, rows, off in ((att.q, q_rows, qo), (att.k, kv_rows, ko), (att.v, kv_rows, vo)):
-        out.cuts.setdefault(name, (set(), set()))[0].update(r + off for r in rows)
-    out.cuts.setdefault(att.o, (set(), set()))[1].update(q_rows)
+        _add_cut(out, name, rows={r + off for r in rows})
+    _add_cut(out, att.o, columns=q_rows)
     cols, bias = _v_bias_columns(att, gone, modules)
     if bias is not None:  # the constant heads emit their V bias; O reads it through the removed columns
         w = out_major(o).index_select(1, torch.tensor(cols, dtype=torch.long, device=bias.device)).double()
         delta = w @ bias.double()  # zero where O's columns are masked
         if bool(delta.any()):
-            out.folds[att.o] = out.folds.get(att.o, 0) + delta
+            out.folds.append(Fold(layer=att.o, target="bias", values=delta, sources=("attention heads",)))
     left = att.heads - len(gone) * rep
     values = {"heads": left, "kv_heads": att.kv_heads - len(gone), "width": left * hd}
     if att.counts:
@@ -307,25 +319,25 @@ def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None,
         if gone or partial or qk_only:
             out.any_masked = True
         if partial:
-            out.notes.append((layers, partial, "partial", "key/value head(s) masked in part (or only some of the "
-                              "query heads sharing them): head_dim must stay uniform; kept"))
+            _note(out, layers, partial, "partial", "key/value head(s) masked in part (or only some of the "
+                              "query heads sharing them): head_dim must stay uniform; kept")
         if qk_only:
-            out.notes.append((layers, qk_only, "kept", "only Q or K rows masked: the attention weights change but "
-                              "the head still averages V, so it is not constant; mask V rows (or O columns)"))
+            _note(out, layers, qk_only, "kept", "only Q or K rows masked: the attention weights change but "
+                              "the head still averages V, so it is not constant; mask V rows (or O columns)")
         if not gone:
             continue
         if len(gone) == att.kv_heads:
-            out.notes.append((layers, gone, "kept", "every key/value head is masked: the attention would be empty; "
-                              "prune fewer heads"))
+            _note(out, layers, gone, "kept", "every key/value head is masked: the attention would be empty; "
+                              "prune fewer heads")
             continue
         shared = sorted(set(layers) & tied)
         if shared:
-            out.notes.append((layers, gone, "kept", f"{', '.join(shared)}: weights tied with another layer"))
+            _note(out, layers, gone, "kept", f"{', '.join(shared)}: weights tied with another layer")
             continue
         extra = _head_shaped(att, modules)
         if extra:
-            out.notes.append((layers, gone, "kept", f"'{att.name}' holds '{extra}', sized by its heads (a per-head "
-                              "norm or attention sinks): heads are not removed there"))
+            _note(out, layers, gone, "kept", f"'{att.name}' holds '{extra}', sized by its heads (a per-head "
+                              "norm or attention sinks): heads are not removed there")
             continue
         cands.append((att, gone))
     held = _layout_holds(model, cands, batch) if batch is not None else {att.name for att, _ in cands}
@@ -334,16 +346,16 @@ def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None,
     for att, gone in cands:
         layers = list(dict.fromkeys([att.q, att.k, att.v, att.o]))
         if att.name not in held:
-            out.notes.append((layers, gone, "kept", f"the head layout assumed for '{att.name}' did not hold when "
-                              "checked on the model (e.g. Q, K and V interleaved per head)"))
+            _note(out, layers, gone, "kept", f"the head layout assumed for '{att.name}' did not hold when "
+                              "checked on the model (e.g. Q, K and V interleaved per head)")
             continue
         if att.name not in folds:
-            out.notes.append((layers, gone, "kept", f"their V bias reaches '{att.o}' through attention weights "
+            _note(out, layers, gone, "kept", f"their V bias reaches '{att.o}' through attention weights "
                               "that do not sum to 1 on every query (a query that may attend to no key, under "
                               "padding, gets 0 from SDPA): no bias of O can take it; mask their O columns too "
-                              "(prune_channels does), or use attn_implementation='eager'"))
+                              "(prune_channels does), or use attn_implementation='eager'")
             continue
         _cut(att, gone, modules, out)
-        out.notes.append((layers, gone, "removed", f"key/value head(s) with every V row (or every O column "
-                          f"reading them) masked, with their {att.group} query head(s) each"))
+        _note(out, layers, gone, "removed", f"key/value head(s) with every V row (or every O column "
+                          f"reading them) masked, with their {att.group} query head(s) each")
     return out

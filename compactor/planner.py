@@ -32,6 +32,7 @@ from torch import nn
 from . import graph, heads, probe
 from .errors import CompactionError
 from .kinds import BATCHNORM, dead_rows, kind_of, out_major, zero_columns
+from .plans import Cut, Fold, GroupNote
 from .progress import Progress
 
 __all__ = ["Mode", "Border", "Cut", "Fold", "GroupNote", "Plan", "Ledger", "make_plan", "select", "settle", "place_folds",
@@ -49,57 +50,6 @@ Border = Literal["carrier", "layers"]
 PRODUCER_ROLES = ("out", "dw", "gout")
 _PRODUCERS = PRODUCER_ROLES
 _READERS = ("in", "gin")
-
-
-@dataclass(frozen=True, kw_only=True)
-class GroupNote:
-    """What happened to masked channels of one coupled group."""
-
-    layers: list[str]
-    channels: list[int]
-    status: Literal["removed", "kept", "partial", "carrier"]  # "carrier": kept to carry constants (choose_carriers)
-    reason: str
-    unit: str = "channels"  # what ``channels`` counts ("key/value heads" for the head rule)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Cut:
-    """What one layer (or one bare ``nn.Parameter``) loses."""
-
-    name: str
-    out: tuple[int, ...] = ()  # output channels (a bare parameter: indices along ``dim``)
-    inputs: tuple[int, ...] = ()  # input channels
-    why: str = ""
-    parameter_dim: Optional[int] = None  # set for a bare nn.Parameter: the dimension its channels lie on
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class Fold:
-    """One constant folded into the compact model.
-
-    ``target`` says where:
-
-    - ``"bias"``: ``values`` (out,) is added to ``layer``'s bias (created if it has none);
-    - ``"bn_mean"``: ``values`` (out,) is subtracted from the running mean of BatchNorm ``bn``,
-      which alone reads ``layer``'s output (``layer`` stays bias-free);
-    - ``"border"``: ``layer`` (a zero-padded conv) becomes border-corrected with kernel
-      ``values`` (out, *k); with ``bn`` set, the interior part ``offset`` (out,) goes into
-      that BatchNorm's mean and the correction adds only the rest;
-    - ``"bn_border"``: as ``"border"`` with ``bn`` set, but the stride-1 conv ``layer`` stays a
-      plain conv and BatchNorm ``bn`` adds the rest (scaled) in the pass it makes anyway;
-    - ``"carrier"``: ``values`` (out, *k) is added to the weight column of ``layer``'s input
-      ``channel``, a kept channel that emits the constant ``scale``: that channel, zero-padded by
-      the conv itself, then contributes what the removed channels did, border included.
-    """
-
-    layer: str
-    target: Literal["bias", "bn_mean", "border", "bn_border", "carrier"]
-    values: torch.Tensor  # float64
-    bn: Optional[str] = None
-    offset: Optional[torch.Tensor] = None
-    sources: tuple[str, ...] = ()
-    channel: Optional[int] = None  # "carrier": the consumer's input channel (before cutting) that carries them
-    scale: Optional[float] = None  # "carrier": the constant that channel emits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -621,20 +571,18 @@ def cut_layers(ledger: Ledger) -> dict[str, Cut]:
 
 def _with_heads(cuts: dict[str, Cut], folds: tuple[Fold, ...], dropped: dict[str, tuple[int, ...]],
                 by_rule: heads.HeadPlan, ledger: Ledger, mode: Mode) -> tuple[dict[str, Cut], tuple[Fold, ...]]:
-    """Merge what the attention-head rule decided into the cuts, folds and notes."""
-    for layers, kv_heads, status, why in by_rule.notes:
-        ledger.notes.append(GroupNote(layers=layers, channels=kv_heads, status=status, reason=why,
-                                      unit="key/value heads"))
-    for name, (out, inputs) in by_rule.cuts.items():
+    """Merge what the attention-head rule decided (in the same vocabulary) into the cuts, folds and notes."""
+    ledger.notes.extend(by_rule.notes)
+    for name, cut in by_rule.cuts.items():
         old = cuts.get(name, Cut(name=name))
-        cuts[name] = Cut(name=name, out=tuple(sorted(set(old.out) | out)), inputs=tuple(sorted(set(old.inputs) | inputs)),
-                         why=old.why or "attention head(s) removed", parameter_dim=old.parameter_dim)
+        cuts[name] = Cut(name=name, out=tuple(sorted(set(old.out) | set(cut.out))),
+                         inputs=tuple(sorted(set(old.inputs) | set(cut.inputs))), why=old.why or cut.why,
+                         parameter_dim=old.parameter_dim)
     if mode == "exact":
-        folds = folds + tuple(Fold(layer=o, target="bias", values=delta, sources=("attention heads",))
-                              for o, delta in by_rule.folds.items())
+        folds = folds + tuple(by_rule.folds)
     else:  # drop: the reference reads zeros where the removed heads' V bias was
-        for o in by_rule.folds:
-            dropped[o] = tuple(sorted(set(dropped.get(o, ())) | by_rule.cuts[o][1]))
+        for f in by_rule.folds:
+            dropped[f.layer] = tuple(sorted(set(dropped.get(f.layer, ())) | set(by_rule.cuts[f.layer].inputs)))
     return dict(sorted(cuts.items())), folds
 
 

@@ -398,9 +398,10 @@ def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Unio
     planned = heads_rule.plan_heads(trial, tied, example)
     for att, gone, flags, cols, scores in chosen:
         layers = tuple(dict.fromkeys((att.q, att.k, att.v, att.o)))
-        v_rows = planned.cuts.get(att.v, (set(), set()))[0]
+        v_rows = set(planned.cuts[att.v].out) if att.v in planned.cuts else set()
         if not all(flags[att.v][r] <= (r in v_rows) for r in range(len(flags[att.v]))):
-            why = next((n[3] for n in planned.notes if att.v in n[0] and n[2] != "removed"), "kept by the head rule")
+            why = next((n.reason for n in planned.notes if att.v in n.layers and n.status != "removed"),
+                       "kept by the head rule")
             report.skipped.append((layers, why))
             report.dropped += len(gone)
             continue

@@ -62,10 +62,13 @@ def test_a_kv_head_with_every_v_row_masked_goes_with_its_query_heads_and_its_v_b
     _mask(m.attn.v_proj, rows=range(4, 8))
     w_o, b_o, b_v = m.attn.o_proj.weight.detach().clone(), m.attn.o_proj.bias.detach().clone(), m.attn.v_proj.bias
     plan = heads.plan_heads(masks.bake(m), set())
-    assert plan.cuts == {"attn.q_proj": (set(range(8, 16)), set()), "attn.k_proj": (set(range(4, 8)), set()),
-                         "attn.v_proj": (set(range(4, 8)), set()), "attn.o_proj": (set(), set(range(8, 16)))}
+    assert {n: (c.out, c.inputs) for n, c in plan.cuts.items()} == {
+        "attn.q_proj": (tuple(range(8, 16)), ()), "attn.k_proj": (tuple(range(4, 8)), ()),
+        "attn.v_proj": (tuple(range(4, 8)), ()), "attn.o_proj": ((), tuple(range(8, 16)))}
     expected = w_o[:, 8:16].double() @ torch.cat([b_v[4:8], b_v[4:8]]).detach().double()
-    torch.testing.assert_close(plan.folds["attn.o_proj"], expected)
+    [fold] = plan.folds
+    assert (fold.layer, fold.target) == ("attn.o_proj", "bias")
+    torch.testing.assert_close(fold.values, expected)
     x = torch.randn(2, 5, 6)
     small = compactor.compact(m, x)
     assert (small.attn.q_proj.out_features, small.attn.k_proj.out_features, small.attn.o_proj.in_features) == (8, 4, 8)
@@ -158,7 +161,7 @@ def test_head_shaped_parameters_keep_the_heads():
     m = WithSinks().eval()
     _mask(m.v_proj, rows=range(4, 8))
     plan = heads.plan_heads(masks.bake(m), set())
-    assert plan.cuts == {} and "holds 'sinks', sized by its heads" in plan.notes[0][3]
+    assert plan.cuts == {} and "holds 'sinks', sized by its heads" in plan.notes[0].reason
 
 
 def test_prune_channels_leaves_heads_alone_where_the_rule_would_keep_them():
