@@ -16,7 +16,6 @@ Writes benchmarks/results/<device>/llm_<settings>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time

@@ -6,7 +6,6 @@ written tolerances; none only runs a forward.
 
 from __future__ import annotations
 
-import copy
 import os
 
 import numpy as np
