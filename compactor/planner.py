@@ -35,7 +35,7 @@ from .kinds import BATCHNORM, dead_rows, kind_of, out_major, zero_columns
 from .plans import Cut, Fold, GroupNote
 from .progress import Progress
 
-__all__ = ["Mode", "Border", "Cut", "Fold", "GroupNote", "Plan", "Ledger", "make_plan", "select", "settle", "place_folds",
+__all__ = ["Mode", "Border", "Cut", "Fold", "GroupNote", "Plan", "Ledger", "make_plan", "select", "settle", "place_folds", "why_blocked",
            "cut_layers", "dead_rows", "zero_columns"]
 
 #: ``"exact"`` folds the constants of removed channels; ``"drop"`` discards them, as other tools do.
@@ -179,7 +179,7 @@ def select(groups: list[graph.Group], tied: set[str], owned: frozenset[str] = fr
                         "masked in some but not all of the layers that compute or read them; kept")
         if not removable:
             continue
-        reason = _blocker(g, tied)
+        reason = why_blocked(g, tied)
         if reason:
             ledger.note(gi, removable, "kept", reason)
             continue
@@ -214,8 +214,8 @@ def _note_unclear(ledger: Ledger, g: graph.Group) -> None:
         ledger.unclear.append((g.root, dead, g.unclear))
 
 
-def _blocker(g: graph.Group, tied: set[str]) -> str:
-    """Why no channel of group ``g`` can go at all, or ''."""
+def why_blocked(g: graph.Group, tied: set[str]) -> str:
+    """Why no channel of group ``g`` can go at all, or '' (the planner's rule; the pruner asks it too)."""
     if g.reaches_output:
         return "these channels are the model's output"
     shared = sorted({it.name for it in g.items if it.name in tied})

@@ -118,19 +118,17 @@ class _Units:
 
 
 def _why_not(g: graph.Group, tied: set[str], ignored: set[str]) -> str:
+    """Why group ``g`` gets no mask: the planner's own reasons (:func:`compactor.planner.why_blocked`: the
+    model's output, tied weights, a blocked operation), plus what only masking has (a mapping not understood,
+    no producer, ``ignore``)."""
     if g.unclear:
         return g.unclear
     if not any(it.role in _PRODUCERS for it in g.items):
         return "no layer computes these channels"
-    if g.reaches_output:
-        return "these channels are the model's output"
     names = {it.name for it in g.items}
-    if names & ignored:
+    if names & ignored and not g.reaches_output:
         return f"{', '.join(sorted(names & ignored))}: in ignore"
-    if names & tied:
-        return f"{', '.join(sorted(names & tied))}: weights tied with another layer"
-    blocked = sorted({f"{it.name}: {it.reason}" for it in g.items if it.role == "blocked"})
-    return "; ".join(blocked)
+    return planner.why_blocked(g, tied)
 
 
 def _units(groups: list[graph.Group], ok: set[int]) -> tuple[list[list[Unit]], set[int]]:
