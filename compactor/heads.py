@@ -175,7 +175,7 @@ def _head_shaped(att: Attention, modules: dict) -> str:
 
 
 def _o_inputs(model: nn.Module, names: set[str], batch: tuple, perturb: dict[str, set[int]]) -> dict:
-    """The first input of each O projection in ``names`` over one forward, with large noise added to the output
+    """The first input of each O projection in ``names`` at every call of one forward, with large noise added to the output
     channels ``perturb[layer]`` of the Q / K / V layers."""
     seen: dict[str, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(0)
@@ -186,7 +186,7 @@ def _o_inputs(model: nn.Module, names: set[str], batch: tuple, perturb: dict[str
         out[..., idx] += noise.to(out.dtype).to(out.device)
         return out
 
-    keep = {n: (lambda m, a, _n=n: seen.__setitem__(_n, a[0].detach())) for n in names}
+    keep = {n: (lambda m, a, _n=n: seen.setdefault(_n, []).append(a[0].detach())) for n in names}  # every call
     shake = {n: (lambda m, a, o, _i=sorted(rows): noisy(m, a, o, _i)) for n, rows in perturb.items()}
     with probe.hooked(model, keep, shake), torch.no_grad():
         call(model, batch)
@@ -214,8 +214,11 @@ def _layout_holds(model: nn.Module, cands: list, batch: tuple) -> set[str]:
         for o, cols in expect.items():
             if o not in clean or o not in moved:
                 return False
-            a, b = clean[o], moved[o]
-            changed = set(torch.nonzero((a != b).reshape(-1, a.shape[-1]).any(0)).flatten().tolist())
+            if len(clean[o]) != len(moved[o]):
+                return False
+            changed: set[int] = set()
+            for a, b in zip(clean[o], moved[o]):  # every call of O (a module shared between layers too)
+                changed |= set(torch.nonzero((a != b).reshape(-1, a.shape[-1]).any(0)).flatten().tolist())
             if not changed or not changed <= cols:
                 return False
         return True
@@ -260,9 +263,9 @@ def _folds_hold(model: nn.Module, cands: list, modules: dict, batches: Sequence[
         except Exception:
             return {att.name for att, _ in cands} - set(checks)
         for name, (o, cols, bias) in checks.items():
-            x = seen.get(o)
-            if x is None or not torch.allclose(x[..., cols], bias.to(x.dtype).expand_as(x[..., cols]),
-                                               rtol=1e-4, atol=1e-6):
+            calls = seen.get(o, [])
+            if not calls or not all(torch.allclose(x[..., cols], bias.to(x.dtype).expand_as(x[..., cols]),
+                                                   rtol=1e-4, atol=1e-6) for x in calls):
                 failed.add(name)
     return {att.name for att, _ in cands} - failed
 
