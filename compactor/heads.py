@@ -175,9 +175,9 @@ def _head_shaped(att: Attention, modules: dict) -> str:
 
 
 def _o_inputs(model: nn.Module, names: set[str], batch: tuple, perturb: dict[str, set[int]]) -> dict:
-    """The first input of each O projection in ``names`` at every call of one forward, with large noise added to the output
-    channels ``perturb[layer]`` of the Q / K / V layers."""
-    seen: dict[str, torch.Tensor] = {}
+    """The first input of each O projection in ``names``, one per call in one forward, with large noise added to
+    the output channels ``perturb[layer]`` of the Q / K / V layers."""
+    seen: dict[str, list[torch.Tensor]] = {}
     gen = torch.Generator().manual_seed(0)
 
     def noisy(mod: nn.Module, args: tuple, out: torch.Tensor, idx: list) -> torch.Tensor:
