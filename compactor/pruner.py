@@ -511,7 +511,13 @@ def prune_channels(
     tied = planner.tied_layers(work)
     report = PruneReport(amount=amount, scope=scope)
     ok = set()
-    owned = {n for att in heads_rule.find(work) for n in (att.q, att.k, att.v)}  # left to the head rule
+    attentions = heads_rule.find(work)
+    if heads and not attentions:
+        raise CompactionError(
+            f"heads={heads!r}, but {type(model).__name__} has no attention module the head rule recognizes (q/k/v/o "
+            "projections as in LLaMA, Mistral, Qwen2, BERT, DistilBERT, ViT or GPT-2); the model is unchanged; "
+            "leave heads out to prune channels only")
+    owned = {n for att in attentions for n in (att.q, att.k, att.v)}  # left to the head rule
     for gi, g in enumerate(groups):
         if g.root in owned:
             continue

@@ -219,3 +219,12 @@ def test_l2_scores_a_conv_row_as_its_batchnorm_scales_it():
         m2[1].weight.fill_(3.0)
     compactor.prune_channels(m2, x, 1, importance=lambda rows: seen.append(float(rows[0].abs().max())) or 1.0)
     assert set(seen) == {1.0}
+
+
+def test_heads_on_a_model_without_attention_raises_and_masks_nothing():
+    """heads=0.5 on a CNN: no attention module is recognized, so prune_channels says so instead of masking the
+    channels alone and reporting success."""
+    model, x = zoo.build("vgg")
+    with pytest.raises(compactor.CompactionError, match=r"heads=0.5, but .* has no attention module"):
+        compactor.prune_channels(model, x, 0.5, heads=0.5)
+    assert _masked_rows(model) == {}
