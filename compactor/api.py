@@ -93,6 +93,11 @@ def _prepare(model: nn.Module, example_inputs: Inputs, mode: str, round_to: Opti
         work = (masks.bake_(model) if inplace else masks.bake(model)).eval()
         frozen = masks.freeze_parametrizations_(work)
         _check_finite(work)
+    with progress.stage("freezing weight-standardized convs"):
+        try:
+            frozen += masks.freeze_weight_transforms_(work, example)
+        except Exception as exc:
+            raise _rejected(model, example, exc) from None
     batches = make_batches(example, extra)
     failure: Optional[BaseException] = None
     try:

@@ -11,11 +11,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
+from torch.overrides import TorchFunctionMode
 
 from . import files
 from .errors import MaskLoadError
+from .kinds import CONV
+from .tensors import call
 
 __all__ = ["PrunedTensor", "pruned_tensors", "clone", "bake", "bake_", "load_pruned"]
 
@@ -170,6 +174,67 @@ def freeze_parametrizations_(model: nn.Module) -> list[str]:
                 # (not under no_grad: the computed tensor must require grad to come back as a Parameter)
                 parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
                 frozen.append(f"'{name}'.{tensor} ({kinds}) frozen to the tensor it computes")
+    return frozen
+
+
+def _plain_conv_forward(module: nn.Module) -> bool:
+    return any(type(module).forward is base.forward for base in CONV)
+
+
+def freeze_weight_transforms_(model: nn.Module, batch: tuple) -> list[str]:
+    """Replace, in place, every conv subclass whose forward convolves with a weight computed from its own (a
+    weight-standardized conv: timm's ``StdConv2d`` / ``ScaledStdConv2d`` standardize each row over all its
+    input columns, so removing columns would change every row) by the plain conv it computes now, in eval
+    mode; returns what was frozen, in words.
+
+    Found in one forward of ``batch``: a conv call whose weight differs from the module's. A subclass that
+    also transforms its input (``...Same`` classes pad it in forward) is left alone, as anything else is.
+    """
+    candidates = {name: m for name, m in model.named_modules() if isinstance(m, CONV) and not _plain_conv_forward(m)}
+    if not candidates:
+        return []
+    stack: list[tuple[str, torch.Tensor]] = []
+    calls: dict[str, tuple[bool, torch.Tensor, Any]] = {}
+    conv_fns = (F.conv1d, F.conv2d, F.conv3d)
+
+    class Capture(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if stack and func in conv_fns and stack[-1][0] not in calls:
+                name, x = stack[-1]
+                weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
+                bias = kwargs.get("bias", args[2] if len(args) > 2 else None)
+                calls[name] = (args[0] is x, weight.detach().clone(), None if bias is None else bias.detach().clone())
+            return func(*args, **kwargs)
+
+    handles = []
+    for name, m in candidates.items():
+        handles.append(m.register_forward_pre_hook(lambda mod, args, _n=name: stack.append((_n, args[0]))))
+        handles.append(m.register_forward_hook(lambda mod, args, out: stack.pop() and None))  # output unchanged
+    try:
+        with torch.no_grad(), Capture():
+            call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    frozen = []
+    for name, (same_input, weight, bias) in calls.items():
+        m = candidates[name]
+        if not same_input or weight.shape != m.weight.shape or torch.equal(weight, m.weight.detach()):
+            continue
+        base = next(b for b in CONV if isinstance(m, b))
+        plain = base(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                     dilation=m.dilation, groups=m.groups, bias=bias is not None, padding_mode=m.padding_mode,
+                     device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if bias is not None:
+                plain.bias.copy_(bias)
+        plain.train(m.training)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, plain)
+        frozen.append(f"'{name}' ({type(m).__name__}) frozen to the plain {base.__name__} with the weight it "
+                      "computes (it standardizes each row over its input columns)")
     return frozen
 
 

@@ -186,8 +186,9 @@ def select(groups: list[graph.Group], tied: set[str], owned: frozenset[str] = fr
         if len(removable) == g.size:
             names = ", ".join(sorted({it.name for it in producers}))
             raise CompactionError(
-                f"layer '{names}': the masks remove all {g.size} of its output channels, which would leave "
-                "a zero-width layer; prune a smaller amount of this layer (or remove it from the model)"
+                f"layer '{names}': the masks remove all {g.size} of its output channels (every weight row is "
+                "zero: masked, or zero as computed, e.g. a zero-initialized gain), which would leave a zero-width "
+                "layer; prune a smaller amount of this layer (or remove it from the model)"
             )
         ledger.cand[gi] = removable
         ledger.silent[gi] = unread

@@ -149,3 +149,39 @@ def test_a_model_that_is_one_layer_reports_its_macs():
     prune.ln_structured(conv, "weight", 0.5, n=2, dim=0)
     report = compactor.plan(conv, torch.randn(1, 3, 8, 8))
     assert report.macs_before == report.macs_after == 6 * 6 * 4 * 3 * 9
+
+
+class StdConv2d(nn.Conv2d):
+    """A weight-standardized conv as timm writes it: each row standardized over all its input columns."""
+
+    def forward(self, x):
+        w = torch.nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                                           momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return torch.nn.functional.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class SamePadded(nn.Conv2d):
+    """Pads its input in forward (timm's ...Same classes): freezing it to a plain conv would lose that."""
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1)), self.weight * 2, self.bias)
+
+
+def test_a_weight_standardized_conv_is_frozen_to_the_plain_conv_it_computes():
+    """Removing input columns of a StdConv2d would change how every row is standardized: compact freezes it to
+    the nn.Conv2d it computes (said in the report), then removes conv0's masked channels exactly; a subclass that
+    also pads its input in forward is left as it is."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), StdConv2d(8, 8, 3, padding=1), nn.ReLU(),
+                      nn.Conv2d(8, 2, 1)).eval()
+    prune.ln_structured(m[0], "weight", 0.5, n=2, dim=0)
+    x = torch.randn(2, 3, 8, 8)
+    small = compactor.compact(m, x)
+    assert type(small[2]) is nn.Conv2d and small[2].in_channels < 8 and type(m[2]) is StdConv2d
+    assert compactor.report_of(small).frozen[0].startswith("'2' (StdConv2d) frozen to the plain Conv2d")
+    xb = torch.randn(3, 3, 9, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(small(xb), m(xb), rtol=1e-5, atol=1e-5)
+    same = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), SamePadded(8, 4, 3)).eval()
+    prune.ln_structured(same[0], "weight", 0.5, n=2, dim=0)
+    assert compactor.plan(same, x).frozen == []
