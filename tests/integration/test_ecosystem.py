@@ -242,3 +242,26 @@ def test_compact_resnet_save_load_into_torchvision_equals_masked(resnet_pair, tm
     loaded = compactor.load(lambda: torchvision.models.resnet18(weights=None), path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), masked(x), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.timeout(300)
+def test_timm_nfnet_weight_standardized_convs_are_frozen_and_exact():
+    """NF-ResNet's ScaledStdConv2d standardizes each weight row over its input columns (and scales it by a
+    per-channel gain): compact freezes each to the plain Conv2d it computes, says so, and equals the masked model."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = _randomize(timm.create_model("nf_resnet26", pretrained=False))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(getattr(m, "gain", None), torch.Tensor):
+                m.gain.uniform_(0.5, 1.5)  # timm zero-initializes the last gain of a block
+            if isinstance(getattr(m, "skipinit_gain", None), torch.Tensor):
+                m.skipinit_gain.fill_(1.0)
+    masked = _ln_structured(model)
+    x = torch.randn(2, 3, 64, 64)
+    small = compactor.compact(masked, x)
+    report = compactor.report_of(small)
+    assert report.frozen and all("ScaledStdConv2d" in f for f in report.frozen)
+    assert report.params_after < report.params_before
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked(x), rtol=RTOL, atol=ATOL)
