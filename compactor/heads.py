@@ -284,7 +284,8 @@ def _cut(att: Attention, gone: list[int], modules: dict, out: HeadPlan) -> None:
         w = out_major(o).index_select(1, torch.tensor(cols, dtype=torch.long, device=bias.device)).double()
         delta = w @ bias.double()  # zero where O's columns are masked
         if bool(delta.any()):
-            out.folds.append(Fold(layer=att.o, target="bias", values=delta, sources=("attention heads",)))
+            out.folds.append(Fold(layer=att.o, target="bias", values=delta, sources=("attention heads",),
+                                  creates_bias=o.bias is None))
     left = att.heads - len(gone) * rep
     values = {"heads": left, "kv_heads": att.kv_heads - len(gone), "width": left * hd}
     if att.counts:

@@ -485,7 +485,7 @@ def place_folds(ledger: Ledger, modules: Mapping[str, nn.Module], stats: Mapping
         sources = tuple(dict.fromkeys(acc["sources"]))
         if acc["bias"] is not None and bool(acc["bias"].ne(0).any()):  # a fold of zeros creates no bias
             folds.append(Fold(layer=name, target="bn_mean" if bn else "bias", values=acc["bias"], bn=bn,
-                              sources=sources))
+                              sources=sources, creates_bias=not bn and modules[name].bias is None))
         if acc["border"] is not None and not bool(acc["border"].ne(0).any()):
             pass  # constants of 0: nothing reaches the conv, border or not
         elif acc["border"] is not None and name in carried:

@@ -61,3 +61,4 @@ class Fold:
     sources: tuple[str, ...] = ()
     channel: Optional[int] = None  # "carrier": the consumer's input channel (before cutting) that carries them
     scale: Optional[float] = None  # "carrier": the constant that channel emits
+    creates_bias: bool = False  # "bias": the layer has none, so the fold adds one (a tensor the model had not)

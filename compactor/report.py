@@ -187,7 +187,8 @@ def _folded(plan: Plan) -> list[str]:
         where = f"into the mean of '{bn}'" if bn else "into its bias"
         how = []
         if any(f.target in ("bias", "bn_mean") for f in folds):
-            how.append(where)
+            how.append(where + (" (created: the layer had none, a tensor its family's config may not describe)"
+                                if any(f.creates_bias for f in folds) else ""))
         for f in folds:
             if f.target == "carrier":
                 how.append(f"into the column of its input channel {f.channel}, a kept channel that emits {f.scale:.4g} "

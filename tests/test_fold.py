@@ -91,7 +91,10 @@ def test_fold_into_a_bias_free_linear_creates_its_bias():
     expected = m[2].weight.detach()[:, 1] * torch.relu(torch.tensor(0.7))
     torch.testing.assert_close(built[2].bias.detach(), expected)
     assert isinstance(built[2].bias, nn.Parameter)
-    _assert_compact_equals_masked(m, x)
+    [f] = plan.folds
+    assert f.creates_bias
+    small = _assert_compact_equals_masked(m, x)
+    assert "into its bias (created: the layer had none" in small.compaction_report.folded[0]
 
 
 def test_new_shapes_of_a_created_bias_on_a_layer_that_is_also_cut():
