@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
@@ -54,6 +55,17 @@ class Report:
     judged_in_float64: bool = False
     #: torch parametrizations (weight_norm, ...) frozen to the tensors they compute, in words
     frozen: list[str] = field(default_factory=list)
+
+    def __reduce__(self):
+        """Pickled as plain data (a dict): a compact model saved whole with ``torch.save(model)`` (as ultralytics'
+        ``YOLO.save`` does) unpickles where compactor is not installed; ``report_of`` then says it has no report."""
+        return (dict, (dataclasses.asdict(self),))
+
+    def __copy__(self) -> "Report":
+        return self  # frozen: a copy of a model shares its report
+
+    def __deepcopy__(self, memo: dict) -> "Report":
+        return self
 
     def table(self) -> str:
         head = ("layer", "op", "shape before", "shape after", "removed", "params", "MACs", "why")

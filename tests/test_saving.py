@@ -347,3 +347,33 @@ def test_a_loaded_model_saves_again_with_its_fingerprint(tmp_path):
     compactor.save(loaded, tmp_path / "b.pt")
     assert torch.load(tmp_path / "b.pt", weights_only=True)["fingerprint"] is not None
     compactor.load(ActNet, tmp_path / "b.pt")
+
+
+def test_a_compact_model_pickled_whole_unpickles_without_compactor(tmp_path):
+    """torch.save(small) (what ultralytics' YOLO.save does): the file names no compactor class, so a process
+    where compactor cannot be imported loads it and computes the same; its report comes back as a plain dict."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    masked = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
+    with torch.no_grad():
+        masked[1].bias.uniform_(0.2, 1.0)  # constants to carry: the compact model has a carrier channel
+    torch.nn.utils.prune.ln_structured(masked[0], "weight", 0.5, n=2, dim=0)
+    x = torch.randn(2, 3, 8, 8)
+    small = compactor.compact(masked.eval(), x)
+    path = tmp_path / "whole.pt"
+    torch.save(small, path)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(small(x), tmp_path / "y.pt")
+    code = (
+        "import sys; sys.modules['compactor'] = None\n"  # any import of compactor now fails
+        "import torch\n"
+        "m = torch.load(sys.argv[1] + '/whole.pt', weights_only=False)\n"
+        "x, y = torch.load(sys.argv[1] + '/x.pt'), torch.load(sys.argv[1] + '/y.pt')\n"
+        "with torch.no_grad(): torch.testing.assert_close(m(x), y, rtol=0, atol=0)\n"
+        "assert isinstance(m.__dict__['compaction_report'], dict)\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
