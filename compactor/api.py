@@ -50,13 +50,8 @@ def _run(model: nn.Module, batch: tuple) -> Any:
 
 def _run_masked(model: nn.Module, batch: tuple) -> Any:
     """Run the user's masked model in eval mode; its training flags are restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
+    with probe.evaluating(model):
         return _run(model, batch)
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 @dataclass

@@ -14,8 +14,7 @@ model. Both runs use full fp32 precision (no TF32), so a model saved on a GPU ch
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -88,18 +87,6 @@ def _stats(t: torch.Tensor) -> dict[str, Any]:
             "abs": float(flat.abs().sum()), "samples": flat.index_select(0, idx).cpu()}
 
 
-@contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -113,7 +100,7 @@ def _record(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[list[list], li
         calls.append([name, type(module).__name__, [_stats(t) for t in _floats(out)[:_TENSORS_PER_CALL]]])
 
     every = {name: functools.partial(hook, name) for name, _ in model.named_modules() if name}
-    with probe.hooked(model, post=every), _eval_no_grad(model), full_precision():
+    with probe.hooked(model, post=every), probe.evaluating(model), torch.no_grad(), full_precision():
         out = call(model, probe_batch(inputs, _device(model)))
     return calls, [_stats(t) for t in _floats(out)]
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.overrides import TorchFunctionMode
 
-from . import files
+from . import files, probe
 from .errors import MaskLoadError
 from .kinds import CONV
 from .tensors import call
@@ -207,16 +207,10 @@ def freeze_weight_transforms_(model: nn.Module, batch: tuple) -> list[str]:
                 calls[name] = (args[0] is x, weight.detach().clone(), None if bias is None else bias.detach().clone())
             return func(*args, **kwargs)
 
-    handles = []
-    for name, m in candidates.items():
-        handles.append(m.register_forward_pre_hook(lambda mod, args, _n=name: stack.append((_n, args[0]))))
-        handles.append(m.register_forward_hook(lambda mod, args, out: stack.pop() and None))  # output unchanged
-    try:
-        with torch.no_grad(), Capture():
-            call(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    enter = {name: (lambda mod, args, _n=name: stack.append((_n, args[0]))) for name in candidates}
+    leave = {name: (lambda mod, args, out: stack.pop() and None) for name in candidates}  # output unchanged
+    with probe.hooked(model, enter, leave), torch.no_grad(), Capture():
+        call(model, batch)
     frozen = []
     for name, (same_input, weight, bias) in calls.items():
         m = candidates[name]

@@ -35,8 +35,8 @@ from .kinds import BATCHNORM, dead_rows, kind_of, out_major, zero_columns
 from .plans import Cut, Fold, GroupNote
 from .progress import Progress
 
-__all__ = ["Mode", "Border", "Cut", "Fold", "GroupNote", "Plan", "Ledger", "make_plan", "select", "settle", "place_folds", "why_blocked",
-           "cut_layers", "dead_rows", "zero_columns"]
+__all__ = ["Mode", "Border", "Cut", "Fold", "GroupNote", "Plan", "Ledger", "make_plan", "select", "settle",
+           "place_folds", "why_blocked", "cut_layers", "dead_rows", "zero_columns"]
 
 #: ``"exact"`` folds the constants of removed channels; ``"drop"`` discards them, as other tools do.
 Mode = Literal["exact", "drop"]
@@ -420,8 +420,10 @@ def check_correctable(ledger: Ledger, modules: Mapping[str, nn.Module],
     for gi, rset in ledger.cand.items():
         for it, local in _folded_inputs(ledger, gi, rset):
             module = modules[it.name]
+            if kind_of(module).border_correctable(module):
+                continue
             loud = _constants(it, rset - ledger.silent[gi], stats)
-            if kind_of(module).border_correctable(module) or not loud:
+            if not loud:
                 continue
             ledger.keep(gi, set(loud),
                         f"{type(module).__name__} '{it.name}' spreads a constant input unevenly (strides, borders) "

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import heads
+from . import heads, probe
 from .errors import CompactionError
 from .fingerprint import probe_batch
 from .kinds import out_major
@@ -173,19 +173,13 @@ def _check_reload(model: nn.Module, folder: str) -> None:
             f"{type(model).__name__}.from_pretrained does not read the compact model as written: {bad}. Its config "
             "has no switch for these tensors (e.g. a bias a fold created where the family has none); save it with "
             "compactor.save")
-    probe = model.__dict__.get("compaction_probe")
-    if probe is None:
+    inputs = model.__dict__.get("compaction_probe")
+    if inputs is None:
         return
     loaded = loaded.to(next(model.parameters()).device).eval()
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad(), full_precision():
-            batch = probe_batch(probe, next(model.parameters()).device)
-            want, got = call(model, batch), call(loaded, batch)
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with probe.evaluating(model), torch.no_grad(), full_precision():
+        batch = probe_batch(inputs, next(model.parameters()).device)
+        want, got = call(model, batch), call(loaded, batch)
     result = compare([list(flatten_outputs(want))], [list(flatten_outputs(got))])
     if not result.ok:
         raise CompactionError(

@@ -48,6 +48,18 @@ def hooked(model: nn.Module, pre: Mapping[str, Hook] = MappingProxyType({}),
             h.remove()
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block; every module's training flag restored on exit, whatever happens."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def channel_view(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Put the channel axis ``module`` reads first, everything else flattened after it."""
     return kind_of(module).channel_view(x)

@@ -304,6 +304,19 @@ def _rebuild(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, t
     return _resized(current, entry, state, prefix)
 
 
+def _resize_slot(module: nn.Module, attr: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
+    """Put zeros of ``shape`` in ``module``'s parameter or buffer slot ``attr`` (still a Parameter or a buffer,
+    with the dtype, device and requires_grad of the tensor it held, if any); ``load_state_dict`` fills them."""
+    for table in (module._parameters, module._buffers):
+        if attr in table:
+            old = table[attr]
+            fresh = torch.zeros(shape, dtype=old.dtype if old is not None else dtype,
+                                device=old.device if old is not None else device)
+            table[attr] = nn.Parameter(fresh, requires_grad=old.requires_grad if old is not None else True) \
+                if table is module._parameters else fresh
+            return
+
+
 def _resized(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, torch.Tensor],
              prefix: str) -> nn.Module:
     """A copy of the architecture's own ``current`` (its class, activation, eps...: everything it was built
@@ -315,14 +328,9 @@ def _resized(current: nn.Module, entry: Mapping[str, Any], state: Mapping[str, t
         attr = key[len(prefix):]
         if not key.startswith(prefix) or "." in attr:
             continue
-        for table in (new._parameters, new._buffers):
-            if attr in table:
-                old = table[attr]
-                if old is None or tuple(old.shape) != tuple(t.shape):
-                    dtype = old.dtype if old is not None else t.dtype
-                    fresh = torch.zeros(t.shape, dtype=dtype, device=old.device if old is not None else device)
-                    table[attr] = nn.Parameter(fresh, requires_grad=old.requires_grad if old is not None else True) \
-                        if table is new._parameters else fresh
+        old = new._parameters.get(attr, new._buffers.get(attr))
+        if old is None or tuple(old.shape) != tuple(t.shape):
+            _resize_slot(new, attr, t.shape, t.dtype, device)
     for attr in kind_of(new).widths:
         if attr in entry and hasattr(new, attr):
             value = entry[attr]
@@ -377,12 +385,8 @@ def _resize_bare_tensors(target: nn.Module, layers: Mapping[str, Any], state: Ma
             )
         owner_name, _, attr = key.rpartition(".")
         owner = target.get_submodule(owner_name) if owner_name else target
-        if attr in owner._parameters and owner._parameters[attr] is not None:
-            old = owner._parameters[attr]
-            owner._parameters[attr] = nn.Parameter(torch.zeros(tensor.shape, dtype=old.dtype),
-                                                   requires_grad=old.requires_grad)
-        elif attr in owner._buffers and owner._buffers[attr] is not None:
-            owner._buffers[attr] = torch.zeros(tensor.shape, dtype=owner._buffers[attr].dtype)
+        if owner._parameters.get(attr, owner._buffers.get(attr)) is not None:
+            _resize_slot(owner, attr, tensor.shape, tensor.dtype, tensor.device)
 
 
 def load(model_or_factory: ModelOrFactory, path: files.PathLike, *, verify: bool = True) -> nn.Module:
