@@ -255,6 +255,8 @@ def _qwen2_v_masked(attn: str) -> tuple[nn.Module, dict]:
         for n, p in m.named_parameters():
             if n.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif "norm" in n:
+                p.normal_(1.0, 0.1)
     vp = m.model.layers[1].self_attn.v_proj
     mask = torch.ones_like(vp.weight)
     mask[:16] = 0
@@ -353,6 +355,8 @@ def test_save_pretrained_loads_with_vanilla_from_pretrained(family, tmp_path):
         for n, p in model.named_parameters():
             if n.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif "norm" in n:  # RMSNorm weights are initialized to 1: randomized, as a trained model's are
+                p.normal_(1.0, 0.1)
     inputs = _tokens()
     compactor.prune_channels(model, inputs, 0.5, heads=0.5)
     small = compactor.compact(model, inputs).train()
