@@ -130,6 +130,12 @@ def _execute(work: nn.Module, modules: dict[str, nn.Module], f: Fold) -> None:
         modules[carrier] = new
 
 
+def set_count(module: nn.Module, attr: str, value: int) -> None:
+    """Set a head count on ``module``, or on its config for ``"config.<name>"``."""
+    owner, _, leaf = attr.rpartition(".")
+    setattr(getattr(module, owner) if owner else module, leaf, value)
+
+
 def apply(work: nn.Module, plan: Plan) -> nn.Module:
     """Fold the planned constants, then slice every layer; returns ``work`` (modified in place)."""
     modules = dict(work.named_modules())
@@ -143,7 +149,7 @@ def apply(work: nn.Module, plan: Plan) -> nn.Module:
             p = params[name]
             parent_name, _, attr = name.rpartition(".")
             _set(work.get_submodule(parent_name) if parent_name else work, attr, _sliced(p, _slicing(p, cut)[""]), p)
-    for name, values in plan.attributes.items():  # head counts stored on attention modules
+    for name, values in plan.attributes.items():  # head counts stored on attention modules (or their config)
         for attr, value in values.items():
-            setattr(modules[name], attr, value)
+            set_count(modules[name], attr, value)
     return work

@@ -459,6 +459,7 @@ def _group(DG: Any, module: nn.Module, fn: Any, n: int, names: dict, broken: dic
                                 _classify(root, fn, DG)[1], problem))
         return group
     channels_last = kind_of(module).channel_axis == -1  # Linear / Embedding / Conv1D groups: channels last
+    reached, group.size = _merged(reached, n)
     for (node, handler), (dep, pairs) in reached.items():
         if isinstance(node.module, nn.Parameter) and any(node.module is p for p in DG.ignored_params):
             continue
@@ -487,6 +488,36 @@ def _group(DG: Any, module: nn.Module, fn: Any, n: int, names: dict, broken: dic
         group.items.append(Item(name, node.module, role, idxs, root_idxs, op, reason, dim))
     group.factors = _factors({node for node, _ in reached}, names, group)
     return group
+
+
+def _merged(reached: dict[tuple, tuple[Any, set]], n: int) -> tuple[dict[tuple, tuple[Any, set]], int]:
+    """Root channels that reach one index of the same tensor together (a fused gate-and-up layer's two halves
+    multiplied, ``a[:, :C] + a[:, C:]``) can only go together: each such set becomes one root channel,
+    numbered by its lowest member, densely. Returns the pairs re-rooted and the number of roots left."""
+    parent = list(range(n))
+
+    def find(r: int) -> int:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    for _, pairs in reached.values():
+        first: dict[int, int] = {}
+        for i, r in pairs:
+            if r is None or not 0 <= r < n:
+                return reached, n  # refused by the caller (a root index torch-pruning could not tell)
+            other = first.setdefault(i, r)
+            a, b = find(other), find(r)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    roots = sorted({find(r) for r in range(n)})
+    if len(roots) == n:
+        return reached, n
+    number = {r: k for k, r in enumerate(roots)}
+    H = _HybridIndex
+    out = {key: (dep, {_pair(H, (i, number[find(r)])) for i, r in pairs}) for key, (dep, pairs) in reached.items()}
+    return out, len(roots)
 
 
 # f(0) = 0 and one input: a channel that is zero before stays zero after

@@ -29,6 +29,8 @@ shared config):
 
 from __future__ import annotations
 
+import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -63,6 +65,7 @@ class Attention:
     head_dim: int
     counts: tuple[str, ...] = ()  # attributes of the module holding a head count or width (COUNT_ATTRIBUTES)
     offsets: tuple[int, int, int] = (0, 0, 0)  # where Q, K, V start in their layers' outputs (a fused QKV layer)
+    config_counts: tuple[str, ...] = ()  # head counts to update on the config its forward reads them from (Phi-3)
 
     @property
     def group(self) -> int:
@@ -112,6 +115,24 @@ def _counts(m: nn.Module) -> tuple[str, ...]:
     return tuple(a for a in COUNT_ATTRIBUTES if isinstance(m.__dict__.get(a), int) and not isinstance(m.__dict__[a], bool))
 
 
+def _config_counts(m: nn.Module) -> tuple[str, ...]:
+    """The head counts (:data:`COUNT_ATTRIBUTES`) the forward of ``m`` reads from ``self.config``, the config every
+    layer shares (Phi-3 splits its fused QKV at ``self.config.num_attention_heads * self.head_dim``)."""
+    config = m.__dict__.get("config")
+    if config is None:
+        return ()
+    try:
+        source = inspect.getsource(type(m).forward)
+    except (OSError, TypeError):  # no source (compiled, or defined interactively): nothing known to be read
+        return ()
+    read = set(re.findall(r"self\.config\.(\w+)", source))
+    if not any(a in read and isinstance(getattr(config, a, None), int) for a in COUNT_ATTRIBUTES):
+        return ()
+    # then every head count the config holds follows, and an explicit head_dim (no longer hidden_size / heads)
+    return tuple(a for a, what in COUNT_ATTRIBUTES.items() if what != "width"
+                 and isinstance(getattr(config, a, None), int)) + ("head_dim",)
+
+
 def _recognize(name: str, m: nn.Module, modules: dict) -> tuple | None:
     """(q, k, v, o names, head_dim, query heads per KV head, attributes to update[, Q/K/V offsets]) or None."""
     if isinstance(getattr(m, "head_dim", None), int) and all(
@@ -128,6 +149,14 @@ def _recognize(name: str, m: nn.Module, modules: dict) -> tuple | None:
         o = f"{parent}.output.dense"
         if is_linear_like(modules.get(o)):
             return (*(_name(name, p) for p in ("query", "key", "value")), o, m.attention_head_size, 1, _counts(m))
+    if isinstance(getattr(m, "head_dim", None), int) and isinstance(getattr(m, "num_key_value_heads", None), int) \
+            and all(is_linear_like(getattr(m, p, None)) for p in ("qkv_proj", "o_proj")) and m.head_dim > 0:
+        q_width, kv_width = out_major(m.o_proj).shape[1], m.num_key_value_heads * m.head_dim
+        if kv_width > 0 and q_width % kv_width == 0 and out_major(m.qkv_proj).shape[0] == q_width + 2 * kv_width:
+            qkv = _name(name, "qkv_proj")  # Q, K and V side by side (Phi-3)
+            return (qkv, qkv, qkv, _name(name, "o_proj"), m.head_dim, q_width // kv_width, _counts(m),
+                    (0, q_width, q_width + kv_width))
+        return None
     if isinstance(getattr(m, "head_dim", None), int) and isinstance(getattr(m, "split_size", None), int) \
             and isinstance(getattr(m, "num_heads", None), int) and not hasattr(m, "q_attn") \
             and is_linear_like(getattr(m, "c_attn", None)) and is_linear_like(getattr(m, "c_proj", None)) \
@@ -152,13 +181,15 @@ def find(model: nn.Module) -> list[Attention]:
         o = out_major(modules[o_name])
         if offsets == (0, 0, 0):
             q_rows, k_rows, v_rows = (out_major(modules[n]).shape[0] for n in (q_name, k_name, v_name))
-        else:
-            q_rows = k_rows = v_rows = offsets[1]
+        else:  # one layer: Q, K and V one after the other from these offsets
+            q_rows, k_rows = offsets[1] - offsets[0], offsets[2] - offsets[1]
+            v_rows = out_major(modules[q_name]).shape[0] - offsets[2]
         heads, kv_heads = q_rows // head_dim, k_rows // head_dim
         if kv_heads < 1 or q_rows != heads * head_dim or k_rows != v_rows \
                 or k_rows != kv_heads * head_dim or heads != kv_heads * groups or o.shape[1] != q_rows:
             continue
-        found.append(Attention(name, q_name, k_name, v_name, o_name, heads, kv_heads, head_dim, counts, offsets))
+        found.append(Attention(name, q_name, k_name, v_name, o_name, heads, kv_heads, head_dim, counts, offsets,
+                               _config_counts(m)))
     return found
 
 
@@ -288,8 +319,30 @@ def _cut(att: Attention, gone: list[int], modules: dict, out: HeadPlan) -> None:
                                   creates_bias=o.bias is None))
     left = att.heads - len(gone) * rep
     values = {"heads": left, "kv_heads": att.kv_heads - len(gone), "width": left * hd}
-    if att.counts:
-        out.attributes[att.name] = {a: values[COUNT_ATTRIBUTES[a]] for a in att.counts}
+    counts = {a: values[COUNT_ATTRIBUTES[a]] for a in att.counts}
+    values["head_dim"] = hd
+    counts.update({f"config.{a}": values[COUNT_ATTRIBUTES.get(a, a)] for a in att.config_counts})
+    if counts:
+        out.attributes[att.name] = counts
+
+
+def _shared_config_uneven(atts: list[Attention], cands: list, modules: dict) -> dict[str, str]:
+    """Attention modules whose forward reads a head count from a config shared with other layers, where the
+    planned cuts would leave those layers different counts (one config value cannot say that): name -> why."""
+    gone = {att.name: len(g) for att, g in cands}
+    by_config: dict[int, list[Attention]] = {}
+    for att in atts:
+        if att.config_counts:
+            by_config.setdefault(id(modules[att.name].config), []).append(att)
+    out = {}
+    for sharing in by_config.values():
+        left = {(a.kv_heads - gone.get(a.name, 0), a.heads // a.kv_heads) for a in sharing}
+        if len(left) > 1:
+            for a in sharing:
+                out[a.name] = (f"'{a.name}' reads {', '.join(a.config_counts)} from the config every layer shares: "
+                               "remove the same number of key/value heads in every layer (prune_channels(heads=...) "
+                               "does)")
+    return out
 
 
 def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None,
@@ -302,7 +355,8 @@ def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None,
     out = HeadPlan()
     modules = dict(model.named_modules())
     cands = []
-    for att in find(model):
+    atts = find(model)
+    for att in atts:
         q, k, v, o = (modules[n] for n in (att.q, att.k, att.v, att.o))
         out.owned |= {att.q, att.k, att.v}
         layers = list(dict.fromkeys([att.q, att.k, att.v, att.o]))  # a fused QKV layer once
@@ -347,6 +401,7 @@ def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None,
     held = _layout_holds(model, cands, batch) if batch is not None else {att.name for att, _ in cands}
     folds = _folds_hold(model, [c for c in cands if c[0].name in held], modules, fold_batches) if fold_batches \
         else held
+    uneven = _shared_config_uneven(atts, [c for c in cands if c[0].name in folds], modules)
     for att, gone in cands:
         layers = list(dict.fromkeys([att.q, att.k, att.v, att.o]))
         if att.name not in held:
@@ -358,6 +413,9 @@ def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None,
                               "that do not sum to 1 on every query (a query that may attend to no key, under "
                               "padding, gets 0 from SDPA): no bias of O can take it; mask their O columns too "
                               "(prune_channels does), or use attn_implementation='eager'")
+            continue
+        if att.name in uneven:
+            _note(out, layers, gone, "kept", uneven[att.name])
             continue
         _cut(att, gone, modules, out)
         _note(out, layers, gone, "removed", f"key/value head(s) with every V row (or every O column "

@@ -33,13 +33,16 @@ __all__ = ["save_pretrained", "compact_config"]
 
 #: The MLP projections whose output rows are the MLP's neurons (gate / up of a GLU, fc1 of a plain MLP).
 _MLP_IN = ("gate_proj", "up_proj", "fc1", "dense_h_to_4h", "c_fc", "w1", "w3")
+#: Gate and up projections fused into one layer, gate rows first (Phi-3): half its rows are neurons.
+_MLP_FUSED = ("gate_up_proj",)
 
 
 def _mlp_widths(model: nn.Module) -> dict[str, int]:
     """Per MLP module (one holding one of :data:`_MLP_IN`), its neuron count."""
     out = {}
     for name, m in model.named_modules():
-        widths = {out_major(getattr(m, p)).shape[0] for p in _MLP_IN if isinstance(getattr(m, p, None), nn.Module)
+        widths = {out_major(getattr(m, p)).shape[0] // (2 if p in _MLP_FUSED else 1) for p in _MLP_IN + _MLP_FUSED
+                  if isinstance(getattr(m, p, None), nn.Module)
                   and isinstance(getattr(getattr(m, p), "weight", None), torch.Tensor)}
         if widths:
             if len(widths) > 1:  # gate and up disagree: no config can say that

@@ -23,7 +23,9 @@ from torch import nn
 
 from . import files, fingerprint, masks
 from .errors import LoadError
+from .fold import set_count
 from .heads import COUNT_ATTRIBUTES
+from .heads import find as find_attention
 from .tensors import as_inputs
 from .kinds import BATCHNORM, CONV, CONV_TRANSPOSE, is_transposed_linear, kind_of
 from .layers import (BorderCorrectedBatchNorm1d, BorderCorrectedBatchNorm2d, BorderCorrectedBatchNorm3d,
@@ -195,11 +197,14 @@ def save(model: nn.Module, path: files.PathLike, *, example_inputs: Any = None, 
                       "check what it rebuilds; pass example_inputs=", stacklevel=2)
     layers: dict[str, dict[str, Any]] = {}
     counts: dict[str, dict[str, int]] = {}  # head counts stored on attention modules
+    heads_read_config = {att.name: att.config_counts for att in find_attention(plain) if att.config_counts}
     for name, module in plain.named_modules():
         kind = _kind(module)
         if kind is not None and name:
             layers[name] = _describe(module, kind)
         own = {a: module.__dict__[a] for a in COUNT_ATTRIBUTES if isinstance(module.__dict__.get(a), int)}
+        if name in heads_read_config:  # a config the forward reads its head counts from (Phi-3)
+            own.update({f"config.{a}": getattr(module.config, a) for a in heads_read_config[name]})
         if own:
             counts[name] = own
     from . import __version__
@@ -437,7 +442,7 @@ def load(model_or_factory: ModelOrFactory, path: files.PathLike, *, verify: bool
         module = dict(target.named_modules()).get(name)
         if module is not None:
             for attr, value in values.items():
-                setattr(module, attr, int(value))
+                set_count(module, attr, int(value))
     files.check_keys(target.state_dict(), state, error=LoadError, model=type(target).__name__, source="the file",
                      fix=f"pass the architecture the model was saved from (the file says {saved_from})",
                      shape_fix="the file's manifest and weights disagree: write it again with compactor.save",

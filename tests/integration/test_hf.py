@@ -315,6 +315,76 @@ def test_stablelm_head_counts_it_reshapes_with_are_updated():
     assert torch.equal(got, want)
 
 
+def _randomized(model: nn.Module) -> nn.Module:
+    """Every bias and norm weight drawn at random (Hugging Face initializes them to 0 and 1, which hides folds)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif "norm" in n:
+                p.normal_(1.0, 0.1)
+    return model
+
+
+def _padded_tokens(vocab: int) -> dict:
+    ids = torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, -4:] = 0  # a right-padded row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _masked_rows(model: nn.Module) -> dict[str, int]:
+    return {n[:-len("_mask")]: int((b.flatten(1) == 0).all(1).sum()) for n, b in model.named_buffers()
+            if n.endswith("weight_mask")}
+
+
+def test_phi3_fused_qkv_and_gate_up_go_by_heads_and_neurons():
+    """Phi-3 fuses Q, K and V into qkv_proj and gate and up into gate_up_proj (split by chunk). prune_channels(0.5,
+    heads=0.25) masks one KV head (its 2 query heads, its K and V rows) per layer and half the neurons (both their
+    gate and their up row); compact removes every masked row, updates the head counts the forward reads (the
+    config's num_attention_heads, the module's num_key_value_heads), and logits and greedy tokens are unchanged."""
+    torch.manual_seed(0)
+    cfg = T.Phi3Config(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=4, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    m = _randomized(T.Phi3ForCausalLM(cfg).eval())
+    inputs = _padded_tokens(200)
+    report = compactor.prune_channels(m, inputs, 0.5, heads=0.25)
+    assert sum(g.masked for g in report.groups) == 2 * (1 + 64)
+    masked = _masked_rows(m)
+    assert masked["model.layers.0.self_attn.qkv_proj.weight"] == 2 * 8 + 8 + 8
+    assert masked["model.layers.0.mlp.gate_up_proj.weight"] == 2 * 64
+    small = compactor.compact(m, inputs)
+    layer = small.model.layers[0]
+    assert (layer.self_attn.qkv_proj.out_features, layer.self_attn.o_proj.in_features) == (96, 48)
+    assert (layer.mlp.gate_up_proj.out_features, layer.mlp.down_proj.in_features) == (128, 64)
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (6, 3)
+    assert layer.self_attn.num_key_value_heads == 3
+    assert m.config.num_attention_heads == 8  # the masked model's config is its own
+    with torch.no_grad():
+        torch.testing.assert_close(small(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
+        want = m.generate(**inputs, max_new_tokens=8, do_sample=False)
+        assert torch.equal(small.generate(**inputs, max_new_tokens=8, do_sample=False), want)
+
+
+def test_phi3_heads_removed_unevenly_stay_where_the_shared_config_holds_the_count():
+    """Phi-3 splits its fused QKV at config.num_attention_heads * head_dim, one value for every layer: a KV head
+    masked by hand in one layer only is kept, with that reason, and the model stays exact."""
+    torch.manual_seed(0)
+    cfg = T.Phi3Config(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=4, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    m = _randomized(T.Phi3ForCausalLM(cfg).eval())
+    qkv = m.model.layers[1].self_attn.qkv_proj
+    mask = torch.ones_like(qkv.weight)
+    mask[96 + 8:96 + 16] = 0  # V rows (after 64 Q and 32 K rows) of KV head 1, in layer 1 only
+    prune.custom_from_mask(qkv, "weight", mask)
+    inputs = _padded_tokens(200)
+    small = compactor.compact(m, inputs)
+    assert small.model.layers[1].self_attn.qkv_proj.out_features == 128
+    assert any("reads num_attention_heads" in n.reason and n.status == "kept" for n in small.compaction_report.groups)
+    with torch.no_grad():
+        torch.testing.assert_close(small(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_export_onnx_takes_the_tokenizer_dict_compact_takes(tmp_path):
     """export_onnx(small, {"input_ids", "attention_mask"}): ONNX inputs of those names, the cache off, the output
     named "logits"; onnxruntime equals torch at two batch sizes, a left-padded row included."""
@@ -340,7 +410,7 @@ def test_export_onnx_takes_the_tokenizer_dict_compact_takes(tmp_path):
         torch.testing.assert_close(torch.from_numpy(logits), model(**inputs).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Mistral"])
+@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Mistral", "Phi3"])
 def test_save_pretrained_loads_with_vanilla_from_pretrained(family, tmp_path):
     """prune_channels(0.5, heads=0.5) -> compact -> compactor.save_pretrained: config.json holds the compact
     widths (4 / 2 heads, explicit head_dim 16, intermediate 128), AutoModelForCausalLM.from_pretrained loads it
@@ -349,7 +419,8 @@ def test_save_pretrained_loads_with_vanilla_from_pretrained(family, tmp_path):
 
     torch.manual_seed(0)
     cfg = getattr(T, f"{family}Config")(vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                         num_attention_heads=8, num_key_value_heads=4)
+                                         num_attention_heads=8, num_key_value_heads=4, pad_token_id=0,
+                                         bos_token_id=1, eos_token_id=2)
     model = getattr(T, f"{family}ForCausalLM")(cfg).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
