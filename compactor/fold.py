@@ -13,6 +13,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from .experts import slice_experts
 from .kinds import Slicing, kind_of, out_major
 from .layers import set_module, with_border_correction, with_border_correction_bn
 from .planner import Cut, Fold, Plan
@@ -68,6 +69,10 @@ def new_shapes(model: nn.Module, plan: Plan) -> dict[str, tuple[int, ...]]:
             key = name if not tname else (f"{name}.{tname}" if name else tname)
             if key in shapes:
                 shapes[key] = _shape(shapes[key], dims)
+    for cut in plan.experts:
+        for pname, dim, halves in cut.tensors:
+            key = f"{cut.name}.{pname}"
+            shapes[key] = tuple(len(cut.keep[0]) * halves if d == dim else n for d, n in enumerate(shapes[key]))
     for f in plan.folds:
         module = layers[f.layer]
         key = f"{f.layer}.bias" if f.layer else "bias"
@@ -149,6 +154,8 @@ def apply(work: nn.Module, plan: Plan) -> nn.Module:
             p = params[name]
             parent_name, _, attr = name.rpartition(".")
             _set(work.get_submodule(parent_name) if parent_name else work, attr, _sliced(p, _slicing(p, cut)[""]), p)
+    for cut in plan.experts:  # neurons of fused mixture-of-experts tensors, per expert
+        slice_experts(modules[cut.name], cut)
     for name, values in plan.attributes.items():  # head counts stored on attention modules (or their config)
         for attr, value in values.items():
             set_count(modules[name], attr, value)

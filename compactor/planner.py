@@ -29,10 +29,10 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from . import graph, heads, probe
+from . import experts, graph, heads, probe
 from .errors import CompactionError
 from .kinds import BATCHNORM, dead_rows, kind_of, out_major, zero_columns
-from .plans import Cut, Fold, GroupNote
+from .plans import Cut, ExpertCut, Fold, GroupNote
 from .progress import Progress
 
 __all__ = ["Mode", "Border", "Cut", "Fold", "GroupNote", "Plan", "Ledger", "make_plan", "select", "settle",
@@ -65,6 +65,7 @@ class Plan:
     dropped: Mapping[str, tuple[int, ...]]  # mode="drop": consumer inputs whose constants are discarded
     any_masked: bool  # some layer had a masked row or column (removed or not)
     attributes: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # module -> width attribute -> value
+    experts: tuple[ExpertCut, ...] = ()  # neurons kept per expert in fused mixture-of-experts modules
 
 
 @dataclass
@@ -222,10 +223,14 @@ def why_blocked(g: graph.Group, tied: set[str]) -> str:
     shared = sorted({it.name for it in g.items if it.name in tied})
     if shared:
         return f"{', '.join(shared)}: weights tied with another layer; slicing would untie them"
-    blocked = [it for it in g.items if it.role == "blocked"]
-    if blocked:
-        return "; ".join(sorted({f"{it.name}: {it.reason}" for it in blocked}))
-    return ""
+    by_reason: dict[str, list[str]] = {}  # one reason once, with the first place it holds and how many more
+    for it in g.items:
+        if it.role == "blocked":
+            reason = it.reason[len(it.name) + 2:] if it.reason.startswith(f"{it.name}: ") else it.reason
+            by_reason.setdefault(reason, []).append(it.name)
+    parts = [f"{min(names)}: {reason}" + (f" (and {len(set(names)) - 1} more)" if len(set(names)) > 1 else "")
+             for reason, names in sorted(by_reason.items())]
+    return "; ".join(parts[:3]) + (f"; {len(parts) - 3} more reason(s)" if len(parts) > 3 else "")
 
 
 # --------------------------------------------------------------------------- stage 2: settle
@@ -605,6 +610,7 @@ def make_plan(work: nn.Module, batches: Sequence[tuple], *, mode: Mode = "exact"
             groups, bn_pairs = graph.trace(work, batches[0], check=progress.check)
         tied = tied_layers(work)
         by_rule = heads.plan_heads(work, tied, batches[0], fold_batches=batches if mode == "exact" else ())
+        by_experts = experts.plan_experts(work, tied, batches[0])
         ledger = select(groups, tied, frozenset(by_rule.owned))
     with progress.stage(f"measuring channels on {len(batches)} input(s)"):
         watch: dict[str, list[int]] = {}
@@ -626,7 +632,9 @@ def make_plan(work: nn.Module, batches: Sequence[tuple], *, mode: Mode = "exact"
             left = [r for r in dead if r not in set(cuts[root].out if root in cuts else ())]
             if left:
                 ledger.notes.append(GroupNote(layers=[root], channels=left, status="kept", reason=why))
-    plan = Plan(mode=mode, round_to=round_to, border=border, cuts=MappingProxyType(cuts), folds=folds, notes=tuple(ledger.notes),
-                dropped=MappingProxyType(dropped), any_masked=ledger.any_masked or by_rule.any_masked,
-                attributes=MappingProxyType({k: MappingProxyType(v) for k, v in by_rule.attributes.items()}))
+    plan = Plan(mode=mode, round_to=round_to, border=border, cuts=MappingProxyType(cuts), folds=folds,
+                notes=tuple(ledger.notes) + tuple(by_experts.notes), dropped=MappingProxyType(dropped),
+                any_masked=ledger.any_masked or by_rule.any_masked or by_experts.any_masked,
+                attributes=MappingProxyType({k: MappingProxyType(v) for k, v in by_rule.attributes.items()}),
+                experts=tuple(by_experts.cuts))
     return plan, measured

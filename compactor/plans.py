@@ -1,6 +1,7 @@
 """The planner's vocabulary: what a layer loses (:class:`Cut`), where a constant goes (:class:`Fold`), what
 happened to the masked channels of one coupled group (:class:`GroupNote`). The channel rule
-(:mod:`compactor.planner`) and the attention-head rule (:mod:`compactor.heads`) both speak it."""
+(:mod:`compactor.planner`), the attention-head rule (:mod:`compactor.heads`) and the experts rule
+(:mod:`compactor.experts`, :class:`ExpertCut`) all speak it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Literal, Optional
 
 import torch
 
-__all__ = ["GroupNote", "Cut", "Fold"]
+__all__ = ["GroupNote", "Cut", "Fold", "ExpertCut"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,3 +63,13 @@ class Fold:
     channel: Optional[int] = None  # "carrier": the consumer's input channel (before cutting) that carries them
     scale: Optional[float] = None  # "carrier": the constant that channel emits
     creates_bias: bool = False  # "bias": the layer has none, so the fold adds one (a tensor the model had not)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertCut:
+    """The neurons a mixture-of-experts module keeps in each expert: the same number in every expert (one tensor
+    holds them all), not the same ones."""
+
+    name: str  # the experts module
+    keep: tuple[tuple[int, ...], ...]  # per expert, the neurons it keeps
+    tensors: tuple[tuple[str, int, int], ...]  # (parameter, dim of the neurons, 2 for gate-and-up halves else 1)

@@ -3,7 +3,9 @@
 :func:`save_pretrained` reads the compact widths off the model (attention heads and key/value
 heads per layer through :mod:`compactor.heads`, MLP neurons from the MLP's projections), writes
 them into a copy of the model's config (``num_attention_heads``, ``num_key_value_heads``, an
-explicit ``head_dim``, ``intermediate_size``), lets the family's own config class validate it,
+explicit ``head_dim``, ``intermediate_size``; for mixture-of-experts models the experts' width,
+``moe_intermediate_size`` where the family has one, and ``shared_expert_intermediate_size``), lets
+the family's own config class validate it,
 saves with the model's own ``save_pretrained`` into a temporary folder, loads that folder back
 with the model class's vanilla ``from_pretrained`` (no ``trust_remote_code``) and checks it has
 no missing or unexpected keys and computes the compact model's logits on its probe input;
@@ -22,7 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import heads, probe
+from . import experts, heads, probe
 from .errors import CompactionError
 from .fingerprint import probe_batch
 from .kinds import out_major
@@ -79,7 +81,11 @@ def compact_config(model: nn.Module) -> Any:
     q = _uniform("query head counts", {a.name: a.heads for a in atts}, advice)
     kv = _uniform("key/value head counts", {a.name: a.kv_heads for a in atts}, advice)
     hd = _uniform("head sizes", {a.name: a.head_dim for a in atts}, advice)
-    mlp = _uniform("MLP widths", _mlp_widths(model), advice)
+    widths = _mlp_widths(model)
+    shared = {n: w for n, w in widths.items() if n.rpartition(".")[2] in ("shared_expert", "shared_experts")}
+    mlp = _uniform("MLP widths", {n: w for n, w in widths.items() if n not in shared}, advice)
+    shared_width = _uniform("shared-expert MLP widths", shared, advice)
+    expert_width = _uniform("expert widths", {ex.name: ex.neurons for ex in experts.find(model)}, advice)
     if q is not None:
         for key in ("num_attention_heads", "n_head", "num_heads"):
             if hasattr(config, key):
@@ -90,11 +96,16 @@ def compact_config(model: nn.Module) -> Any:
         if hd is not None and (getattr(config, "head_dim", None) is not None
                                or hd * q != getattr(config, "hidden_size", hd * q)):
             updates["head_dim"] = hd
-    if mlp is not None:
-        for key in ("intermediate_size", "n_inner", "ffn_dim"):
-            if hasattr(config, key):
-                updates[key] = mlp
-                break
+    for width, keys in ((mlp, ("intermediate_size", "n_inner", "ffn_dim")),
+                        (shared_width, ("shared_expert_intermediate_size",)),
+                        (expert_width, ("moe_intermediate_size", "intermediate_size"))):
+        key = next((k for k in keys if hasattr(config, k)), None)
+        if width is None:
+            continue
+        if key is None or updates.get(key, width) != width:
+            raise CompactionError(f"{type(config).__name__} has no field for an MLP width of {width} (fields tried: "
+                                  f"{', '.join(keys)}); save the model with compactor.save")
+        updates[key] = width
     values = {**config.to_dict(), **updates}
     try:
         new = type(config).from_dict(values)

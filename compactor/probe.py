@@ -28,17 +28,18 @@ Hook = Callable[..., Any]
 
 @contextlib.contextmanager
 def hooked(model: nn.Module, pre: Mapping[str, Hook] = MappingProxyType({}),
-           post: Mapping[str, Hook] = MappingProxyType({})) -> Iterator[None]:
+           post: Mapping[str, Hook] = MappingProxyType({}), *, with_kwargs: bool = False) -> Iterator[None]:
     """Forward pre-hooks ``pre[name](module, args)`` and hooks ``post[name](module, args, output)`` on the named
     modules of ``model`` ("" names ``model`` itself) inside the block; all removed on exit, whatever happens.
     A hook that returns a value replaces the input (pre) or the output (post), as torch's hooks do; a list
-    registers several on one module, in order."""
+    registers several on one module, in order. With ``with_kwargs``, pre-hooks also get the keyword inputs:
+    ``pre[name](module, args, kwargs)``."""
     modules = dict(model.named_modules())
     handles = []
     try:
         for name, fns in pre.items():
             for fn in fns if isinstance(fns, (list, tuple)) else [fns]:
-                handles.append(modules[name].register_forward_pre_hook(fn))
+                handles.append(modules[name].register_forward_pre_hook(fn, with_kwargs=with_kwargs))
         for name, fns in post.items():
             for fn in fns if isinstance(fns, (list, tuple)) else [fns]:
                 handles.append(modules[name].register_forward_hook(fn))

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from . import experts as experts_rule
 from . import graph, masks, planner
 from . import heads as heads_rule
 from .errors import CompactionError
@@ -411,6 +412,39 @@ def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Unio
                                           score=sum(scores[j] for j in gone) / len(gone)))
 
 
+def _prune_experts(model: nn.Module, work: nn.Module, amount: Union[float, int], ignored: set[str], tied: set[str],
+                   importance: Importance, round_to: Optional[int], report: PruneReport) -> None:
+    """Mask the same number of neurons in every expert of each fused mixture-of-experts module
+    (:mod:`compactor.experts`), lowest score first in each expert: both their gate and up rows and their down
+    column. Whole experts are never masked (removing one changes the router's top-k choice)."""
+    for ex in experts_rule.find(work):
+        layers = (f"{ex.name}.gate_up_proj", f"{ex.name}.down_proj")
+        if ex.name in ignored or ex.name in tied:
+            report.skipped.append((layers, "in ignore" if ex.name in ignored else "weights tied with another layer"))
+            continue
+        t = experts_rule.neuron_tensors(work.get_submodule(ex.name), ex)
+        k = _keep_enough(ex.neurons, _quota(amount, ex.neurons), round_to, None)
+        if not k:
+            continue
+        gone = torch.zeros(ex.experts, ex.neurons, dtype=torch.bool)
+        total = 0.0
+        for e in range(ex.experts):
+            scores = [_norm([t["gate"][e, j:j + 1], t["up"][e, j:j + 1], t["down"][e, j:j + 1]], importance)
+                      for j in range(ex.neurons)]
+            chosen = sorted(range(ex.neurons), key=lambda j: (scores[j], j))[:k]
+            gone[e, chosen] = True
+            total += sum(scores[j] for j in chosen)
+        module = model.get_submodule(ex.name)
+        for pname, dim, halves in ex.tensors(module):
+            flags = gone.repeat(1, halves)  # (E, I) -> (E, 2I): gate neurons, then up neurons
+            shape = [ex.experts] + [1] * (getattr(module, pname).dim() - 1)
+            shape[dim] = flags.shape[1]
+            mask = flags.logical_not().reshape(shape).expand_as(getattr(module, pname))
+            prune.custom_from_mask(module, pname, mask.to(getattr(module, pname).dtype))
+        report.groups.append(GroupPruning(layers=layers, units=ex.experts * ex.neurons, masked=ex.experts * k,
+                                          channels=ex.experts * k * 3, score=total / (ex.experts * k)))
+
+
 # --------------------------------------------------------------------------- the function
 
 
@@ -543,6 +577,7 @@ def prune_channels(
     _apply(model, _masks(groups, [clusters[c][i] for c, i in picked]))
     if heads is not None:
         _prune_heads(model, work, example, heads, ignored, tied, importance, report)
+    _prune_experts(model, work, amount, ignored, tied, importance, round_to, report)
     for c, (k, units_c) in enumerate(zip(keys, clusters)):
         idx = sorted(i for cc, i in picked if cc == c)
         rows = _masks(groups, [units_c[i] for i in idx], norms=False)

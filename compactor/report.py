@@ -162,6 +162,12 @@ def _rows(plan: Plan, before: Layout, after: Mapping[str, tuple[int, ...]],
     for name, cut in plan.cuts.items():
         if cut.parameter_dim is not None:  # a bare nn.Parameter sliced along (a layer scale)
             rows.append(_row(name, "Parameter", name, before.shapes, after, macs, plan, kept))
+    for ex in plan.experts:  # fused mixture-of-experts tensors: the same number of neurons left in every expert
+        for pname, _, _ in ex.tensors:
+            name = f"{ex.name}.{pname}"
+            row = _row(name, "Experts", name, before.shapes, after, macs, plan, kept)
+            left = f"{len(ex.keep[0])} neurons left per expert"
+            rows.append(dataclasses.replace(row, why=f"{left}; {row.why}" if row.why else left))
     return rows
 
 
@@ -177,7 +183,7 @@ def _kept_reasons(plan: Plan) -> dict[str, str]:
 
 def _row(name: str, op: str, key: str, before, after, macs, plan: Plan, kept: Mapping[str, str]) -> LayerRow:
     shape_b, shape_a = before[key], after[key]
-    own = op != "Parameter"
+    own = op not in ("Parameter", "Experts")
     p_b = _own_params(before, name) if own else math.prod(shape_b)
     p_a = _own_params(after, name) if own else math.prod(shape_a)
     mb = macs.get(name, 0)

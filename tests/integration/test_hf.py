@@ -385,6 +385,57 @@ def test_phi3_heads_removed_unevenly_stay_where_the_shared_config_holds_the_coun
         torch.testing.assert_close(small(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
+def _moe(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "Mixtral":
+        return _randomized(T.MixtralForCausalLM(T.MixtralConfig(intermediate_size=96, num_local_experts=8,
+                                                                **common)).eval())
+    return _randomized(T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(  # with a shared expert and V biases
+        intermediate_size=96, moe_intermediate_size=48, shared_expert_intermediate_size=80, num_experts=8,
+        **common)).eval())
+
+
+@pytest.mark.parametrize("family", ["Mixtral", "Qwen2Moe"])
+def test_moe_expert_neurons_go_and_the_checkpoint_reloads_with_from_pretrained(family, tmp_path):
+    """prune_channels(0.5, heads=0.5) on a mixture-of-experts LLM (8 experts, top-2; Qwen2-MoE with its shared
+    expert): half the neurons of every expert in the fused 3-D tensors (the same count, different ones), half
+    the shared expert's, one KV head per layer. compact removes every masked row, the router is untouched,
+    logits and greedy tokens are unchanged, and save_pretrained writes a checkpoint vanilla from_pretrained
+    loads (intermediate widths in the config)."""
+    import json
+
+    m = _moe(family)
+    inputs = _padded_tokens(200)
+    compactor.prune_channels(m, inputs, 0.5, heads=0.5)
+    experts = m.model.layers[0].mlp.experts
+    neurons = experts.down_proj.shape[2]
+    assert ((experts.gate_up_proj.detach() == 0).all(-1).sum(1) == neurons).all()  # half of 2I rows per expert
+    small = compactor.compact(m, inputs)
+    assert small.model.layers[0].mlp.experts.down_proj.shape[2] == neurons // 2
+    assert small.model.layers[0].mlp.gate.weight.shape == m.model.layers[0].mlp.gate.weight.shape
+    assert small.model.layers[0].self_attn.k_proj.out_features == 16
+    left = sum(int((p.detach() == 0).all(-1).sum()) for n, p in small.named_parameters() if p.dim() >= 2
+               and "embed" not in n)
+    assert left == 0  # no masked row stays
+    with torch.no_grad():
+        torch.testing.assert_close(small(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
+        want = m.generate(**inputs, max_new_tokens=8, do_sample=False)
+        assert torch.equal(small.generate(**inputs, max_new_tokens=8, do_sample=False), want)
+    folder = compactor.save_pretrained(small, tmp_path / "small")
+    with open(tmp_path / "small" / "config.json") as f:
+        config = json.load(f)
+    key = "moe_intermediate_size" if family == "Qwen2Moe" else "intermediate_size"
+    assert config[key] == neurons // 2
+    if family == "Qwen2Moe":
+        assert config["shared_expert_intermediate_size"] == 40
+    loaded, info = T.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_export_onnx_takes_the_tokenizer_dict_compact_takes(tmp_path):
     """export_onnx(small, {"input_ids", "attention_mask"}): ONNX inputs of those names, the cache off, the output
     named "logits"; onnxruntime equals torch at two batch sizes, a left-padded row included."""
