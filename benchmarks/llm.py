@@ -1,7 +1,9 @@
-"""What does compaction buy a LLaMA-style model on the CPU: prefill latency and greedy decode speed.
+"""What does compaction buy an LLM on the CPU: prefill latency and greedy decode speed.
 
 A LlamaForCausalLM built from its config (random weights, nothing downloads): hidden 768, 12 layers,
-12 heads over 4 KV heads, MLP 2048, vocabulary 32000. Masked with
+12 heads over 4 KV heads, MLP 2048, vocabulary 32000; with ``--family phi3`` the same sizes with
+Q, K, V fused into one layer and gate and up into another; with ``--family mixtral`` 8 experts of
+1024 neurons in fused 3-D tensors, 2 per token (half the experts' neurons go in each). Masked with
 ``compactor.prune_channels(model, inputs, 0.5, heads=0.25)`` (half the GLU neurons, a quarter of
 the KV groups with their query heads), then compacted. Timed, interleaved, medians: prefill of one
 batch of 128 tokens; greedy ``generate`` of 64 new tokens (tokens/s), dense / masked / compact.
@@ -9,6 +11,7 @@ The compact model is checked against the masked one first (logits, and the same 
 
     python benchmarks/llm.py                  # the full model (a few minutes on 2 cores)
     python benchmarks/llm.py --smoke          # 2 layers, hidden 64: seconds
+    python benchmarks/llm.py --family mixtral # or phi3
 
 Writes benchmarks/results/<device>/llm_<settings>.{json,md,png}.
 """
@@ -30,14 +33,26 @@ import compactor  # noqa: E402
 from compactor import masks, timing  # noqa: E402
 
 
-def _config(smoke: bool):
+#: family -> (config class, model class, extra config, name in result files). Phi-3 fuses Q, K and V into one
+#: layer and gate and up into another; Mixtral holds 8 experts (top-2) in fused 3-D tensors.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, "llama"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}, "phi3"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 8, "num_experts_per_tok": 2}, "mixtral-e8"),
+}
+
+
+def _config(family: str, smoke: bool):
     import transformers as T
 
+    config, _, extra, _ = FAMILIES[family]
+    tokens = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if smoke:
-        return T.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2)
-    return T.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=12, num_key_value_heads=4)
+        return getattr(T, config)(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, **extra, **tokens)
+    width = 1024 if family == "mixtral" else 2048  # 8 experts of 1024 neurons, 2 of them per token
+    return getattr(T, config)(vocab_size=32000, hidden_size=768, intermediate_size=width, num_hidden_layers=12,
+                              num_attention_heads=12, num_key_value_heads=4, **extra, **tokens)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -45,8 +60,8 @@ def run(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    cfg = _config(args.smoke)
-    dense = T.LlamaForCausalLM(cfg).eval()
+    cfg = _config(args.family, args.smoke)
+    dense = getattr(T, FAMILIES[args.family][1])(cfg).eval()
     prompt_len = 16 if args.smoke else args.prompt
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -84,11 +99,14 @@ def run(args: argparse.Namespace) -> dict:
             "same_tokens": same_tokens, "prompt": prompt_len, "new_tokens": new,
             "masked_units": sum(g.masked for g in prune_report.groups),
             "config": {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                     "num_attention_heads", "num_key_value_heads", "vocab_size")}}
+                                                     "num_attention_heads", "num_key_value_heads", "vocab_size",
+                                                     "num_local_experts") if hasattr(cfg, k)}}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=sorted(FAMILIES), default="llama",
+                   help="llama (default), phi3 (fused QKV and gate-up layers) or mixtral (8 experts, top-2)")
     p.add_argument("--mlp", type=float, default=0.5, help="fraction of GLU neurons (default 0.5)")
     p.add_argument("--heads", type=float, default=0.25, help="fraction of KV groups (default 0.25)")
     p.add_argument("--prompt", type=int, default=128)
@@ -106,7 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     machine = common.machine_info()
     device = common.device_slug(False)
     folder = common.out_dir(args.out, device)
-    name = common.tag("llm", "smoke" if args.smoke else "llama-768x12-gqa12-4",
+    size = "smoke" if args.smoke else "768x12-gqa12-4"
+    name = common.tag("llm", f"{FAMILIES[args.family][3]}-{size}",
                       f"mlp{args.mlp:g}-kv{args.heads:g}", f"t{args.threads}")
     files = [common.write_json(os.path.join(folder, name + ".json"),
                                {"kind": "llm", "machine": machine, "settings": vars(args), **result})]
@@ -121,7 +140,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         ("efficiency (prefill speed-up x param ratio)",
          lambda r: f"{r['prefill_speedup_vs_dense'] * r['param_ratio']:.2f}"),
     ]
-    md = [common.header(f"LLaMA-style model on the CPU: dense / masked / compact ({device})", machine, vars(args)),
+    title = {"llama": "LLaMA-style model", "phi3": "Phi-3-style model (fused projections)",
+             "mixtral": "Mixtral-style mixture-of-experts model (8 experts, top-2)"}[args.family]
+    md = [common.header(f"{title} on the CPU: dense / masked / compact ({device})", machine, vars(args)),
           f"Config {result['config']}; `prune_channels(model, inputs, {args.mlp}, heads={args.heads})` masked "
           f"{result['masked_units']} units; compact() took {result['compact_s']:.1f} s (prune_channels "
           f"{result['prune_s']:.1f} s), max |compact - masked| {result['max_abs_diff']:.1e}, the same "

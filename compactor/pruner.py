@@ -428,9 +428,16 @@ def _prune_experts(model: nn.Module, work: nn.Module, amount: Union[float, int],
             continue
         gone = torch.zeros(ex.experts, ex.neurons, dtype=torch.bool)
         total = 0.0
+        parts = [t["gate"].double(), t["up"].double(), t["down"].double()]
+        if importance == "l2":  # every neuron of every expert at once: (E, I)
+            all_scores = sum(p.pow(2).sum(-1) for p in parts).sqrt()
+        elif importance == "l1":
+            all_scores = sum(p.abs().sum(-1) for p in parts)
+        else:
+            all_scores = torch.tensor([[_norm([p[e, j:j + 1] for p in parts], importance) for j in range(ex.neurons)]
+                                       for e in range(ex.experts)], dtype=torch.float64)
         for e in range(ex.experts):
-            scores = [_norm([t["gate"][e, j:j + 1], t["up"][e, j:j + 1], t["down"][e, j:j + 1]], importance)
-                      for j in range(ex.neurons)]
+            scores = all_scores[e].tolist()
             chosen = sorted(range(ex.neurons), key=lambda j: (scores[j], j))[:k]
             gone[e, chosen] = True
             total += sum(scores[j] for j in chosen)

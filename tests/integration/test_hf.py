@@ -436,6 +436,42 @@ def test_moe_expert_neurons_go_and_the_checkpoint_reloads_with_from_pretrained(f
         torch.testing.assert_close(loaded.eval()(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
+_ACCEPTANCE = {  # family -> (model class, config class, extra config)
+    "Llama": ("LlamaForCausalLM", "LlamaConfig", {"attention_bias": True, "mlp_bias": True}),
+    "Qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),
+    "Mistral": ("MistralForCausalLM", "MistralConfig", {}),
+    "Phi3": ("Phi3ForCausalLM", "Phi3Config", {}),
+    "Mixtral": ("MixtralForCausalLM", "MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "StableLm": ("StableLmForCausalLM", "StableLmConfig", {}),
+}
+
+
+@pytest.mark.parametrize("family", list(_ACCEPTANCE))
+def test_prune_channels_then_compact_removes_what_it_masked_in_every_family(family):
+    """Every bias and norm weight random, a right-padded attention mask: prune_channels(0.5, heads=0.25) then
+    compact removes at least 99 % of the masked weight rows, and logits and greedy tokens are unchanged."""
+    model_cls, config_cls, extra = _ACCEPTANCE[family]
+    torch.manual_seed(0)
+    cfg = getattr(T, config_cls)(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=8, num_key_value_heads=4, pad_token_id=0, bos_token_id=1,
+                                 eos_token_id=2, **extra)
+    m = _randomized(getattr(T, model_cls)(cfg).eval())
+    inputs = _padded_tokens(200)
+    compactor.prune_channels(m, inputs, 0.5, heads=0.25)
+    masked = sum(_masked_rows(m).values()) + sum(int((b == 0).all(-1).sum()) for n, b in m.named_buffers()
+                                                 if n.endswith("proj_mask") and b.dim() == 3)  # expert tensors
+    small = compactor.compact(m, inputs)
+    removed = sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in small.parameters())
+    rows_left = sum(int((p.detach() == 0).all(-1).sum()) for n, p in small.named_parameters()
+                    if p.dim() >= 2 and "embed" not in n)
+    assert masked > 0 and removed > 0
+    assert rows_left <= 0.01 * masked, f"{rows_left} of {masked} masked rows left"
+    with torch.no_grad():
+        torch.testing.assert_close(small(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
+        want = m.generate(**inputs, max_new_tokens=8, do_sample=False)
+        assert torch.equal(small.generate(**inputs, max_new_tokens=8, do_sample=False), want)
+
+
 def test_export_onnx_takes_the_tokenizer_dict_compact_takes(tmp_path):
     """export_onnx(small, {"input_ids", "attention_mask"}): ONNX inputs of those names, the cache off, the output
     named "logits"; onnxruntime equals torch at two batch sizes, a left-padded row included."""
