@@ -99,7 +99,7 @@ def count(model: torch.nn.Module, x: torch.Tensor) -> Counter:
 
 def micro(repeats: int) -> dict:
     """This machine, 1 thread: per-op overhead, copy bandwidth, matmul throughput."""
-    with bench.torch_threads(1), torch.inference_mode():
+    with timing.torch_threads(1), torch.inference_mode():
         tiny = torch.ones(1)
         relu = torch.nn.ReLU()
         big = torch.empty(16 * 2**20)  # 64 MiB, beyond the caches
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for batch in args.batches:
         x = bench.make_inputs(prep.input_shape, batch)
-        with bench.torch_threads(1), torch.inference_mode():
+        with timing.torch_threads(1), torch.inference_mode():
             t = timing.measure({v: (lambda mod=prep.variants[v]: mod(x)) for v in VARIANTS}, repeats=args.repeats,
                                target_s=0.01)
         for v in VARIANTS:

@@ -22,7 +22,7 @@ if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
 
 import torch  # noqa: E402
 
-from compactor import bench  # noqa: E402
+from compactor import bench, timing  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 
@@ -31,14 +31,14 @@ RESULTS = os.path.join(HERE, "results")
 
 
 def _cpu_model() -> str:
-    return bench.machine_info()["cpu"]
+    return timing.machine_info()["cpu"]
 
 
 def _cpu_cores() -> int:
-    return bench.backend_threads("torch-cpu")  # every CPU this process may use
+    return timing.cpu_threads()  # every CPU this process may use
 
 
-machine_info = bench.machine_info
+machine_info = timing.machine_info
 
 
 def _slug(s: str) -> str:

@@ -35,6 +35,7 @@ from common import bench  # noqa: E402
 
 import torch  # noqa: E402
 
+from compactor import timing  # noqa: E402
 from compactor.tensors import first_line  # noqa: E402
 
 VARIANTS = ["dense", "masked", "native", "compact", "compact-layers", "compact-drop"]
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace, after_cell: Optional[Callable[[dict], None]] =
     result: dict = {"rows": [], "cells": [], "skipped": [], "errors": [], "cases": {}, "elapsed_s": 0.0}
     seconds = dict(GUESS_S)
     # Untimed work (compact(), checks) on one thread for a CPU dry run; the timed runs set their own.
-    with bench.torch_threads(1 if args.device == "cpu" else torch.get_num_threads()):
+    with timing.torch_threads(1 if args.device == "cpu" else torch.get_num_threads()):
         for case, runtime, batch in plan(args):
             kind = "compile" if runtime == "torch-cuda-compile" else "other"
             # torch.compile: one compilation per variant; masked stays the (eager) reference of the checks

@@ -29,6 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import bench  # noqa: E402
 
+from compactor import timing  # noqa: E402
+
 SCENARIOS = {"lenet": ["seeds-50"], "resnet50": ["bottleneck-inner-50", "all-50"], "vit": ["mlp-50"]}
 SWEEP_KIND = {"lenet": "seeds", "resnet50": "bottleneck-inner", "vit": "mlp"}
 BIG = ("resnet50", "vit")
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace, after_case: Optional[Callable[[bench.Prepared]
     t0 = time.perf_counter()
     # Untimed work (compact(), exports, checks) on 1 thread: on a busy machine OpenMP's barriers between
     # many small convs cost far more than they save. Timed backends set their own thread counts.
-    with bench.torch_threads(1):
+    with timing.torch_threads(1):
         return _run(args, after_case, t0)
 
 

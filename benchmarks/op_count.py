@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def write(args: argparse.Namespace, result: dict) -> list[str]:
-    machine = bench.machine_info()
+    machine = timing.machine_info()
     folder = common.out_dir(common.smoke_base(args.out) if args.smoke else args.out, common.device_slug(False))
     name = common.tag("op_count", "smoke" if args.smoke else "", *(s.replace(":", "-") for s in args.scenarios))
     rows = result["rows"]

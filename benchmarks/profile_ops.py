@@ -27,6 +27,8 @@ from common import bench  # noqa: E402
 
 import torch  # noqa: E402
 
+from compactor import export, timing  # noqa: E402
+
 VARIANTS = ("dense", "compact", "compact-drop", "compact-round8")
 _PLUMBING = {"Shape", "Gather", "Unsqueeze", "Concat", "ConstantOfShape", "Slice", "Cast", "Expand"}
 
@@ -45,16 +47,8 @@ def _ort_group(op: str, node: str) -> str:
 
 def profile_ort(path: str, x, threads: int, runs: int) -> tuple[dict[str, tuple[int, float]], float]:
     """{group: (nodes, ms per forward)}, total ms per forward."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    so.enable_profiling = True
-    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="ort-prof-"), "p")
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    sess = export.ort_session(path, threads=threads,
+                              profile_prefix=os.path.join(tempfile.mkdtemp(prefix="ort-prof-"), "p"))
     feed = {sess.get_inputs()[0].name: x.numpy()}
     sess.run(None, feed)  # warm-up, dropped below
     for _ in range(runs):
@@ -81,7 +75,7 @@ def profile_ort(path: str, x, threads: int, runs: int) -> tuple[dict[str, tuple[
 def profile_torch(model, x, threads: int, runs: int) -> tuple[dict[str, tuple[int, float]], float]:
     from torch.profiler import ProfilerActivity, profile
 
-    with bench.torch_threads(threads), torch.inference_mode():
+    with timing.torch_threads(threads), torch.inference_mode():
         model(x)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(runs):

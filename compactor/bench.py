@@ -11,9 +11,12 @@ runtime's outputs against masked in that runtime, with :func:`compactor.verify.c
 native's layer shapes against compact's) and then times them interleaved with
 :func:`compactor.timing.measure`, one row per variant. :func:`prepare_models` does the
 same for any (dense, masked) pair, e.g. a user's own model (``compactor bench --model
-mypkg.nets:Net``). :func:`run_case` does both for one built-in case and is what
-``compactor bench --model lenet`` calls; ``benchmarks/`` drives sweeps of it. Nothing
-here imports matplotlib.
+mypkg.nets:Net``), and :func:`time_backends` times them on several backends, skipping
+one that cannot run the model. :func:`run_case` does both for one built-in case and is
+what ``compactor bench --model lenet`` calls; ``benchmarks/`` drives sweeps of it. The
+models are the zoo's (:mod:`compactor.testing.zoo`, torchvision's ResNet-50 where it
+imports); :func:`case_table`, :func:`summary` and :func:`verdict` are what ``compactor
+bench`` prints. Nothing here imports matplotlib.
 
 Example:
     >>> from compactor import bench
@@ -30,14 +33,12 @@ import contextlib
 import copy
 import math
 import os
-import platform
 import re
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -45,10 +46,10 @@ from torch.nn.utils import prune
 
 from . import export, masks, timing, verify
 from .api import compact
-from .demo import LeNet
-from .errors import ExportError, VerificationError
+from .errors import CompactionError, ExportError, VerificationError
 from .tensors import first_line, random_like
-from .timing import torch_threads
+from .testing import zoo
+from .timing import cpu_threads, torch_threads
 from .verify import full_precision
 
 __all__ = [
@@ -60,27 +61,25 @@ __all__ = [
     "Backend",
     "RuntimeMismatch",
     "Prepared",
-    "LeNetAt",
-    "ViTBench",
     "default_scenario",
     "parse_scenario",
     "build_dense",
     "build_native",
     "apply_scenario",
-    "dense_from_masked",
     "layer_shapes",
     "prepare",
     "prepare_models",
     "available_backends",
     "backend_spec",
     "time_case",
+    "time_backends",
     "run_case",
     "fastest",
     "verdict",
+    "case_table",
+    "summary",
     "count_macs_per_sample",
     "make_inputs",
-    "machine_info",
-    "torch_threads",
     "backend_threads",
     "export_onnx",
     "progress_bar",
@@ -157,52 +156,7 @@ def progress_bar(done: int, total: int, label: str = "", *, width: int = 24, str
     print(f"\r[{'#' * n}{'.' * (width - n)}] {done}/{total} {label}"[:160].ljust(100), end=end, file=stream, flush=True)
 
 
-# --------------------------------------------------------------------------- models and scenarios
-
-
-class ViTBench(nn.Module):
-    """A ViT-S/16-style encoder built from the zoo's :class:`~compactor.testing.zoo.ViTBlock`:
-    16x16 patch-embedding conv, ``depth`` pre-norm blocks (dim 384, 6 heads, MLP x4),
-    final LayerNorm, mean over tokens, Linear head. 3x224x224 input (196 tokens).
-    ``mlp_hidden`` designs the MLP at another width (a multiple of ``dim``)."""
-
-    def __init__(self, dim: int = 384, depth: int = 4, heads: int = 6, mlp_ratio: int = 4,
-                 patch: int = 16, classes: int = 1000, mlp_hidden: Optional[int] = None) -> None:
-        super().__init__()
-        from .testing.zoo import ViTBlock
-
-        if mlp_hidden is not None:
-            if mlp_hidden < dim or mlp_hidden % dim:
-                raise ValueError(f"ViTBench: mlp_hidden={mlp_hidden} should be a positive multiple of dim={dim}")
-            mlp_ratio = mlp_hidden // dim
-        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
-        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, mlp_ratio) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        x = self.norm(self.blocks(x))
-        return self.head(x.mean(1))
-
-
-class LeNetAt(LeNet):
-    """The seeds' LeNet designed at other widths: ``widths`` = output channels of conv1,
-    conv2 and output features of fc1, fc2 (the seeds' are 6, 16, 120, 84). 1x28x28 input.
-
-    Example:
-        >>> LeNetAt((3, 8, 60, 42)).fc1
-        Linear(in_features=200, out_features=60, bias=True)
-    """
-
-    def __init__(self, widths: Sequence[int] = (6, 16, 120, 84)) -> None:
-        nn.Module.__init__(self)
-        c1, c2, f1, f2 = (int(w) for w in widths)
-        self.conv1 = nn.Conv2d(1, c1, 3)
-        self.conv2 = nn.Conv2d(c1, c2, 3)
-        self.fc1 = nn.Linear(c2 * 5 * 5, f1)
-        self.fc2 = nn.Linear(f1, f2)
-        self.fc3 = nn.Linear(f2, 10)
+# --------------------------------------------------------------------------- scenarios and their models
 
 
 def _kept(n: int, amount: float) -> int:
@@ -253,12 +207,10 @@ def build_dense(model_name: str, *, small: bool = False, vit_depth: int = 4, see
     ``small`` gives the tiny sizes the smoke tests use (the zoo's ``resnet50`` at width
     1/16 and 64x64 input; a 1-block, dim-32 ViT at 32x32).
     """
-    from .testing import zoo
-
     _check_model(model_name)
     torch.manual_seed(seed)
     if model_name == "lenet":
-        return LeNet().eval(), (1, 28, 28), "compactor.demo.LeNet (the seeds' LeNet)"
+        return zoo.LeNet().eval(), (1, 28, 28), "compactor.demo.LeNet (the seeds' LeNet)"
     if model_name == "resnet50":
         if small:
             return zoo.build("resnet50")[0].eval(), (3, 64, 64), "compactor.testing.zoo resnet50_like(1/16)"
@@ -272,13 +224,18 @@ def build_dense(model_name: str, *, small: bool = False, vit_depth: int = 4, see
             source = "compactor.testing.zoo.resnet50_like(1.0)"
         zoo.randomize_(model)
         return model.eval(), (3, 224, 224), source
-    if small:
-        model = ViTBench(dim=32, depth=1, heads=2, mlp_ratio=4, patch=8, classes=10)
-        zoo.randomize_(model)
-        return model.eval(), (3, 32, 32), "ViTBench(dim=32, depth=1) from zoo.ViTBlock"
-    model = ViTBench(depth=vit_depth)
+    model, shape, source = _vit(small, vit_depth)
     zoo.randomize_(model)
-    return model.eval(), (3, 224, 224), f"ViTBench(dim=384, heads=6, mlp x4, depth={vit_depth}) from zoo.ViTBlock"
+    return model.eval(), shape, source
+
+
+def _vit(small: bool, depth: int, mlp_hidden: Optional[int] = None) -> tuple[nn.Module, tuple[int, ...], str]:
+    """The zoo's ViTSmall at the benchmark's sizes (ViT-S/16 style, or the tiny one), its input shape, its name."""
+    if small:
+        model = zoo.ViTSmall(10, 32, 2, 8, depth=1, mlp_ratio=4, mlp_hidden=mlp_hidden)
+        return model, (3, 32, 32), "compactor.testing.zoo.ViTSmall(dim=32, depth=1)"
+    model = zoo.ViTSmall(1000, 384, 6, 16, depth=depth, mlp_ratio=4, mlp_hidden=mlp_hidden)
+    return model, (3, 224, 224), f"compactor.testing.zoo.ViTSmall(dim=384, heads=6, mlp x4, depth={depth})"
 
 
 def build_native(model_name: str, scenario: Optional[str] = None, *, small: bool = False, vit_depth: int = 4,
@@ -286,32 +243,28 @@ def build_native(model_name: str, scenario: Optional[str] = None, *, small: bool
     """The same architecture *designed* at the widths ``scenario`` leaves, with fresh weights; and where it came from.
 
     What a model of those widths runs at, written by its own code rather than cut down:
-    lenet ``seeds-<p>``: :class:`LeNetAt` at the kept widths; resnet50
+    lenet ``seeds-<p>``: the zoo's ``LeNet(widths)`` at the kept widths; resnet50
     ``bottleneck-inner-<p>``: ``torchvision.models.resnet50(width_per_group=...)`` where
     :func:`build_dense` used torchvision, else the zoo's ResNet-50 with every Bottleneck's
     inner layers built at the kept width; resnet50 ``all-<p>``: the zoo's ResNet-50 at width
-    ``1 - p`` (stem, residual streams and inner widths alike); vit ``mlp-<p>``:
-    :class:`ViTBench` with ``mlp_hidden`` at the kept width. :func:`prepare` checks that its
+    ``1 - p`` (stem, residual streams and inner widths alike); vit ``mlp-<p>``: the zoo's
+    ``ViTSmall`` with ``mlp_hidden`` at the kept width. :func:`prepare` checks that its
     parameters have the compact model's names and shapes.
 
     Raises:
         ValueError: no such model for this scenario (e.g. an MLP width that is not a multiple of dim).
     """
-    from .testing import zoo
-
     scenario = scenario or default_scenario(model_name)
     kind, amount = parse_scenario(model_name, scenario)
     torch.manual_seed(seed)
     if kind == "seeds":
         widths = tuple(_kept(n, amount) for n in (6, 16, 120, 84))
-        return LeNetAt(widths).eval(), f"LeNetAt{widths}"
+        return zoo.LeNet(widths).eval(), f"LeNet(widths={widths})"
     if kind == "mlp":
-        dim, ratio = (32, 4) if small else (384, 4)
-        hidden = _kept(dim * ratio, amount)
-        model = (ViTBench(dim=32, depth=1, heads=2, patch=8, classes=10, mlp_hidden=hidden) if small
-                 else ViTBench(depth=vit_depth, mlp_hidden=hidden))
+        hidden = _kept((32 if small else 384) * 4, amount)
+        model, _, _ = _vit(small, vit_depth, mlp_hidden=hidden)
         zoo.randomize_(model, seed)
-        return model.eval(), f"ViTBench(mlp_hidden={hidden})"
+        return model.eval(), f"ViTSmall(mlp_hidden={hidden})"
     width = 1 / 16 if small else 1.0
     if kind == "all":
         model = zoo.resnet50_like(width * (1 - amount))
@@ -327,15 +280,8 @@ def build_native(model_name: str, scenario: Optional[str] = None, *, small: bool
             return model.eval(), f"torchvision.models.resnet50(width_per_group={per_group})"
         except ImportError:
             pass
-    model = zoo.resnet50_like(width)
-    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-        for b in _bottlenecks(stage):
-            inner, out = _kept(b.conv1.out_channels, amount), b.conv3.out_channels
-            b.conv1 = nn.Conv2d(b.conv1.in_channels, inner, 1, bias=False)
-            b.bn1 = nn.BatchNorm2d(inner)
-            b.conv2 = nn.Conv2d(inner, inner, 3, stride=b.conv2.stride, padding=1, bias=False)
-            b.bn2 = nn.BatchNorm2d(inner)
-            b.conv3 = nn.Conv2d(inner, out, 1, bias=False)
+    inner = [_kept(planes, amount) for planes in zoo.ResNet50Like.stage_widths(width)]
+    model = zoo.ResNet50Like(width, inner_widths=inner)
     zoo.randomize_(model, seed)
     return model.eval(), f"compactor.testing.zoo.resnet50_like({width:g}), Bottleneck inner width x{1 - amount:g}"
 
@@ -436,35 +382,6 @@ def _shape_difference(native: nn.Module, other: nn.Module) -> Optional[str]:
     return None
 
 
-def dense_from_masked(model: Union[nn.Module, Callable[[], nn.Module]], masked: nn.Module) -> nn.Module:
-    """The weights before masking: a fresh ``model`` loaded with ``masked``'s ``*_orig`` tensors, masks dropped.
-
-    What the model computed before ``torch.nn.utils.prune`` masked it (not
-    ``prune.remove``, which keeps the zeros). ``model`` is a class / zero-argument factory
-    or an instance of ``masked``'s architecture (copied, never modified). A model without
-    masks (weights baked by ``prune.remove``) comes back with those weights.
-
-    Example:
-        >>> from torch.nn.utils import prune
-        >>> masked = LeNet()
-        >>> _ = prune.ln_structured(masked.fc1, "weight", amount=0.5, n=2, dim=0)
-        >>> dense = dense_from_masked(LeNet, masked)
-        >>> bool((dense.fc1.weight == masked.fc1.weight_orig).all()), int((masked.fc1.weight == 0).all(1).sum())
-        (True, 60)
-    """
-    state = masked.state_dict()
-    pruned = {k[: -len("_mask")] for k in state if k.endswith("_mask") and k[: -len("_mask")] + "_orig" in state}
-    weights = {}
-    for key, value in state.items():
-        if key.endswith("_mask") and key[: -len("_mask")] in pruned:
-            continue
-        base = key[: -len("_orig")] if key.endswith("_orig") else None
-        weights[base if base in pruned else key] = value
-    dense = masks.clone(model) if isinstance(model, nn.Module) else model()
-    dense.load_state_dict(weights, strict=True)
-    return dense.eval()
-
-
 def make_inputs(shape: tuple[int, ...], batch: int, seed: int = 1234, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Deterministic inputs of ``(batch, *shape)``: N(0, 1) floats, 0/1 integers; the same batch size gives the same tensor."""
     return random_like((torch.zeros((1, *shape), dtype=dtype),), batch=batch, seed=seed + batch)[0]
@@ -513,28 +430,16 @@ class Prepared:
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> str:
-    """ONNX export, opset 17, dynamic batch axis; returns which exporter wrote ``path``.
+    """ONNX export by :func:`compactor.export_onnx` (opset 17, dynamic batch axis, onnxruntime checked
+    against torch at two batch sizes); returns which exporter wrote ``path``.
 
-    Uses :func:`compactor.export_onnx` (which also checks onnxruntime against torch);
-    if that fails, falls back to ``torch.onnx.export(..., dynamo=False, opset_version=17)``,
-    which checks nothing: :func:`time_case` compares every ONNX model's outputs with
-    torch's before timing it, whichever path wrote the file.
+    Raises:
+        ExportError: neither exporter wrote a file that onnxruntime runs as torch does.
     """
-    try:  # a failing exporter prints the whole Torch IR graph to stdout: the reason is in the exception
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-            report = export.export_onnx(model, example, path, opset=17, force=True)
-        return f"compactor.export_onnx ({report.exporter})"
-    except ExportError as exc:
-        reason = first_line(exc)
-    model = model.eval()
-    with torch.no_grad(), open(os.devnull, "w") as null, contextlib.redirect_stdout(null), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's deprecation and TracerWarnings
-        torch.onnx.export(
-            model, (example,), path, dynamo=False, opset_version=17, do_constant_folding=True,
-            input_names=["input"], output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        )
-    return f"torch.onnx.export (dynamo=False; compactor.export_onnx failed: {reason})"
+    # a failing exporter prints the whole Torch IR graph to stdout: the reason is in the exception
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        report = export.export_onnx(model, example, path, opset=17, force=True)
+    return f"compactor.export_onnx ({report.exporter})"
 
 
 def _compact_kwargs(variant: str) -> Optional[dict[str, Any]]:
@@ -582,7 +487,7 @@ def prepare_models(dense: nn.Module, masked: nn.Module, example: torch.Tensor, *
     """Build the variants of any (dense, masked) pair: :func:`prepare` for a user's own model.
 
     Args:
-        dense: the model before masking (see :func:`dense_from_masked`).
+        dense: the model before masking (see :func:`compactor.masks.dense_from_masked`).
         masked: the same model with live ``torch.nn.utils.prune`` masks.
         example: an example input (batch first); the timed inputs are random tensors of its
             per-sample shape and dtype.
@@ -663,65 +568,13 @@ def available_backends() -> list[str]:
     return out
 
 
-def _cpu_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def backend_threads(backend: str) -> int:
     """Threads a backend runs with: 1 for ``*-1t``, every CPU this process may use for the others."""
     if backend.endswith("-1t"):
         return 1
     if "cuda" in backend:
         return torch.get_num_threads()
-    return _cpu_threads()
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model and cores, torch / onnx / onnxruntime versions, threads, GPU name if any."""
-    ort = _ort()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cpu_cores": _cpu_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "onnxruntime": getattr(ort, "__version__", None),
-        "ort_providers": ort.get_available_providers() if ort else [],
-        "gpu": None,
-    }
-    try:
-        import onnx
-
-        info["onnx"] = onnx.__version__
-    except ImportError:
-        info["onnx"] = None
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-        info["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
-        info["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
-    return info
-
-
-def _ort_session(path: str, backend: str):
-    ort = _ort()
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = backend_threads(backend) if backend.startswith("ort-cpu") else 0
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
-    return ort.InferenceSession(path, so, providers=providers)
+    return cpu_threads()
 
 
 class RuntimeMismatch(AssertionError):
@@ -850,8 +703,9 @@ def time_case(prep: Prepared, backend: str, batch: int, *, repeats: int = 20, va
     backend's device at this batch; for a runtime in another dtype or memory format, with
     a CUDA graph or ``torch.compile``, also the timed callable's outputs against masked
     run eagerly in that dtype and format (verify's tolerance floor for fp16 / bf16); for
-    onnxruntime each ONNX model against its torch original (``ONNX_RTOL``), whichever path
-    exported it (see :func:`export_onnx`). ``native`` was checked by :func:`prepare_models`.
+    onnxruntime each ONNX model against its torch original (``ONNX_RTOL``; the export checked
+    it already, see :func:`export_onnx`) and against masked. ``native`` was checked by
+    :func:`prepare_models`.
 
     Args:
         device: run ``backend``'s code path on another device: ``"cpu"`` for a dry run of a
@@ -864,6 +718,7 @@ def time_case(prep: Prepared, backend: str, batch: int, *, repeats: int = 20, va
     Raises:
         ValueError: an unknown backend, or one this machine lacks.
         RuntimeMismatch: ONNX, fp16 / bf16, a CUDA graph or torch.compile changed a variant's outputs.
+        ExportError: an onnxruntime backend, and no exporter wrote an ONNX file that runs as torch does.
         AssertionError: a compact variant differs from masked in eager fp32 (a bug in compactor).
     """
     spec = backend_spec(backend)
@@ -982,7 +837,8 @@ def _ort_runners(prep: Prepared, names: list[str], spec: Backend, x_cpu: torch.T
         with _normal_tensors():  # tracing in inference mode fails on BorderCorrectedConv
             path = prep.onnx_path(v)
         onnx_bytes[v] = os.path.getsize(path)
-        sess = _ort_session(path, spec.name)
+        sess = export.ort_session(path, threads=backend_threads(spec.name) if spec.device == "cpu" else 0,
+                                  cuda=spec.device == "cuda")
         feed_name = sess.get_inputs()[0].name
         got = torch.from_numpy(sess.run(None, {feed_name: x_cpu.numpy()})[0])
         onnx_check[v] = _assert_agree(got, cpu_out[v], ONNX_RTOL, f"{label}: ONNX {v} vs torch", RuntimeMismatch)
@@ -1048,6 +904,42 @@ def _rows(prep: Prepared, spec: Backend, device: str, layout: str, batch: int, n
     return rows
 
 
+def time_backends(prep: Prepared, backends: Sequence[str], batches: Sequence[int], *, repeats: int = 20,
+                  progress: Progress = progress_bar) -> tuple[list[dict], dict[str, str]]:
+    """:func:`time_case` on every backend at every batch; a backend that cannot run the model is skipped.
+
+    A backend is skipped (with the reason) when its runtime changes the outputs
+    (:class:`RuntimeMismatch`), its ONNX export fails (:class:`~compactor.errors.ExportError`)
+    or it raises otherwise (a compiler that cannot take the model); the rows it timed
+    before stay.
+
+    Returns:
+        The rows of every backend that ran, and ``{backend: why}`` for those skipped.
+
+    Raises:
+        AssertionError: a compact variant differs from masked in eager fp32 (a bug in compactor).
+        VerificationError, CompactionError: likewise a bug, or a model compactor cannot take.
+    """
+    rows: list[dict] = []
+    skipped: dict[str, str] = {}
+    for backend in backends:
+        try:
+            for batch in batches:
+                rows += time_case(prep, backend, batch, repeats=repeats, progress=progress)
+        except AssertionError as exc:
+            if not isinstance(exc, RuntimeMismatch):
+                raise
+            skipped[backend] = first_line(exc)
+        except Exception as exc:  # an export or a compiler that cannot take this model: time the others
+            if isinstance(exc, (VerificationError, CompactionError)) and not isinstance(exc, ExportError):
+                raise
+            skipped[backend] = f"{type(exc).__name__}: {first_line(exc)}"
+    return rows, skipped
+
+
+# --------------------------------------------------------------------------- what compactor bench prints
+
+
 def fastest(rows: Sequence[dict], variant: str = "compact") -> Optional[str]:
     """The backend that runs ``variant`` fastest over the batch sizes in ``rows``.
 
@@ -1093,6 +985,53 @@ def verdict(rows: Sequence[dict], variant: str = "compact") -> str:
     return f"verdict: the {variant} model runs fastest on {backend_spec(backend).label} ({backend}): {times}{tail}"
 
 
+def case_table(rows: Sequence[dict], repeats: int) -> str:
+    """One built-in case (one backend and batch, as :func:`run_case` returns it): a title line, then a row per variant."""
+    r0 = rows[0]
+    lines = [f"{r0['model']} {r0['scenario']} - {r0['backend']} - batch {r0['batch']} "
+             f"(median of {repeats}; efficiency = speed-up vs dense / MAC ratio)",
+             f"{'variant':15s} {'median':>11s} {'IQR/med':>8s} {'params':>11s} {'MACs':>13s} {'x masked':>9s} "
+             f"{'x dense':>8s} {'eff.':>5s} {'x native':>8s}"]
+    for r in rows:
+        native = f"{r['speedup_vs_native']:8.2f}" if r.get("speedup_vs_native") else ""
+        lines.append(f"{r['variant']:15s} {r['median_s'] * 1e3:9.3f}ms {r['spread']:8.0%} {r['params']:11,} "
+                     f"{r['macs']:13,} {r['speedup_vs_masked']:9.2f} {r['speedup_vs_dense']:8.2f} "
+                     f"{r['efficiency']:5.2f} {native}")
+    return "\n".join(lines)
+
+
+def summary(prep: Prepared, rows: Sequence[dict], skipped: Mapping[str, str], repeats: int) -> str:
+    """A user's model timed by :func:`time_backends`: what was timed, a row per (backend, batch, variant)
+    ending with what was checked before timing, and the backends skipped with why."""
+    shape = "x".join(map(str, prep.input_shape))
+    lines = [f"{prep.source}, input (batch)x{shape} {str(prep.input_dtype).replace('torch.', '')}: median of "
+             f"{repeats} interleaved repeats; x masked, x dense: speed-up on the same backend and batch",
+             f"{'backend':18s} {'batch':>5s}  {'variant':15s} {'median':>10s} {'IQR/med':>7s} {'params':>11s} "
+             f"{'MACs/sample':>13s} {'x masked':>8s} {'x dense':>7s}  checked before timing"]
+    for r in rows:
+        lines.append(f"{r['backend']:18s} {r['batch']:5d}  {r['variant']:15s} {r['median_s'] * 1e3:8.3f}ms "
+                     f"{r['spread']:7.0%} {r['params']:11,} {r['macs']:13,} {r['speedup_vs_masked']:8.2f} "
+                     f"{r['speedup_vs_dense']:7.2f}  {_checked(r)}")
+    lines += [f"skipped {backend}: {why}" for backend, why in skipped.items()]
+    return "\n".join(lines)
+
+
+def _checked(row: dict) -> str:
+    """What a row was checked against before it was timed, and by how much it differed."""
+    if row.get("check_max_abs_diff") is not None:
+        ref = "masked" if row["check_ref"] == "masked" else "masked, dropped constants zeroed"
+        text = f"= {ref}: |diff| {row['check_max_abs_diff']:.1e} <= {row['check_tolerance']:.1e}"
+        if row.get("runtime_max_abs_diff") is not None:
+            text += f"; {row['dtype']} run {row['runtime_max_abs_diff']:.1e} <= {row['runtime_tolerance']:.1e}"
+        return text
+    if row.get("onnx_max_abs_diff") is not None:
+        return f"ONNX = torch: |diff| {row['onnx_max_abs_diff']:.1e} <= {row['onnx_tolerance']:.1e}"
+    return "-"
+
+
+# --------------------------------------------------------------------------- one case, start to end
+
+
 _CACHE: dict[tuple, Prepared] = {}
 
 
@@ -1119,7 +1058,8 @@ def run_case(model_name: str, scenario: Optional[str], backend: str, batch: int,
 
     Raises:
         ValueError: unknown model, scenario, backend or variant, or a backend this machine lacks.
-        AssertionError: a check failed (compact differs from masked, or ONNX from torch).
+        AssertionError: a check failed (compact differs from masked, or a runtime from torch).
+        ExportError: an onnxruntime backend, and no exporter wrote an ONNX file that runs as torch does.
     """
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch={batch!r} should be a positive integer")

@@ -237,7 +237,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_builtin(args: argparse.Namespace) -> dict:
-    from . import bench
+    from . import bench, timing
 
     model = args.model or "lenet"
     if model not in bench.MODELS:
@@ -254,22 +254,14 @@ def _bench_builtin(args: argparse.Namespace) -> dict:
                 case = bench.run_case(model, args.scenario, backend, batch, args.repeats)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
-            print(f"{model} {case[0]['scenario']} - {backend} - batch {batch} "
-                  f"(median of {args.repeats}; efficiency = speed-up vs dense / MAC ratio)")
-            print(f"{'variant':15s} {'median':>11s} {'IQR/med':>8s} {'params':>11s} {'MACs':>13s} {'x masked':>9s} "
-                  f"{'x dense':>8s} {'eff.':>5s} {'x native':>8s}")
-            for r in case:
-                native = f"{r['speedup_vs_native']:8.2f}" if r.get("speedup_vs_native") else ""
-                print(f"{r['variant']:15s} {r['median_s'] * 1e3:9.3f}ms {r['spread']:8.0%} {r['params']:11,} "
-                      f"{r['macs']:13,} {r['speedup_vs_masked']:9.2f} {r['speedup_vs_dense']:8.2f} "
-                      f"{r['efficiency']:5.2f} {native}")
+            print(bench.case_table(case, args.repeats))
             rows += case
     return {"command": "compactor bench", "model": model, "scenario": rows[0]["scenario"], "repeats": args.repeats,
-            "machine": bench.machine_info(), "rows": rows}
+            "machine": timing.machine_info(), "rows": rows}
 
 
 def _bench_user_model(args: argparse.Namespace) -> dict:
-    from . import bench
+    from . import bench, masks, timing
 
     if args.weights is None or args.input_shape is None:
         raise UserError(f"--model {args.model} (your model) needs --weights FILE and --input-shape N,C,H,W, as for "
@@ -284,34 +276,16 @@ def _bench_user_model(args: argparse.Namespace) -> dict:
     backends = _backends(args.backends, bench.available_backends())
     factory = _model_factory(args.model)
     masked = _load_pruned(factory, args.weights)
-    dense = bench.dense_from_masked(factory, masked)
+    dense = masks.dense_from_masked(factory, masked)
     variants = ["compact", "compact-drop"] + ([f"compact-round{args.round_to}"] if args.round_to else [])
     try:
         prep = bench.prepare_models(dense, masked, example, model_name=args.model,
                                     scenario=os.path.basename(args.weights), variants=variants,
                                     source=f"{args.model} with {args.weights}", progress=bench.progress_bar)
-        rows: list[dict] = []
-        skipped: dict[str, str] = {}
-        for backend in backends:
-            try:
-                for batch in batches:
-                    rows += bench.time_case(prep, backend, batch, repeats=args.repeats, progress=bench.progress_bar)
-            except AssertionError as exc:
-                if not isinstance(exc, bench.RuntimeMismatch):
-                    raise
-                skipped[backend] = first_line(exc)
-            except Exception as exc:  # an export or a compiler that cannot take this model: time the others
-                if isinstance(exc, (VerificationError, CompactionError)):
-                    raise
-                skipped[backend] = f"{type(exc).__name__}: {first_line(exc)}"
+        rows, skipped = bench.time_backends(prep, backends, batches, repeats=args.repeats)
     except AssertionError as exc:  # compact differs from masked on a backend: a bug, like a VerificationError
         raise VerificationError(str(exc)) from exc
-    shape = "x".join(map(str, prep.input_shape))
-    print(f"{args.model} with {args.weights}, input (batch)x{shape} {str(prep.input_dtype).replace('torch.', '')}: "
-          f"median of {args.repeats} interleaved repeats; x masked, x dense: speed-up on the same backend and batch")
-    print(_bench_table(rows))
-    for backend, why in skipped.items():
-        print(f"skipped {backend}: {why}")
+    print(bench.summary(prep, rows, skipped, args.repeats))
     line = bench.verdict(rows)
     print(line)
     report = prep.reports["compact"]
@@ -321,29 +295,8 @@ def _bench_user_model(args: argparse.Namespace) -> dict:
             "params": prep.params, "macs": prep.macs,
             "compact": {"params_before": report.params_before, "params_after": report.params_after,
                         "max_abs_diff": report.max_abs_diff, "tolerance": report.tolerance},
-            "machine": bench.machine_info(), "skipped": skipped, "rows": rows,
+            "machine": timing.machine_info(), "skipped": skipped, "rows": rows,
             "verdict": {"backend": bench.fastest(rows), "line": line}}
-
-
-def _bench_table(rows: Sequence[dict]) -> str:
-    """One table: a row per (backend, batch, variant); the last column says what was checked before timing."""
-    head = (f"{'backend':18s} {'batch':>5s}  {'variant':15s} {'median':>10s} {'IQR/med':>7s} {'params':>11s} "
-            f"{'MACs/sample':>13s} {'x masked':>8s} {'x dense':>7s}  checked before timing")
-    lines = [head]
-    for r in rows:
-        check = "-"
-        if r.get("check_max_abs_diff") is not None:
-            ref = "masked" if r["check_ref"] == "masked" else "masked, dropped constants zeroed"
-            check = f"= {ref}: |diff| {r['check_max_abs_diff']:.1e} <= {r['check_tolerance']:.1e}"
-            if r.get("runtime_max_abs_diff") is not None:
-                check += f"; {r['dtype']} run {r['runtime_max_abs_diff']:.1e} <= {r['runtime_tolerance']:.1e}"
-        elif r.get("onnx_max_abs_diff") is not None:
-            check = f"ONNX = torch: |diff| {r['onnx_max_abs_diff']:.1e} <= {r['onnx_tolerance']:.1e}"
-        median = r["median_s"] * 1e3
-        lines.append(f"{r['backend']:18s} {r['batch']:5d}  {r['variant']:15s} {median:8.3f}ms {r['spread']:7.0%} "
-                     f"{r['params']:11,} {r['macs']:13,} {r['speedup_vs_masked']:8.2f} {r['speedup_vs_dense']:7.2f}  "
-                     f"{check}")
-    return "\n".join(lines)
 
 
 def _compact(args: argparse.Namespace) -> int:

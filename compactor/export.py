@@ -23,7 +23,7 @@ from . import files, masks, verify
 from .errors import ExportError, VerificationError
 from .tensors import as_inputs, first_line, flatten_outputs, random_like
 
-__all__ = ["ExportReport", "export_onnx", "export_program"]
+__all__ = ["ExportReport", "export_onnx", "export_program", "ort_session"]
 
 #: ``"auto"`` tries the TorchScript exporter, then dynamo; or name one.
 Exporter = Literal["auto", "torchscript", "dynamo"]
@@ -108,14 +108,30 @@ def _trace_inputs(example: tuple[torch.Tensor, ...], dynamic_batch: bool) -> tup
 # --------------------------------------------------------------------------- ONNX
 
 
-def _ort_session(path: str):
+def ort_session(path: str, *, threads: int = 1, cuda: bool = False, profile_prefix: Optional[str] = None):
+    """An onnxruntime ``InferenceSession`` on ``path``: every graph optimization, errors-only logging.
+
+    The one place compactor (its export check, ``compactor bench``, ``benchmarks/``) opens an
+    ONNX file in onnxruntime.
+
+    Args:
+        threads: intra-op threads; 1 (the default) for a correctness check, so that no thread
+            pool spins against PyTorch's; 0 lets onnxruntime choose. One inter-op thread always.
+        cuda: CUDAExecutionProvider first, CPUExecutionProvider for what it cannot run.
+        profile_prefix: write onnxruntime's per-node profile to files starting with this path.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: keep "initializer not used" notes off the terminal
-    options.intra_op_num_threads = 1  # a correctness check: no thread pool spinning against PyTorch's threads
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    return ort.InferenceSession(path, sess_options=options, providers=providers)
 
 
 def _export_torchscript(model, trace, path, input_names, output_names, dynamic_axes, opset) -> None:
@@ -173,7 +189,7 @@ def _check_file(path: str, input_names: list[str], checks: Sequence[Check]) -> _
         raise ExportError(f"onnx.checker rejected the exported file: {first_line(exc)}") from None
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     try:
-        session = _ort_session(path)
+        session = ort_session(path)
     except Exception as exc:
         raise ExportError(f"onnxruntime could not load the exported file: {first_line(exc)}") from None
     names = [i.name for i in session.get_inputs()]

@@ -21,7 +21,7 @@ from .errors import MaskLoadError
 from .kinds import CONV
 from .tensors import call
 
-__all__ = ["PrunedTensor", "pruned_tensors", "clone", "bake", "bake_", "load_pruned"]
+__all__ = ["PrunedTensor", "pruned_tensors", "clone", "bake", "bake_", "load_pruned", "dense_from_masked"]
 
 
 @dataclass(frozen=True)
@@ -329,3 +329,31 @@ def load_pruned(
                      shape_fix="the file was saved from a model with different layer sizes")
     target.load_state_dict(state, strict=True)
     return target
+
+
+def dense_from_masked(model: Union[nn.Module, Callable[[], nn.Module]], masked: nn.Module) -> nn.Module:
+    """The weights before masking: a fresh ``model`` loaded with ``masked``'s ``*_orig`` tensors, masks dropped.
+
+    What the model computed before ``torch.nn.utils.prune`` masked it (not
+    ``prune.remove``, which keeps the zeros). ``model`` is a class / zero-argument factory
+    or an instance of ``masked``'s architecture (copied, never modified). A model without
+    masks (weights baked by ``prune.remove``) comes back with those weights.
+
+    Example:
+        >>> masked = nn.Sequential(nn.Linear(4, 6))
+        >>> _ = prune.ln_structured(masked[0], "weight", amount=0.5, n=2, dim=0)
+        >>> dense = dense_from_masked(nn.Sequential(nn.Linear(4, 6)), masked)
+        >>> bool((dense[0].weight == masked[0].weight_orig).all()), int((masked[0].weight == 0).all(1).sum())
+        (True, 3)
+    """
+    state = masked.state_dict()
+    pruned = {k[: -len("_mask")] for k in state if k.endswith("_mask") and k[: -len("_mask")] + "_orig" in state}
+    weights = {}
+    for key, value in state.items():
+        if key.endswith("_mask") and key[: -len("_mask")] in pruned:
+            continue
+        base = key[: -len("_orig")] if key.endswith("_orig") else None
+        weights[base if base in pruned else key] = value
+    dense = clone(model) if isinstance(model, nn.Module) else model()
+    dense.load_state_dict(weights, strict=True)
+    return dense.eval()

@@ -1,16 +1,19 @@
-"""Latency measurement shared by the demo, the CLI and benchmarks/: warm-up, interleaved, medians."""
+"""Latency measurement shared by the demo, the CLI and benchmarks/: warm-up, interleaved, medians; and the
+machine a measurement ran on."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
-__all__ = ["Timing", "measure", "torch_threads"]
+__all__ = ["Timing", "measure", "torch_threads", "cpu_threads", "machine_info"]
 
 
 @dataclass(frozen=True)
@@ -88,3 +91,48 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def cpu_threads() -> int:
+    """The CPUs this process may run on (its affinity), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model and cores, torch / onnx / onnxruntime versions, threads, GPU name if any."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_cores": cpu_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "onnxruntime": getattr(ort, "__version__", None),
+        "ort_providers": ort.get_available_providers() if ort else [],
+        "gpu": None,
+    }
+    try:
+        import onnx
+
+        info["onnx"] = onnx.__version__
+    except ImportError:
+        info["onnx"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        info["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
+        info["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    return info

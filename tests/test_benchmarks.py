@@ -17,8 +17,9 @@ import sys
 import pytest
 import torch
 
-from compactor import bench, export
+from compactor import bench, export, masks
 from compactor.errors import ExportError
+from compactor.testing import zoo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,21 +91,16 @@ def test_run_case_reports_progress_and_rows():
     assert seen and seen[-1][0] == seen[-1][1]
 
 
-def test_onnx_fallback_is_still_checked_before_timing(monkeypatch):
-    """When compactor.export_onnx fails, bench falls back to a bare torch.onnx.export that checks
-    nothing; time_case still compares onnxruntime with torch before timing: a faithful fallback
-    file gives a checked row, one whose fc3 bias is off by 0.1 raises before anything is timed."""
+def test_onnx_rows_come_only_from_checked_exports(monkeypatch):
+    """Every ONNX file bench times was written by compactor.export_onnx, which checks onnxruntime against
+    torch: a faithful export gives a row that records both checks; an exporter whose file has fc3's bias
+    off by 0.1 (both exporters shifted alike) raises ExportError naming the difference before anything is
+    timed; an export that fails raises too, with no other exporter tried."""
     if "ort-cpu-1t" not in bench.available_backends():
         pytest.skip("onnxruntime is not installed")
-
-    def export_fails(*args, **kwargs):
-        raise ExportError("both exporters failed (simulated)")
-
-    monkeypatch.setattr(export, "export_onnx", export_fails)
     prep = bench.prepare("lenet", "seeds-50", variants=("compact",))
     (row,) = bench.time_case(prep, "ort-cpu-1t", 2, repeats=1, variants=["compact"])
-    assert prep.exporter == ("torch.onnx.export (dynamo=False; compactor.export_onnx failed: both exporters failed "
-                             "(simulated))")
+    assert prep.exporter.startswith("compactor.export_onnx (")
     assert 0 <= row["onnx_max_abs_diff"] <= row["onnx_tolerance"]
     assert row["check_ref"] == "masked" and row["check_max_abs_diff"] <= row["check_tolerance"]
 
@@ -118,9 +114,38 @@ def test_onnx_fallback_is_still_checked_before_timing(monkeypatch):
 
     monkeypatch.setattr(torch.onnx, "export", export_shifted)
     monkeypatch.setattr(bench.timing, "measure", lambda *a, **k: pytest.fail("timed an unchecked ONNX model"))
-    prep.onnx.clear()  # export again, through the shifted fallback
-    with pytest.raises(AssertionError, match=r"ONNX compact vs torch: max \|diff\| 0\.1 > tolerance"):
+    prep.onnx.clear()  # export again, through the shifted exporter
+    with pytest.raises(ExportError, match=r"onnxruntime's outputs differ from PyTorch's by up to 0\.1 "):
         bench.time_case(prep, "ort-cpu-1t", 2, repeats=1, variants=["compact"])
+
+    def export_fails(*args, **kwargs):
+        raise ExportError("both exporters failed (simulated)")
+
+    monkeypatch.setattr(export, "export_onnx", export_fails)
+    prep.onnx.clear()
+    with pytest.raises(ExportError, match=r"both exporters failed \(simulated\)"):
+        bench.time_case(prep, "ort-cpu-1t", 2, repeats=1, variants=["compact"])
+    assert prep.onnx == {}
+
+
+def test_a_backend_without_a_checked_onnx_file_is_skipped_with_why(monkeypatch):
+    """time_backends: the ONNX export fails (ExportError), so ort-cpu-1t is skipped with the reason while
+    torch-cpu-1t is timed and checked; summary ends with the skipped backend and why."""
+    if "ort-cpu-1t" not in bench.available_backends():
+        pytest.skip("onnxruntime is not installed")
+
+    def export_fails(*args, **kwargs):
+        raise ExportError("both exporters failed (simulated)")
+
+    monkeypatch.setattr(export, "export_onnx", export_fails)
+    prep = bench.prepare("lenet", "seeds-50", variants=("compact",))
+    rows, skipped = bench.time_backends(prep, ["torch-cpu-1t", "ort-cpu-1t"], [1], repeats=1, progress=None)
+    assert [(r["backend"], r["variant"]) for r in rows] == [("torch-cpu-1t", v) for v in ("dense", "masked", "compact")]
+    assert skipped == {"ort-cpu-1t": "ExportError: both exporters failed (simulated)"}
+    assert rows[2]["check_ref"] == "masked" and rows[2]["check_max_abs_diff"] <= rows[2]["check_tolerance"]
+    lines = bench.summary(prep, rows, skipped, 1).splitlines()
+    assert lines[-1] == "skipped ort-cpu-1t: ExportError: both exporters failed (simulated)"
+    assert "= masked: |diff|" in next(line for line in lines if line.split()[2:3] == ["compact"])
 
 
 def test_run_case_rejects_bad_arguments():
@@ -160,10 +185,10 @@ def test_bytes_moved_counts_lenet_by_hand():
 
 
 def test_native_lenet_is_designed_at_the_compact_widths():
-    """seeds-50 prunes round(0.5 * n) of conv1 (6), conv2 (16), fc1 (120), fc2 (84): LeNetAt(3, 8, 60, 42),
+    """seeds-50 prunes round(0.5 * n) of conv1 (6), conv2 (16), fc1 (120), fc2 (84): LeNet(widths=(3, 8, 60, 42)),
     fc1 reading 8 * 5 * 5 = 200 features; every parameter has compact's name and shape (15,306 in all)."""
     native, source = bench.build_native("lenet", "seeds-50")
-    assert source == "LeNetAt(3, 8, 60, 42)" and native.fc1.in_features == 200
+    assert source == "LeNet(widths=(3, 8, 60, 42))" and native.fc1.in_features == 200
     prep = bench.prepare("lenet", "seeds-50", variants=("native", "compact", "compact-drop"))
     assert prep.native_checked == ["compact", "compact-drop"]
     assert bench.layer_shapes(prep.variants["native"]) == bench.layer_shapes(prep.variants["compact"])
@@ -175,12 +200,12 @@ def test_native_with_other_shapes_is_refused():
     raises naming the first parameter that differs."""
     from compactor.demo import prune_like_the_seeds
 
-    dense = bench.LeNetAt().eval()
-    masked = prune_like_the_seeds(bench.masks.clone(dense), 0.5)
+    dense = zoo.LeNet().eval()
+    masked = prune_like_the_seeds(masks.clone(dense), 0.5)
     with pytest.raises(AssertionError, match=r"fc2.bias: native \(43,\), compact \(42,\)"):
         bench.prepare_models(dense, masked, torch.randn(2, 1, 28, 28), model_name="lenet", scenario="seeds-50",
                              source="test", variants=("native", "compact"),
-                             native=(bench.LeNetAt((3, 8, 60, 43)), "LeNetAt(3, 8, 60, 43)"))
+                             native=(zoo.LeNet((3, 8, 60, 43)), "LeNet(widths=(3, 8, 60, 43))"))
 
 
 def test_gpu_runtimes_dry_run_on_cpu_checks_every_runtime(tmp_path):

@@ -10,7 +10,6 @@ import os
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ import compactor
 from compactor.tensors import flatten_outputs
 from compactor.demo import LeNet, prune_like_the_seeds
 from compactor.errors import CompactionError, ExportError
+from compactor.export import ort_session
 from compactor.layers import BorderCorrectedBatchNorm2d, BorderCorrectedConv2d
 from helpers import assert_unchanged, snapshot
 from small_models import COMPACTED, Attention, border_bn_compact, border_compact, lenet_compact
@@ -31,14 +31,8 @@ ORT_RTOL, ORT_ATOL = 1e-4, 1e-5
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _one_thread() -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1  # no spinning pool on a shared 2-core box
-    return options
-
-
 def ort_run(path: str, *inputs: torch.Tensor) -> list[np.ndarray]:
-    session = ort.InferenceSession(path, sess_options=_one_thread(), providers=["CPUExecutionProvider"])
+    session = ort_session(path)  # one thread: no spinning pool on a shared 2-core box
     names = [i.name for i in session.get_inputs()]
     return session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
 
@@ -116,8 +110,7 @@ def test_fixed_batch_export(tmp_path):
     path = str(tmp_path / "fixed.onnx")
     report = compactor.export_onnx(small, x, path, dynamic_batch=False)
     assert report.batch_sizes == [2]
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    assert session.get_inputs()[0].shape == [2, 1, 28, 28]
+    assert ort_session(path).get_inputs()[0].shape == [2, 1, 28, 28]
     np.testing.assert_allclose(ort_run(path, x)[0], torch_run(small, x), rtol=ORT_RTOL, atol=ORT_ATOL)
 
 

@@ -166,15 +166,24 @@ class _Head(nn.Sequential):
 
 
 class LeNet(nn.Module):
-    """The tutorials' LeNet: 1x28x28 input (16*5*5 = 400 holds only for 28x28)."""
+    """The tutorials' LeNet: 1x28x28 input (16*5*5 = 400 holds only for 28x28).
 
-    def __init__(self) -> None:
+    ``widths`` designs it at other widths: the output channels of conv1 and conv2 and the
+    output features of fc1 and fc2 (the tutorials' are 6, 16, 120, 84).
+
+    Example:
+        >>> LeNet((3, 8, 60, 42)).fc1
+        Linear(in_features=200, out_features=60, bias=True)
+    """
+
+    def __init__(self, widths: Sequence[int] = (6, 16, 120, 84)) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 3)
-        self.conv2 = nn.Conv2d(6, 16, 3)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
+        c1, c2, f1, f2 = (int(w) for w in widths)
+        self.conv1 = nn.Conv2d(1, c1, 3)
+        self.conv2 = nn.Conv2d(c1, c2, 3)
+        self.fc1 = nn.Linear(c2 * 5 * 5, f1)
+        self.fc2 = nn.Linear(f1, f2)
+        self.fc3 = nn.Linear(f2, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
@@ -245,13 +254,14 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None) -> None:
+                 downsample: Optional[nn.Module] = None, inner: Optional[int] = None) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        inner = planes if inner is None else inner  # conv1 / conv2 channels
+        self.conv1 = nn.Conv2d(inplanes, inner, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, inner, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(inner)
+        self.conv3 = nn.Conv2d(inner, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -307,35 +317,47 @@ class ResNetBottleneckSmall(nn.Module):
 class ResNet50Like(nn.Module):
     """A ResNet-50 (torchvision v1.5 layout) written out here: 7x7/2 stem conv+BN+ReLU,
     3x3/2 maxpool, Bottleneck stages [3, 4, 6, 3] with widths 64, 128, 256, 512 (x4 output)
-    scaled by ``width``, avgpool, Linear to ``classes``.
+    scaled by ``width``, avgpool, Linear to ``classes``. ``inner_widths`` designs each stage's
+    Bottlenecks at another inner width (conv1 / conv2 channels; default: the stage's width).
 
     Exercises a realistic depth with many residual groups and downsample branches.
     """
 
-    def __init__(self, width: float = 1.0, classes: int = 1000,
-                 layers: Sequence[int] = (3, 4, 6, 3)) -> None:
+    def __init__(self, width: float = 1.0, classes: int = 1000, layers: Sequence[int] = (3, 4, 6, 3),
+                 inner_widths: Optional[Sequence[int]] = None) -> None:
         super().__init__()
-        widths = [max(1, int(round(w * width))) for w in (64, 128, 256, 512)]
+        widths = self.stage_widths(width)
+        inner = list(inner_widths) if inner_widths is not None else widths
         self.inplanes = widths[0]
         self.conv1 = nn.Conv2d(3, self.inplanes, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.layer1 = self._make_layer(widths[0], layers[0], stride=1)
-        self.layer2 = self._make_layer(widths[1], layers[1], stride=2)
-        self.layer3 = self._make_layer(widths[2], layers[2], stride=2)
-        self.layer4 = self._make_layer(widths[3], layers[3], stride=2)
+        self.layer1 = self._make_layer(widths[0], layers[0], stride=1, inner=inner[0])
+        self.layer2 = self._make_layer(widths[1], layers[1], stride=2, inner=inner[1])
+        self.layer3 = self._make_layer(widths[2], layers[2], stride=2, inner=inner[2])
+        self.layer4 = self._make_layer(widths[3], layers[3], stride=2, inner=inner[3])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3] * Bottleneck.expansion, classes)
 
-    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    @staticmethod
+    def stage_widths(width: float = 1.0) -> list[int]:
+        """The four stages' widths (``planes``) at ``width``: 64, 128, 256, 512 scaled and rounded, at least 1.
+
+        Example:
+            >>> ResNet50Like.stage_widths(1 / 16)
+            [4, 8, 16, 32]
+        """
+        return [max(1, int(round(w * width))) for w in (64, 128, 256, 512)]
+
+    def _make_layer(self, planes: int, blocks: int, stride: int, inner: int) -> nn.Sequential:
         downsample: Optional[nn.Module] = None
         out = planes * Bottleneck.expansion
         if stride != 1 or self.inplanes != out:
             downsample = _conv_bn(self.inplanes, out, 1, stride=stride)
-        layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
+        layers = [Bottleneck(self.inplanes, planes, stride, downsample, inner)]
         self.inplanes = out
-        layers += [Bottleneck(out, planes) for _ in range(1, blocks)]
+        layers += [Bottleneck(out, planes, inner=inner) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -497,20 +519,37 @@ class ViTBlock(nn.Module):
 
 class ViTSmall(nn.Module):
     """ViT: patch-embedding conv (kernel = stride = patch), flatten to (N, L, D) tokens,
-    one ViTBlock, mean over tokens, Linear head. No position embedding, so any input
-    size (tokens = floor(H/patch) * floor(W/patch)) is accepted.
+    ``depth`` ViTBlocks (MLP ``mlp_ratio`` x dim), final LayerNorm, mean over tokens, Linear
+    head. No position embedding, so any input size (tokens = floor(H/patch) * floor(W/patch))
+    is accepted.
+
+    The defaults are the zoo's tiny entry; ``ViTSmall(1000, 384, 6, 16, depth=4, mlp_ratio=4)``
+    is a ViT-S/16-style encoder for 3x224x224 input (the benchmarks' ``vit``). ``mlp_hidden``
+    designs the MLP at another width (a multiple of ``dim``).
+
+    Raises:
+        ValueError: ``mlp_hidden`` is not a positive multiple of ``dim``.
+
+    Example:
+        >>> ViTSmall(1000, 384, 6, 16, depth=4, mlp_hidden=768).blocks[3].fc1
+        Linear(in_features=384, out_features=768, bias=True)
     """
 
-    def __init__(self, classes: int = 10, dim: int = 16, heads: int = 2, patch: int = 4) -> None:
+    def __init__(self, classes: int = 10, dim: int = 16, heads: int = 2, patch: int = 4, *, depth: int = 1,
+                 mlp_ratio: int = 2, mlp_hidden: Optional[int] = None) -> None:
         super().__init__()
+        if mlp_hidden is not None:
+            if mlp_hidden < dim or mlp_hidden % dim:
+                raise ValueError(f"ViTSmall: mlp_hidden={mlp_hidden} should be a positive multiple of dim={dim}")
+            mlp_ratio = mlp_hidden // dim
         self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
-        self.block = ViTBlock(dim, heads)
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        x = self.norm(self.block(x))
+        x = self.norm(self.blocks(x))
         return self.head(x.mean(1))
 
 

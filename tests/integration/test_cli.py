@@ -12,13 +12,13 @@ import sys
 import uuid
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from torch.nn.utils import prune
 
 import compactor
 from compactor.cli import main
+from compactor.export import ort_session
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -98,14 +98,8 @@ def user(tmp_path, monkeypatch):
     sys.modules.pop(name, None)
 
 
-def _one_thread() -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1  # no spinning pool on a shared 2-core box
-    return options
-
-
 def ort_run(path, x: torch.Tensor) -> np.ndarray:
-    session = ort.InferenceSession(str(path), sess_options=_one_thread(), providers=["CPUExecutionProvider"])
+    session = ort_session(str(path))  # one thread: no spinning pool on a shared 2-core box
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
@@ -426,11 +420,11 @@ def test_bench_on_the_users_model_times_every_variant_checked_and_names_the_fast
 def test_bench_dense_is_the_weights_before_masking(user, capsys):
     """The dense row is the model before masking: built from *_orig with the masks dropped, it computes what
     the model computed before ln_structured, not the masked (or prune.remove'd) model."""
-    from compactor import bench
+    from compactor import masks
 
     name, module, masked, _ = user
     loaded = compactor.load_pruned(module.LeNet, "pruned_model.pth")
-    dense = bench.dense_from_masked(module.LeNet, loaded)
+    dense = masks.dense_from_masked(module.LeNet, loaded)
     torch.manual_seed(0)
     original = module.LeNet().eval()  # the same seed as the fixture, before pruning
     x = torch.randn(3, 1, 28, 28)

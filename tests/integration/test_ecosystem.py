@@ -151,13 +151,13 @@ def test_yolo_predict_boxes_equal_masked(yolo_pair):
 @pytest.mark.timeout(300)
 def test_yolo_onnx_export_equals_masked(yolo_pair, tmp_path, monkeypatch):
     """YOLO(...).export(format='onnx'): the exported compact model, run in onnxruntime, equals the masked model."""
-    import onnxruntime as ort
+    from compactor.export import ort_session
 
     monkeypatch.chdir(tmp_path)  # the exporter writes beside the model's file name, in the working directory
     masked, small, x = yolo_pair
     wrapper = _yolo(copy.deepcopy(small))
     path = wrapper.export(format="onnx", imgsz=64, simplify=False, dynamic=False, project=str(tmp_path))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort_session(str(path))
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})[:1]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), _first(masked(x)), rtol=RTOL, atol=1e-3)
