@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from . import probe
+from .kinds import replace_tensor
 from .plans import ExpertCut, GroupNote
-from .tensors import call
 
 __all__ = ["Experts", "ExpertPlan", "find", "plan_experts", "slice_experts", "neuron_tensors"]
 
@@ -126,23 +126,11 @@ def slice_experts(module: nn.Module, cut: ExpertCut) -> None:
             if halves == 2:
                 idx = torch.cat([idx, idx + width])
             parts.append(t[e].index_select(dim - 1, idx))
-        new = torch.stack(parts).contiguous()
-        if isinstance(t, nn.Parameter):
-            new = nn.Parameter(new, requires_grad=t.requires_grad)
-        setattr(module, pname, new)
+        replace_tensor(module, pname, torch.stack(parts).contiguous(), t)
     left = len(cut.keep[0])
     for attr in WIDTH_ATTRIBUTES:
         if module.__dict__.get(attr) == neurons and not isinstance(module.__dict__.get(attr), bool):
             setattr(module, attr, left)
-
-
-def _inputs(model: nn.Module, names: set[str], batch: tuple) -> dict[str, tuple[tuple, dict]]:
-    """The positional and keyword inputs each experts module in ``names`` received (its first call)."""
-    seen: dict[str, tuple[tuple, dict]] = {}
-    record = {n: (lambda m, a, k, _n=n: seen.setdefault(_n, (a, k))) for n in names}
-    with probe.hooked(model, record, with_kwargs=True), torch.no_grad():
-        call(model, batch)
-    return seen
 
 
 def _same(a: object, b: object) -> bool:
@@ -190,7 +178,7 @@ def plan_experts(model: nn.Module, tied: set[str], batch: Optional[tuple] = None
                      for r in removable)
         cut = ExpertCut(name=ex.name, keep=keep, tensors=tuple(ex.tensors(module)))
         cands.append((ex, cut, flat, count, note))
-    seen = _inputs(model, {ex.name for ex, *_ in cands}, batch) if batch is not None and cands else {}
+    seen = probe.first_inputs(model, {ex.name for ex, *_ in cands}, batch) if batch is not None and cands else {}
     for ex, cut, flat, count, note in cands:
         module = model.get_submodule(ex.name)
         if batch is not None:

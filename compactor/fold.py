@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .experts import slice_experts
-from .kinds import Slicing, kind_of, out_major
+from .heads import set_count
+from .kinds import Slicing, kind_of, out_major, replace_tensor, sliced
 from .layers import set_module, with_border_correction, with_border_correction_bn
 from .planner import Cut, Fold, Plan
 
@@ -36,19 +37,6 @@ def _shape(shape: tuple[int, ...], dims: tuple[tuple[int, tuple[int, ...]], ...]
     for dim, removed in dims:
         s[dim] -= len(removed)
     return tuple(s)
-
-
-def _keep(n: int, removed: tuple[int, ...], device) -> torch.Tensor:
-    gone = set(removed)
-    return torch.tensor([i for i in range(n) if i not in gone], dtype=torch.long, device=device)
-
-
-def _sliced(t: torch.Tensor, dims: tuple[tuple[int, tuple[int, ...]], ...]) -> torch.Tensor:
-    t = t.detach()
-    for dim, removed in dims:
-        if removed:
-            t = t.index_select(dim, _keep(t.shape[dim], removed, t.device))
-    return t.contiguous()
 
 
 def _layers(model: nn.Module) -> dict[str, Union[nn.Module, nn.Parameter]]:
@@ -82,24 +70,11 @@ def new_shapes(model: nn.Module, plan: Plan) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _set(owner: nn.Module, attr: str, value: torch.Tensor, like: torch.Tensor) -> None:
-    if isinstance(like, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(value, requires_grad=like.requires_grad))
-    else:
-        setattr(owner, attr, value)
-
-
 def _slice(layer: nn.Module, cut: Cut) -> None:
-    for tname, dims in _slicing(layer, cut).items():
-        t = getattr(layer, tname, None)
-        if isinstance(t, torch.Tensor):
-            _set(layer, tname, _sliced(t, dims), t)
-    _sync_widths(layer, cut)
-
-
-def _sync_widths(layer: nn.Module, cut: Cut) -> None:
-    """Update the width attributes a layer's forward reads from its new tensors."""
-    kind_of(layer).sync_widths(layer, cut.out, cut.inputs)
+    kind = kind_of(layer)
+    if kind is None:  # the planner slices the kinds compactor knows only
+        raise TypeError(f"cannot slice {type(layer).__name__} '{cut.name}'")
+    kind.cut(layer, cut.out, cut.inputs)
 
 
 def _fold_bias(module: nn.Module, delta: torch.Tensor) -> None:
@@ -135,12 +110,6 @@ def _execute(work: nn.Module, modules: dict[str, nn.Module], f: Fold) -> None:
         modules[carrier] = new
 
 
-def set_count(module: nn.Module, attr: str, value: int) -> None:
-    """Set a head count on ``module``, or on its config for ``"config.<name>"``."""
-    owner, _, leaf = attr.rpartition(".")
-    setattr(getattr(module, owner) if owner else module, leaf, value)
-
-
 def apply(work: nn.Module, plan: Plan) -> nn.Module:
     """Fold the planned constants, then slice every layer; returns ``work`` (modified in place)."""
     modules = dict(work.named_modules())
@@ -153,7 +122,7 @@ def apply(work: nn.Module, plan: Plan) -> nn.Module:
         else:
             p = params[name]
             parent_name, _, attr = name.rpartition(".")
-            _set(work.get_submodule(parent_name) if parent_name else work, attr, _sliced(p, _slicing(p, cut)[""]), p)
+            replace_tensor(work.get_submodule(parent_name) if parent_name else work, attr, sliced(p, _slicing(p, cut)[""]), p)
     for cut in plan.experts:  # neurons of fused mixture-of-experts tensors, per expert
         slice_experts(modules[cut.name], cut)
     for name, values in plan.attributes.items():  # head counts stored on attention modules (or their config)

@@ -29,6 +29,7 @@ shared config):
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -38,11 +39,11 @@ import torch
 from torch import nn
 
 from . import probe
-from .kinds import dead_rows, is_linear_like, out_major, zero_columns
+from .kinds import dead_rows, is_linear_like, kind_of, out_major, zero_columns
 from .plans import Cut, Fold, GroupNote
-from .tensors import call
+from .tensors import call, first_line, flatten_outputs
 
-__all__ = ["Attention", "HeadPlan", "COUNT_ATTRIBUTES", "find", "plan_heads"]
+__all__ = ["Attention", "HeadPlan", "COUNT_ATTRIBUTES", "find", "plan_heads", "set_count"]
 
 #: Attributes of attention modules that hold a head count or a width derived from it (updated on the module),
 #: by what they count: query heads, key/value heads, or the query width (heads x head_dim).
@@ -131,6 +132,12 @@ def _config_counts(m: nn.Module) -> tuple[str, ...]:
     # then every head count the config holds follows, and an explicit head_dim (no longer hidden_size / heads)
     return tuple(a for a, what in COUNT_ATTRIBUTES.items() if what != "width"
                  and isinstance(getattr(config, a, None), int)) + ("head_dim",)
+
+
+def set_count(module: nn.Module, attr: str, value: int) -> None:
+    """Set a head count on an attention ``module``, or on its config for ``"config.<name>"``."""
+    owner, _, leaf = attr.rpartition(".")
+    setattr(getattr(module, owner) if owner else module, leaf, value)
 
 
 def _recognize(name: str, m: nn.Module, modules: dict) -> tuple | None:
@@ -345,6 +352,83 @@ def _shared_config_uneven(atts: list[Attention], cands: list, modules: dict) -> 
     return out
 
 
+def _scope(att: Attention) -> str:
+    """The smallest module holding the attention's projections (BERT's O sits beside its self-attention)."""
+    parts = [n.split(".") for n in (att.name, att.q, att.k, att.v, att.o)]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _unupdated_counts(module: nn.Module, att: Attention) -> list[str]:
+    """Integer attributes the forward of ``module`` reads (``self.<name>``) that hold one of the attention's head
+    counts or widths and that the rule does not update: the likely reason a cut breaks it."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return []
+    sizes = {att.heads, att.kv_heads, att.heads * att.head_dim, att.kv_heads * att.head_dim}
+    safe = set(COUNT_ATTRIBUTES) | {"head_dim", "attention_head_size", "num_key_value_groups", "layer_idx"}
+    return sorted({a for a in re.findall(r"self\.(\w+)", source) if a not in safe
+                   and isinstance(module.__dict__.get(a), int) and module.__dict__[a] in sizes})
+
+
+def _trials_hold(model: nn.Module, cands: list, modules: dict, batch: tuple) -> dict[str, str]:
+    """Cut each candidate in a copy of the module holding its projections and run that copy on the input the
+    module received in ``batch`` (and the module itself, on a copy of the same input): attention modules whose
+    copy fails or computes otherwise, with why (a head count its forward reads that the rule does not update)."""
+    if not cands:
+        return {}
+    scopes = {att.name: _scope(att) for att, _ in cands}
+    try:
+        seen = probe.first_inputs(model, set(scopes.values()), batch, copied=True)
+    except Exception:
+        return {}  # the input cannot be recorded (copied): left to the compact model's verification
+    failed = {}
+    for att, gone in cands:
+        name = scopes[att.name]
+        if name not in seen:
+            continue
+        plan = HeadPlan()
+        _cut(att, gone, modules, plan)
+        original = modules[name]
+        trial = copy.deepcopy(original)
+        inner = dict(trial.named_modules())
+        prefix = f"{name}." if name else ""
+        why = ""
+        try:
+            for layer, cut in plan.cuts.items():
+                kind_of(inner[layer[len(prefix):]]).cut(inner[layer[len(prefix):]], cut.out, cut.inputs)
+            for f in plan.folds:
+                o = inner[f.layer[len(prefix):]]
+                bias = f.values.to(o.weight.dtype)
+                if o.bias is None:
+                    o.bias = nn.Parameter(bias)
+                else:
+                    o.bias.data = o.bias.detach() + bias
+            for module_name, values in plan.attributes.items():
+                for attr, value in values.items():
+                    set_count(inner[module_name[len(prefix):]], attr, value)
+            with torch.no_grad():
+                args, kwargs = copy.deepcopy(seen[name])
+                want = next(iter(flatten_outputs(original(*args, **kwargs))), None)
+                args, kwargs = copy.deepcopy(seen[name])
+                got = next(iter(flatten_outputs(trial(*args, **kwargs))), None)
+            if want is None or got is None or want.shape != got.shape or not torch.allclose(
+                    got.double(), want.double(), rtol=1e-4, atol=1e-5 * max(float(want.abs().max()), 1.0)):
+                why = "computes otherwise with them removed"
+        except Exception as exc:
+            why = f"fails with them removed ({type(exc).__name__}: {first_line(exc)})"
+        if why:
+            reads = _unupdated_counts(modules[att.name], att)
+            failed[att.name] = (f"'{att.name}' {why}: the attention module reads a head count compactor does not "
+                                f"update{': ' + ', '.join(reads) if reads else ''}; kept")
+    return failed
+
+
 def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None,
                fold_batches: Sequence[tuple] = ()) -> HeadPlan:
     """Which key/value heads (with their query heads) go in every recognized attention module of ``model``.
@@ -402,6 +486,8 @@ def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None,
     folds = _folds_hold(model, [c for c in cands if c[0].name in held], modules, fold_batches) if fold_batches \
         else held
     uneven = _shared_config_uneven(atts, [c for c in cands if c[0].name in folds], modules)
+    broken = _trials_hold(model, [c for c in cands if c[0].name in folds and c[0].name not in uneven], modules,
+                          batch) if batch is not None else {}
     for att, gone in cands:
         layers = list(dict.fromkeys([att.q, att.k, att.v, att.o]))
         if att.name not in held:
@@ -414,8 +500,8 @@ def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None,
                               "padding, gets 0 from SDPA): no bias of O can take it; mask their O columns too "
                               "(prune_channels does), or use attn_implementation='eager'")
             continue
-        if att.name in uneven:
-            _note(out, layers, gone, "kept", uneven[att.name])
+        if att.name in uneven or att.name in broken:
+            _note(out, layers, gone, "kept", uneven.get(att.name) or broken[att.name])
             continue
         _cut(att, gone, modules, out)
         _note(out, layers, gone, "removed", f"key/value head(s) with every V row (or every O column "

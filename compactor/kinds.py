@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 __all__ = ["Kind", "kind_of", "CONV", "CONV_TRANSPOSE", "BATCHNORM", "is_transposed_linear", "is_linear_like",
-           "out_major", "dead_rows", "zero_columns", "Slicing"]
+           "out_major", "dead_rows", "zero_columns", "Slicing", "sliced", "replace_tensor"]
 
 #: The conv types compactor slices (channels on dim 1 of the input) and the per-channel norms beside them.
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -33,6 +33,25 @@ Slicing = dict[str, tuple[tuple[int, tuple[int, ...]], ...]]
 
 #: Per-output-channel tensors a subclass may add beside its weight (sliced with the rows along dim 0).
 _PER_CHANNEL_EXTRAS = ("gain", "border_kernel", "border_offset")
+
+
+def sliced(t: torch.Tensor, dims: tuple[tuple[int, tuple[int, ...]], ...]) -> torch.Tensor:
+    """``t`` (detached) without the ``removed`` indices along each ``dim`` of ``dims``."""
+    t = t.detach()
+    for dim, removed in dims:
+        if removed:
+            gone = set(removed)
+            keep = torch.tensor([i for i in range(t.shape[dim]) if i not in gone], dtype=torch.long, device=t.device)
+            t = t.index_select(dim, keep)
+    return t.contiguous()
+
+
+def replace_tensor(owner: nn.Module, attr: str, value: torch.Tensor, like: torch.Tensor) -> None:
+    """Set ``owner.attr`` to ``value``, a Parameter (with ``like``'s requires_grad) where ``like`` is one."""
+    if isinstance(like, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value, requires_grad=like.requires_grad))
+    else:
+        setattr(owner, attr, value)
 
 
 def is_transposed_linear(module: object) -> bool:
@@ -82,6 +101,14 @@ class Kind:
 
     def sync_widths(self, module: nn.Module, out: tuple[int, ...], inputs: tuple[int, ...]) -> None:
         """Set the width attributes from the sliced tensors (what its forward reads)."""
+
+    def cut(self, module: nn.Module, out: tuple[int, ...], inputs: tuple[int, ...]) -> None:
+        """Remove output rows ``out`` and input channels ``inputs`` from ``module`` in place."""
+        for tname, dims in self.slicing(module, out, inputs).items():
+            t = getattr(module, tname, None)
+            if isinstance(t, torch.Tensor):
+                replace_tensor(module, tname, sliced(t, dims), t)
+        self.sync_widths(module, out, inputs)
 
     def describe(self, module: nn.Module) -> dict:
         """Its widths, by attribute name (what :func:`compactor.load` sets on a resized copy)."""

@@ -8,6 +8,7 @@ in the plan.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -47,6 +48,22 @@ def hooked(model: nn.Module, pre: Mapping[str, Hook] = MappingProxyType({}),
     finally:
         for h in handles:
             h.remove()
+
+
+def first_inputs(model: nn.Module, names: set[str], batch: tuple, *, copied: bool = False) -> dict[str, tuple]:
+    """The (args, kwargs) each module in ``names`` received on its first call in one forward of ``batch`` (no
+    grad); with ``copied``, deep copies taken before the module ran (it may update a cache it was given)."""
+    seen: dict[str, tuple] = {}
+
+    def keep(name: str) -> Callable:
+        def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:  # (returning the inputs would replace them)
+            if name not in seen:
+                seen[name] = copy.deepcopy((args, kwargs)) if copied else (args, kwargs)
+        return hook
+
+    with hooked(model, {n: keep(n) for n in names}, with_kwargs=True), torch.no_grad():
+        call(model, batch)
+    return seen
 
 
 @contextlib.contextmanager

@@ -23,8 +23,7 @@ from torch import nn
 
 from . import files, fingerprint, masks
 from .errors import LoadError
-from .fold import set_count
-from .heads import COUNT_ATTRIBUTES
+from .heads import COUNT_ATTRIBUTES, set_count
 from .heads import find as find_attention
 from .tensors import as_inputs
 from .kinds import BATCHNORM, CONV, CONV_TRANSPOSE, is_transposed_linear, kind_of

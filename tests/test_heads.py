@@ -173,3 +173,36 @@ def test_prune_channels_leaves_heads_alone_where_the_rule_would_keep_them():
                                                         r"tried.*did not hold when checked"):
         compactor.prune_channels(m, torch.randn(2, 5, 8), 0.0, heads=0.5)
     assert not hasattr(m.c_attn, "weight_mask")
+
+
+class FixedWidthGQA(GQA):
+    """GQA that reshapes its output with a width stored at construction (``self.embed_dim``), which the rule
+    does not know to update: with heads removed it cannot run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_dim = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        k, v = (t.repeat_interleave(self.num_key_value_groups, dim=1) for t in (k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.embed_dim))
+
+
+def test_heads_stay_with_the_reason_where_the_attention_reads_a_count_the_rule_does_not_update():
+    """The cut is tried on a copy of the attention module first: it fails on the stored width 16, so the heads
+    stay (never 'the compact model failed to run'), the report names the attribute, and the model is exact."""
+    torch.manual_seed(0)
+    model = Block()
+    model.attn = FixedWidthGQA()
+    model.eval()
+    _mask(model.attn.v_proj, rows=range(4, 8))
+    x = torch.randn(2, 5, 6)
+    small = compactor.compact(model, x)
+    assert small.attn.q_proj.out_features == 16
+    (note,) = [g for g in small.compaction_report.groups if g.unit == "key/value heads"]
+    assert note.status == "kept" and "reads a head count compactor does not update: embed_dim" in note.reason
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-6, atol=1e-6)
