@@ -477,7 +477,8 @@ def _group(DG: Any, module: nn.Module, fn: Any, n: int, names: dict, broken: dic
         elif None in root_idxs or len(set(idxs)) != len(idxs):
             unclear = f"{_NOT_UNDERSTOOD} through {name} is ambiguous (a channel with two sources)"
         elif width is not None and idxs and (idxs[0] < 0 or idxs[-1] >= width):
-            unclear = f"{_NOT_UNDERSTOOD} does not fit {name} (channel {idxs[-1]} of {width})"
+            unclear = (f"{_NOT_UNDERSTOOD} does not fit {name} (it reaches channel index {idxs[-1]} of a tensor "
+                       f"with {width} channels)")
         if role == "pass" and op == "Mean" and _mean_mixes(node, channels_last):
             role, reason = "blocked", f"{name}: a mean over the channels (a norm computed by hand) mixes them"
         if unclear:

@@ -15,8 +15,10 @@ do heads masked in part (``head_dim`` must stay uniform). RoPE rotates pairs of
 dimensions inside a head, another reason to remove whole heads only.
 
 Recognized (Hugging Face's attention modules reshape with ``-1`` heads, so a module with
-fewer heads runs as it is; head counts stored on the module are updated, never the
-shared config):
+fewer heads runs as it is; head counts stored on the module are updated, and those its forward
+reads from the config every layer shares when every layer keeps the same count; each cut is
+first tried on a copy of the module, on the input it received, and kept with the reason if that
+copy fails or computes otherwise):
 
 - ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` and a ``head_dim`` (LLaMA, Mistral, Qwen2
   with ``num_key_value_groups``; ViT without);
@@ -24,7 +26,12 @@ shared config):
   parent's ``output.dense`` (BERT, RoBERTa and kin);
 - ``q_lin``, ``k_lin``, ``v_lin``, ``out_lin`` and an ``attention_head_size`` (DistilBERT);
 - a fused ``c_attn`` (Q, K, V side by side, split by ``split_size``) and ``c_proj``, with
-  ``num_heads`` and ``head_dim`` (GPT-2 self-attention).
+  ``num_heads`` and ``head_dim`` (GPT-2 self-attention);
+- a fused ``qkv_proj`` (Q, K, V side by side) and ``o_proj``, with ``head_dim`` and
+  ``num_key_value_heads`` (Phi-3; it reads ``config.num_attention_heads``);
+- a fused ``query_key_value`` interleaved per key/value group (its query heads, then K, then V)
+  and ``dense``, with ``head_size`` (GPT-NeoX: one head per group) or ``head_dim`` and
+  ``num_kv_heads`` (Falcon).
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class Attention:
     counts: tuple[str, ...] = ()  # attributes of the module holding a head count or width (COUNT_ATTRIBUTES)
     offsets: tuple[int, int, int] = (0, 0, 0)  # where Q, K, V start in their layers' outputs (a fused QKV layer)
     config_counts: tuple[str, ...] = ()  # head counts to update on the config its forward reads them from (Phi-3)
+    interleaved: bool = False  # one fused layer, per key/value group: its query heads, then K, then V (GPT-NeoX)
 
     @property
     def group(self) -> int:
@@ -81,6 +89,16 @@ class Attention:
         """Q output rows (= O input columns) of every query head sharing these key/value heads."""
         span = self.group * self.head_dim
         return [j * span + d for j in sorted(kv_heads) for d in range(span)]
+
+    def rows(self, which: str, kv_heads) -> list[int]:
+        """The output rows, in its layer, of ``which`` ("q", "k" or "v") for these key/value heads (with their
+        query heads): where the layout puts them."""
+        hd, span = self.head_dim, self.group * self.head_dim
+        if self.interleaved:  # per key/value group j: span query rows, then hd K rows, then hd V rows
+            start, width = {"q": (0, span), "k": (span, hd), "v": (span + hd, hd)}[which]
+            return [j * (span + 2 * hd) + start + d for j in sorted(kv_heads) for d in range(width)]
+        off = self.offsets["qkv".index(which)]
+        return [off + r for r in (self.q_rows(kv_heads) if which == "q" else self.kv_rows(kv_heads))]
 
 
 @dataclass
@@ -140,36 +158,88 @@ def set_count(module: nn.Module, attr: str, value: int) -> None:
     setattr(getattr(module, owner) if owner else module, leaf, value)
 
 
-def _recognize(name: str, m: nn.Module, modules: dict) -> tuple | None:
-    """(q, k, v, o names, head_dim, query heads per KV head, attributes to update[, Q/K/V offsets]) or None."""
+# Attention layouts, tried in order (the first that recognizes a module wins). Each takes (name, module, every
+# module by name) and returns (q, k, v, o names, head_dim, query heads per KV head, head-count attributes to
+# update[, Q/K/V offsets in one fused layer, or "interleaved"]) or None.
+
+
+def _separate_projections(name: str, m: nn.Module, modules: dict) -> tuple | None:
+    """q_proj, k_proj, v_proj, o_proj and a head_dim (LLaMA, Mistral, Qwen2 with num_key_value_groups; ViT)."""
     if isinstance(getattr(m, "head_dim", None), int) and all(
             is_linear_like(getattr(m, p, None)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
         groups = getattr(m, "num_key_value_groups", 1)
         return (*(_name(name, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")), m.head_dim, groups, _counts(m))
+    return None
+
+
+def _distilbert(name: str, m: nn.Module, modules: dict) -> tuple | None:
     if isinstance(getattr(m, "attention_head_size", None), int) and all(
             is_linear_like(getattr(m, p, None)) for p in ("q_lin", "k_lin", "v_lin", "out_lin")):
         return (*(_name(name, p) for p in ("q_lin", "k_lin", "v_lin", "out_lin")), m.attention_head_size, 1,
                 _counts(m))
+    return None
+
+
+def _bert(name: str, m: nn.Module, modules: dict) -> tuple | None:
+    """query, key, value; the O projection is the parent's output.dense."""
     if isinstance(getattr(m, "attention_head_size", None), int) and all(
             is_linear_like(getattr(m, p, None)) for p in ("query", "key", "value")) and "." in name:
-        parent = name.rpartition(".")[0]
-        o = f"{parent}.output.dense"
+        o = f"{name.rpartition('.')[0]}.output.dense"
         if is_linear_like(modules.get(o)):
             return (*(_name(name, p) for p in ("query", "key", "value")), o, m.attention_head_size, 1, _counts(m))
+    return None
+
+
+def _fused_side_by_side(name: str, m: nn.Module, modules: dict) -> tuple | None:
+    """qkv_proj holding Q, K and V one after the other, and o_proj (Phi-3)."""
     if isinstance(getattr(m, "head_dim", None), int) and isinstance(getattr(m, "num_key_value_heads", None), int) \
             and all(is_linear_like(getattr(m, p, None)) for p in ("qkv_proj", "o_proj")) and m.head_dim > 0:
         q_width, kv_width = out_major(m.o_proj).shape[1], m.num_key_value_heads * m.head_dim
         if kv_width > 0 and q_width % kv_width == 0 and out_major(m.qkv_proj).shape[0] == q_width + 2 * kv_width:
-            qkv = _name(name, "qkv_proj")  # Q, K and V side by side (Phi-3)
+            qkv = _name(name, "qkv_proj")
             return (qkv, qkv, qkv, _name(name, "o_proj"), m.head_dim, q_width // kv_width, _counts(m),
                     (0, q_width, q_width + kv_width))
+    return None
+
+
+def _fused_interleaved(name: str, m: nn.Module, modules: dict) -> tuple | None:
+    """query_key_value holding, per key/value group, its query heads' rows, then K's, then V's, and dense
+    (GPT-NeoX: one head per group, head_size; Falcon: head_dim and num_kv_heads)."""
+    if not all(is_linear_like(getattr(m, p, None)) for p in ("query_key_value", "dense")):
         return None
+    hd = m.__dict__.get("head_size", m.__dict__.get("head_dim"))
+    if not isinstance(hd, int) or hd < 1 or (m.__dict__.get("multi_query") and
+                                             not m.__dict__.get("new_decoder_architecture")):
+        return None  # (Falcon's multi-query layout: one K and one V head, nothing to remove)
+    width = out_major(m.dense).shape[1]
+    kv = m.__dict__.get("num_kv_heads", width // hd)
+    if isinstance(kv, int) and kv > 0 and width % (kv * hd) == 0 \
+            and out_major(m.query_key_value).shape[0] == width + 2 * kv * hd:
+        qkv = _name(name, "query_key_value")
+        return (qkv, qkv, qkv, _name(name, "dense"), hd, width // (kv * hd), _counts(m), "interleaved")
+    return None
+
+
+def _gpt2(name: str, m: nn.Module, modules: dict) -> tuple | None:
+    """c_attn holding Q, K and V side by side (split by split_size), and c_proj; not cross-attention."""
     if isinstance(getattr(m, "head_dim", None), int) and isinstance(getattr(m, "split_size", None), int) \
             and isinstance(getattr(m, "num_heads", None), int) and not hasattr(m, "q_attn") \
             and is_linear_like(getattr(m, "c_attn", None)) and is_linear_like(getattr(m, "c_proj", None)) \
             and out_major(m.c_attn).shape[0] == 3 * m.split_size:
         qkv = _name(name, "c_attn")
         return (qkv, qkv, qkv, _name(name, "c_proj"), m.head_dim, 1, _counts(m), (0, m.split_size, 2 * m.split_size))
+    return None
+
+
+_RECOGNIZERS = (_separate_projections, _distilbert, _bert, _fused_side_by_side, _fused_interleaved, _gpt2)
+
+
+def _recognize(name: str, m: nn.Module, modules: dict) -> tuple | None:
+    """What the first recognizer that knows ``m``'s layout says, or None."""
+    for recognizer in _RECOGNIZERS:
+        seen = recognizer(name, m, modules)
+        if seen is not None:
+            return seen
     return None
 
 
@@ -183,10 +253,14 @@ def find(model: nn.Module) -> list[Attention]:
             continue
         q_name, k_name, v_name, o_name, head_dim, groups, counts = seen[:7]
         offsets = seen[7] if len(seen) > 7 else (0, 0, 0)
+        interleaved = offsets == "interleaved"
         if not isinstance(groups, int) or head_dim < 1 or groups < 1:
             continue
         o = out_major(modules[o_name])
-        if offsets == (0, 0, 0):
+        if interleaved:  # kv_heads blocks of (groups + 2) heads
+            kv = out_major(modules[q_name]).shape[0] // ((groups + 2) * head_dim)
+            q_rows, k_rows, v_rows, offsets = kv * groups * head_dim, kv * head_dim, kv * head_dim, (0, 0, 0)
+        elif offsets == (0, 0, 0):
             q_rows, k_rows, v_rows = (out_major(modules[n]).shape[0] for n in (q_name, k_name, v_name))
         else:  # one layer: Q, K and V one after the other from these offsets
             q_rows, k_rows = offsets[1] - offsets[0], offsets[2] - offsets[1]
@@ -196,7 +270,7 @@ def find(model: nn.Module) -> list[Attention]:
                 or k_rows != kv_heads * head_dim or heads != kv_heads * groups or o.shape[1] != q_rows:
             continue
         found.append(Attention(name, q_name, k_name, v_name, o_name, heads, kv_heads, head_dim, counts, offsets,
-                               _config_counts(m)))
+                               _config_counts(m), interleaved))
     return found
 
 
@@ -239,11 +313,9 @@ def _layout_holds(model: nn.Module, cands: list, batch: tuple) -> set[str]:
         perturb: dict[str, set[int]] = {}
         expect: dict[str, set[int]] = {}
         for att, gone in subset:
-            qo, ko, vo = att.offsets
-            q_rows, kv_rows = set(att.q_rows(gone)), set(att.kv_rows(gone))
-            for name, rows, off in ((att.q, q_rows, qo), (att.k, kv_rows, ko), (att.v, kv_rows, vo)):
-                perturb.setdefault(name, set()).update(off + r for r in rows)
-            expect.setdefault(att.o, set()).update(q_rows)
+            for name, which in ((att.q, "q"), (att.k, "k"), (att.v, "v")):
+                perturb.setdefault(name, set()).update(att.rows(which, gone))
+            expect.setdefault(att.o, set()).update(att.q_rows(gone))
         try:
             clean = _o_inputs(model, set(expect), batch, {})
             moved = _o_inputs(model, set(expect), batch, perturb)
@@ -275,8 +347,8 @@ def _v_bias_columns(att: Attention, gone: list[int], modules: dict) -> tuple[lis
     cols = sorted(att.q_rows(gone))
     if v.bias is None:
         return cols, None
-    hd, rep, vo = att.head_dim, att.group, att.offsets[2]
-    v_of_col = torch.tensor([vo + (c // hd // rep) * hd + c % hd for c in cols], dtype=torch.long,
+    hd, rep = att.head_dim, att.group
+    v_of_col = torch.tensor([att.rows("v", [c // hd // rep])[c % hd] for c in cols], dtype=torch.long,
                             device=v.bias.device)
     return cols, v.bias.detach().index_select(0, v_of_col)
 
@@ -311,12 +383,10 @@ def _folds_hold(model: nn.Module, cands: list, modules: dict, batches: Sequence[
 def _cut(att: Attention, gone: list[int], modules: dict, out: HeadPlan) -> None:
     """Record the rows, columns, bias fold and head counts that removing KV heads ``gone`` of ``att`` takes."""
     hd, rep = att.head_dim, att.group
-    qo, ko, vo = att.offsets
     o = modules[att.o]
-    q_rows, kv_rows = set(att.q_rows(gone)), set(att.kv_rows(gone))
-    for name, rows, off in ((att.q, q_rows, qo), (att.k, kv_rows, ko), (att.v, kv_rows, vo)):
-        _add_cut(out, name, rows={r + off for r in rows})
-    _add_cut(out, att.o, columns=q_rows)
+    for name, which in ((att.q, "q"), (att.k, "k"), (att.v, "v")):
+        _add_cut(out, name, rows=set(att.rows(which, gone)))
+    _add_cut(out, att.o, columns=set(att.q_rows(gone)))
     cols, bias = _v_bias_columns(att, gone, modules)
     if bias is not None:  # the constant heads emit their V bias; O reads it through the removed columns
         w = out_major(o).index_select(1, torch.tensor(cols, dtype=torch.long, device=bias.device)).double()
@@ -444,19 +514,18 @@ def plan_heads(model: nn.Module, tied: set[str], batch: tuple | None = None,
         q, k, v, o = (modules[n] for n in (att.q, att.k, att.v, att.o))
         out.owned |= {att.q, att.k, att.v}
         layers = list(dict.fromkeys([att.q, att.k, att.v, att.o]))  # a fused QKV layer once
-        qo, ko, vo = att.offsets
-        v_dead, o_unread = dead_rows(v).tolist()[vo:], zero_columns(o).tolist()
-        q_dead, k_dead = dead_rows(q).tolist()[qo:], dead_rows(k).tolist()[ko:]
+        v_dead, o_unread = dead_rows(v).tolist(), zero_columns(o).tolist()
+        q_dead, k_dead = dead_rows(q).tolist(), dead_rows(k).tolist()
         gone, partial, qk_only = [], [], []
         for j in range(att.kv_heads):
-            v_rows, o_cols = att.kv_rows([j]), att.q_rows([j])
+            v_rows, o_cols = att.rows("v", [j]), att.q_rows([j])
             constant = all(v_dead[r] for r in v_rows)
             unread = all(o_unread[c] for c in o_cols)
             if constant or unread:
                 gone.append(j)
             elif any(v_dead[r] for r in v_rows) or any(o_unread[c] for c in o_cols):
                 partial.append(j)
-            elif any(q_dead[c] for c in o_cols) or any(k_dead[r] for r in v_rows):
+            elif any(q_dead[r] for r in att.rows("q", [j])) or any(k_dead[r] for r in att.rows("k", [j])):
                 qk_only.append(j)
         if gone or partial or qk_only:
             out.any_masked = True

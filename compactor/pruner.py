@@ -368,21 +368,20 @@ def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Unio
         if set(layers) & (ignored | tied) or att.name in ignored:
             report.skipped.append((layers, "in ignore" if set(layers) & ignored else "weights tied with another layer"))
             continue
-        qo, ko, vo = att.offsets
         q, k, v, o = (out_major(modules[n]) for n in (att.q, att.k, att.v, att.o))
         scores = []
         for j in range(att.kv_heads):
-            qs, kv = torch.tensor(att.q_rows([j])), torch.tensor(att.kv_rows([j]))
-            scores.append(_norm([q[qo + qs], k[ko + kv], v[vo + kv], o[:, qs].t()], importance))
+            rows = {which: torch.tensor(att.rows(which, [j])) for which in "qkv"}
+            scores.append(_norm([q[rows["q"]], k[rows["k"]], v[rows["v"]], o[:, torch.tensor(att.q_rows([j]))].t()],
+                                importance))
         n = _keep_enough(att.kv_heads, _quota(amount, att.kv_heads), None, None)
         gone = sorted(sorted(range(att.kv_heads), key=lambda j: (scores[j], j))[:n])
         if not gone:
             continue
         flags: dict[str, torch.Tensor] = {}
-        for name, off, rows in ((att.q, qo, att.q_rows(gone)), (att.k, ko, att.kv_rows(gone)),
-                                (att.v, vo, att.kv_rows(gone))):
+        for name, which in ((att.q, "q"), (att.k, "k"), (att.v, "v")):
             f = flags.setdefault(name, torch.zeros(out_major(modules[name]).shape[0], dtype=torch.bool))
-            f[torch.tensor(rows) + off] = True
+            f[torch.tensor(att.rows(which, gone))] = True
         cols = torch.zeros(att.heads * att.head_dim, dtype=torch.bool)
         cols[att.q_rows(gone)] = True
         chosen.append((att, gone, flags, cols, scores))
@@ -508,7 +507,8 @@ def prune_channels(
         model: the model to prune (modified in place: masks added).
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs, to trace the model.
         amount: a fraction in [0, 1) of each group's units (``scope="local"``) or of all units
-            (``"global"``), or a count, as in torch's prune functions.
+            (``"global"``), or a count, as in torch's prune functions. In fused mixture-of-experts
+            tensors (:mod:`compactor.experts`) this share of every expert's neurons, the same count in each.
         importance: ``"l2"`` / ``"l1"`` norm of a unit's rows over all its producers (a conv's rows times the
             scale of the BatchNorm that alone reads it, ``|weight| / sqrt(running_var + eps)``, as its output
             is), or a callable taking the plain rows (a list of tensors) and returning a score; low scores go
@@ -521,10 +521,10 @@ def prune_channels(
         max_amount: at most this fraction of any one group (default for ``"global"``: 0.9).
             Every group keeps at least one unit.
         heads: in attention modules the head rule understands (LLaMA, Mistral, Qwen2, BERT-style,
-            ViT, GPT-2: :mod:`compactor.heads`), this fraction (or count) of key/value heads per
-            module, each with its query heads: their Q, K, V rows and O columns are masked, lowest
-            norm first; at least one stays (``round_to`` does not apply to heads). ``None`` leaves
-            attention alone.
+            ViT, GPT-2, Phi-3, GPT-NeoX, Falcon: :mod:`compactor.heads`), this fraction (or count)
+            of key/value heads per module, each with its query heads: their Q, K, V rows and O
+            columns are masked, lowest norm first; at least one stays (``round_to`` does not apply
+            to heads). ``None`` leaves attention alone.
 
     Returns:
         A :class:`PruneReport`: per group, its units, how many were masked and their score.
@@ -556,8 +556,8 @@ def prune_channels(
     if heads and not attentions:
         raise CompactionError(
             f"heads={heads!r}, but {type(model).__name__} has no attention module the head rule recognizes (q/k/v/o "
-            "projections as in LLaMA, Mistral, Qwen2, BERT, DistilBERT, ViT or GPT-2); the model is unchanged; "
-            "leave heads out to prune channels only")
+            "projections as in LLaMA, Mistral, Qwen2, BERT, DistilBERT, ViT, GPT-2, Phi-3, GPT-NeoX or Falcon); the "
+            "model is unchanged; leave heads out to prune channels only")
     owned = {n for att in attentions for n in (att.q, att.k, att.v)}  # left to the head rule
     for gi, g in enumerate(groups):
         if g.root in owned:

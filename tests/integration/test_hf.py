@@ -472,6 +472,35 @@ def test_prune_channels_then_compact_removes_what_it_masked_in_every_family(fami
         assert torch.equal(small.generate(**inputs, max_new_tokens=8, do_sample=False), want)
 
 
+@pytest.mark.parametrize("family", ["GPTNeoX", "Falcon"])
+def test_qkv_interleaved_per_head_or_per_kv_group_loses_whole_groups(family):
+    """GPT-NeoX fuses Q, K and V per head ([q_h, k_h, v_h] rows), Falcon's new architecture per key/value group
+    ([q heads of group g, k_g, v_g]): prune_channels(heads=0.25) masks whole groups where that layout puts them
+    (checked on the model), compact removes them with their dense columns, logits and tokens unchanged."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=8, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    if family == "GPTNeoX":
+        m = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(intermediate_size=128, attention_bias=True, **common))
+        attention = lambda model: model.gpt_neox.layers[0].attention  # noqa: E731
+        rows, columns = 3 * 64 - 2 * 3 * 8, 64 - 2 * 8  # 2 of 8 heads, 3 x 8 rows each
+    else:
+        m = T.FalconForCausalLM(T.FalconConfig(new_decoder_architecture=True, num_kv_heads=4, bias=True, **common))
+        attention = lambda model: model.transformer.h[0].self_attention  # noqa: E731
+        rows, columns = (8 + 2 * 4) * 8 - (2 + 2) * 8, 64 - 2 * 8  # 1 of 4 KV groups: 2 query heads, K, V
+    m = _randomized(m.eval())
+    inputs = _padded_tokens(200)
+    compactor.prune_channels(m, inputs, 0.5, heads=0.25)
+    small = compactor.compact(m, inputs)
+    att = attention(small)
+    assert (att.query_key_value.out_features, att.dense.in_features) == (rows, columns)
+    assert [g for g in small.compaction_report.groups if g.unit == "key/value heads" and g.status != "removed"] == []
+    with torch.no_grad():
+        torch.testing.assert_close(small(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
+        want = m.generate(**inputs, max_new_tokens=8, do_sample=False)
+        assert torch.equal(small.generate(**inputs, max_new_tokens=8, do_sample=False), want)
+
+
 def test_export_onnx_takes_the_tokenizer_dict_compact_takes(tmp_path):
     """export_onnx(small, {"input_ids", "attention_mask"}): ONNX inputs of those names, the cache off, the output
     named "logits"; onnxruntime equals torch at two batch sizes, a left-padded row included."""
