@@ -236,38 +236,43 @@ def why_blocked(g: graph.Group, tied: set[str]) -> str:
 # --------------------------------------------------------------------------- stage 2: settle
 
 
+def conv_group_blocks(groups: Sequence[graph.Group]) -> dict[tuple[str, int], dict]:
+    """Per (grouped conv, conv group): the (group index, root channel) pairs that reach its input channels
+    ("gin") and output channels ("gout") in that conv group, and how many channels each side has there. The
+    "whole conv groups" rule: such a block goes only whole, inputs and outputs together."""
+    blocks: dict[tuple[str, int], dict] = {}
+    for gi, g in enumerate(groups):
+        for it in g.items:
+            if it.role not in ("gin", "gout"):
+                continue
+            conv = it.module
+            per = (conv.in_channels if it.role == "gin" else conv.out_channels) // conv.groups
+            for i, r in zip(it.idxs, it.root_idxs):
+                block = blocks.setdefault((it.name, i // per), {
+                    "gin": {}, "gout": {}, "size": {"gin": conv.in_channels // conv.groups,
+                                                   "gout": conv.out_channels // conv.groups}})
+                block[it.role].setdefault(i, set()).add((gi, r))
+    return blocks
+
+
 def restrict_grouped(ledger: Ledger) -> None:
     """A grouped conv loses a whole group of inputs only together with that group's outputs (and vice versa)."""
     groups, cand = ledger.groups, ledger.cand
     before = {gi: set(r) for gi, r in cand.items()}
+    blocks = conv_group_blocks(groups)
     changed = True
     while changed:
         changed = False
-        convs: dict[str, nn.Module] = {}
-        ins: dict[str, set[int]] = {}
-        outs: dict[str, set[int]] = {}
-        for gi, g in enumerate(groups):
-            for it in g.items:
-                if it.role in ("gin", "gout"):
-                    convs[it.name] = it.module
-                    local = set(_local(it, cand.get(gi, set())))
-                    (ins if it.role == "gin" else outs).setdefault(it.name, set()).update(local)
-        for name, conv in convs.items():
-            cin, cout = conv.in_channels // conv.groups, conv.out_channels // conv.groups
-            whole = {b for b in range(conv.groups)
-                     if set(range(b * cin, (b + 1) * cin)) <= ins.get(name, set())
-                     and set(range(b * cout, (b + 1) * cout)) <= outs.get(name, set())}
-            for gi, g in enumerate(groups):
-                if gi not in cand:
-                    continue
-                for it in g.items:
-                    if it.name != name or it.role not in ("gin", "gout"):
-                        continue
-                    per = cin if it.role == "gin" else cout
-                    bad = {r for i, r in zip(it.idxs, it.root_idxs) if r in cand[gi] and i // per not in whole}
-                    if bad:
-                        cand[gi] -= bad
-                        changed = True
+        for block in blocks.values():
+            pairs = [p for side in ("gin", "gout") for ps in block[side].values() for p in ps]
+            whole = all(len(block[side]) == block["size"][side] for side in ("gin", "gout")) and all(
+                r in cand.get(gi, ()) for gi, r in pairs)
+            if whole:
+                continue
+            for gi, r in pairs:
+                if r in cand.get(gi, ()):
+                    cand[gi].discard(r)
+                    changed = True
     for gi in before:
         if before[gi] - cand[gi]:
             names = sorted({it.name for it in groups[gi].items if it.role in ("gin", "gout")})

@@ -138,15 +138,8 @@ def _units(groups: list[graph.Group], ok: set[int]) -> tuple[list[list[Unit]], s
     for gi in ok:
         for r in range(groups[gi].size):
             uf.find((gi, r))
-    blocks: dict[tuple[str, int], list[Unit]] = {}  # (grouped conv, conv group) -> units on either side
-    for gi, g in enumerate(groups):
-        for it in g.items:
-            if it.role in ("gin", "gout"):
-                conv = it.module
-                per = (conv.in_channels if it.role == "gin" else conv.out_channels) // conv.groups
-                for i, r in zip(it.idxs, it.root_idxs):
-                    blocks.setdefault((it.name, i // per), []).append((gi, r))
-    for members in blocks.values():
+    for block in planner.conv_group_blocks(groups).values():  # a conv group's inputs and outputs: one unit
+        members = [p for side in ("gin", "gout") for pairs in block[side].values() for p in sorted(pairs)]
         for u in members[1:]:
             uf.union(members[0], u)
     bad = set()
