@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import fingerprint, fold, graph, masks, probe, report as _report
+from . import fingerprint, fold, graph, hfconfig, masks, probe, report as _report
 from . import verify as _verify
 from .errors import CompactionError, NoPruningFoundError, VerificationError
 from .planner import Border, Mode, Plan, make_plan
@@ -260,14 +260,24 @@ def _compact(model: nn.Module, example_inputs: Inputs, verify: bool, mode: Mode,
     before = _report.layout(work)
     with progress.stage("building the compact model"):
         compact_model = fold.apply(work, the_plan).eval()
+        old_config, config_said = hfconfig.describe_widths_(compact_model)
     checked = None
     if verify:
         with progress.stage("verifying"):
             masked = None if inplace or mode != "exact" else model
-            checked = _verify_compact(compact_model, batches, reference, masked_output, mode, masked)
+            try:
+                checked = _verify_compact(compact_model, batches, reference, masked_output, mode, masked)
+            except VerificationError:
+                if not old_config:
+                    raise
+                for key, value in old_config.items():  # the forward reads the config: give it the old values
+                    setattr(compact_model.config, key, value)
+                checked = _verify_compact(compact_model, batches, reference, masked_output, mode, masked)
+                config_said = ("model.config still gives the original widths: the model computes otherwise with "
+                               "the compact ones (its forward reads them)")
     compact_model.compaction_report = _report.build(  # built once, finished
         the_plan, before, _report.layout(compact_model).shapes, measured.macs,
-        sparsity=_sparsity(compact_model, p.pruned), frozen=p.frozen, verification=checked)
+        sparsity=_sparsity(compact_model, p.pruned), frozen=p.frozen, verification=checked, config=config_said)
     compact_model.__dict__["compaction_probe"] = fingerprint.probe_inputs(example)  # save()'s fingerprint input
     return compact_model
 

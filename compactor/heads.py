@@ -50,7 +50,7 @@ from .kinds import dead_rows, is_linear_like, kind_of, out_major, zero_columns
 from .plans import Cut, Fold, GroupNote
 from .tensors import call, first_line, flatten_outputs
 
-__all__ = ["Attention", "HeadPlan", "COUNT_ATTRIBUTES", "find", "plan_heads", "set_count"]
+__all__ = ["Attention", "HeadPlan", "COUNT_ATTRIBUTES", "find", "plan_heads", "set_count", "config_updates"]
 
 #: Attributes of attention modules that hold a head count or a width derived from it (updated on the module),
 #: by what they count: query heads, key/value heads, or the query width (heads x head_dim).
@@ -150,6 +150,22 @@ def _config_counts(m: nn.Module) -> tuple[str, ...]:
     # then every head count the config holds follows, and an explicit head_dim (no longer hidden_size / heads)
     return tuple(a for a, what in COUNT_ATTRIBUTES.items() if what != "width"
                  and isinstance(getattr(config, a, None), int)) + ("head_dim",)
+
+
+def config_updates(config: object, heads: int, kv_heads: int, head_dim: int) -> dict[str, int]:
+    """The keys of a Hugging Face ``config`` that describe attention of ``heads`` query heads over ``kv_heads``
+    key/value heads of ``head_dim`` (an explicit head_dim where hidden_size / heads no longer gives it)."""
+    out = {}
+    key = next((k for k in ("num_attention_heads", "n_head", "num_heads") if hasattr(config, k)), None)
+    if key is not None:
+        out[key] = heads
+    key = next((k for k in ("num_key_value_heads", "num_kv_heads") if hasattr(config, k)), None)
+    if key is not None and getattr(config, key) is not None:
+        out[key] = kv_heads
+    if getattr(config, "head_dim", None) is not None or head_dim * heads != getattr(config, "hidden_size",
+                                                                                    head_dim * heads):
+        out["head_dim"] = head_dim
+    return out
 
 
 def set_count(module: nn.Module, attr: str, value: int) -> None:

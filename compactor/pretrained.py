@@ -24,102 +24,14 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import experts, heads, probe
+from . import probe
 from .errors import CompactionError
 from .fingerprint import probe_batch
-from .kinds import out_major
+from .hfconfig import compact_config
 from .tensors import call, flatten_outputs
 from .verify import compare, full_precision
 
 __all__ = ["save_pretrained", "compact_config"]
-
-#: The MLP projections whose output rows are the MLP's neurons (gate / up of a GLU, fc1 of a plain MLP).
-_MLP_IN = ("gate_proj", "up_proj", "fc1", "dense_h_to_4h", "c_fc", "w1", "w3")
-#: Gate and up projections fused into one layer, gate rows first (Phi-3): half its rows are neurons.
-_MLP_FUSED = ("gate_up_proj",)
-
-
-def _mlp_widths(model: nn.Module) -> dict[str, int]:
-    """Per MLP module (one holding one of :data:`_MLP_IN`), its neuron count."""
-    out = {}
-    for name, m in model.named_modules():
-        widths = {out_major(getattr(m, p)).shape[0] // (2 if p in _MLP_FUSED else 1) for p in _MLP_IN + _MLP_FUSED
-                  if isinstance(getattr(m, p, None), nn.Module)
-                  and isinstance(getattr(getattr(m, p), "weight", None), torch.Tensor)}
-        if widths:
-            if len(widths) > 1:  # gate and up disagree: no config can say that
-                raise CompactionError(f"MLP '{name}' has projections of {sorted(widths)} neurons; a config holds one "
-                                      "intermediate_size; save it with compactor.save")
-            out[name] = widths.pop()
-    return out
-
-
-def _uniform(what: str, per_layer: dict[str, int], advice: str) -> Optional[int]:
-    values = set(per_layer.values())
-    if len(values) > 1:
-        listed = ", ".join(f"'{n}': {v}" for n, v in list(per_layer.items())[:6])
-        raise CompactionError(
-            f"the compact model's {what} differ between layers ({listed}{' …' if len(per_layer) > 6 else ''}); "
-            f"a Hugging Face config holds one value for every layer. {advice}; or save it with compactor.save "
-            "and reload it with compactor.load")
-    return values.pop() if values else None
-
-
-def compact_config(model: nn.Module) -> Any:
-    """A copy of ``model.config`` describing the compact widths, validated by the family's config class.
-
-    Raises:
-        CompactionError: widths that differ between layers, or counts the family's config rejects.
-    """
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        raise TypeError(f"save_pretrained takes a Hugging Face model (with a .config), got {type(model).__name__}; "
-                        "write other models with compactor.save")
-    advice = ("prune with the default scope='local' (the same share of every layer), not scope='global'")
-    atts = heads.find(model)
-    updates: dict[str, Any] = {}
-    q = _uniform("query head counts", {a.name: a.heads for a in atts}, advice)
-    kv = _uniform("key/value head counts", {a.name: a.kv_heads for a in atts}, advice)
-    hd = _uniform("head sizes", {a.name: a.head_dim for a in atts}, advice)
-    widths = _mlp_widths(model)
-    shared = {n: w for n, w in widths.items() if n.rpartition(".")[2] in ("shared_expert", "shared_experts")}
-    mlp = _uniform("MLP widths", {n: w for n, w in widths.items() if n not in shared}, advice)
-    shared_width = _uniform("shared-expert MLP widths", shared, advice)
-    expert_width = _uniform("expert widths", {ex.name: ex.neurons for ex in experts.find(model)}, advice)
-    if q is not None:
-        for key in ("num_attention_heads", "n_head", "num_heads"):
-            if hasattr(config, key):
-                updates[key] = q
-                break
-        if hasattr(config, "num_key_value_heads") and kv is not None:
-            updates["num_key_value_heads"] = kv
-        if hd is not None and (getattr(config, "head_dim", None) is not None
-                               or hd * q != getattr(config, "hidden_size", hd * q)):
-            updates["head_dim"] = hd
-    for width, keys in ((mlp, ("intermediate_size", "n_inner", "ffn_dim")),
-                        (shared_width, ("shared_expert_intermediate_size",)),
-                        (expert_width, ("moe_intermediate_size", "intermediate_size"))):
-        key = next((k for k in keys if hasattr(config, k)), None)
-        if width is None:
-            continue
-        if key is None or updates.get(key, width) != width:
-            raise CompactionError(f"{type(config).__name__} has no field for an MLP width of {width} (fields tried: "
-                                  f"{', '.join(keys)}); save the model with compactor.save")
-        updates[key] = width
-    values = {**config.to_dict(), **updates}
-    try:
-        new = type(config).from_dict(values)
-    except Exception as exc:
-        raise CompactionError(
-            f"{type(config).__name__} rejects the compact widths {updates}: {str(exc).splitlines()[-1].strip()}; "
-            "choose amounts whose counts the family accepts (e.g. a head count that divides hidden_size), or save "
-            "with compactor.save") from None
-    for key, value in updates.items():
-        if getattr(new, key, None) != value:
-            raise CompactionError(f"{type(config).__name__} does not keep {key}={value} (it gave "
-                                  f"{getattr(new, key, None)}); save the model with compactor.save")
-    return new
-
 
 def save_pretrained(model: nn.Module, path: "str | os.PathLike", *, force: bool = False) -> str:
     """Write a compact Hugging Face model so that vanilla ``from_pretrained`` loads it (see the module).

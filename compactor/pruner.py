@@ -22,6 +22,8 @@ survive ``prune.remove``, and save as ``*_orig`` / ``*_mask`` state_dicts.
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal, Optional, Sequence, Union
 
@@ -66,6 +68,7 @@ class PruneReport:
     groups: list[GroupPruning] = field(default_factory=list)
     skipped: list[tuple[tuple[str, ...], str]] = field(default_factory=list)  # (layers, why)
     dropped: int = 0  # units tried, then left unmasked because compaction would keep them
+    adjusted: list[str] = field(default_factory=list)  # counts changed from what was asked (uniform=True), why
 
     def __str__(self) -> str:
         head = ("group (layers masked)", "units", "masked", "rows masked", "mean score")
@@ -85,6 +88,7 @@ class PruneReport:
         if self.dropped:
             lines.append(f"{self.dropped} unit(s) left unmasked: the dry run showed compaction would keep them "
                          "(others of their group were masked instead where there were any)")
+        lines.extend(self.adjusted)
         for layers, why in self.skipped:
             lines.append(f"not pruned: {', '.join(layers[:4])}{' …' if len(layers) > 4 else ''}: {why}")
         return "\n".join(lines)
@@ -347,14 +351,72 @@ def _o_mask(o_mod: nn.Module, cols: torch.Tensor) -> torch.Tensor:
     return kind_of(o_mod).column_mask(o_mod, cols)
 
 
+def _block_pattern(names: Sequence[str]) -> str:
+    """Layer names with their block numbers left out: the same for the same layers of every repeated block."""
+    return ",".join(sorted(re.sub(r"\.\d+(\.|$)", r".#\1", n) for n in names))
+
+
+def _equalize(clusters: list[list[list[Unit]]], scores: list[list[float]], chosen: list[set[int]],
+              groups: list[graph.Group], keys: list[tuple[int, ...]], round_to: Optional[int]) -> None:
+    """``uniform``: clusters of the same layers in different blocks (same width) mask the same number of units,
+    the mean of what the selection gave them, each its own lowest-scored."""
+    by_pattern: dict[tuple, list[int]] = {}
+    for c, k in enumerate(keys):
+        names = {it.name for gi in k for it in groups[gi].items if it.role in _PRODUCERS}
+        by_pattern.setdefault((_block_pattern(sorted(names)), len(clusters[c])), []).append(c)
+    for (_, n), members in by_pattern.items():
+        want = _keep_enough(n, int(round(sum(len(chosen[c]) for c in members) / len(members))), round_to, None)
+        for c in members:
+            chosen[c] = set(sorted(range(n), key=lambda i: (scores[c][i], i))[:want])
+
+
+def _describable(model: nn.Module, att: heads_rule.Attention, wanted: int, cache: dict) -> tuple[int, str]:
+    """How many of ``att``'s key/value heads to remove, nearest ``wanted``, so that ``model``'s Hugging Face
+    config can describe what is left: the family's class built (on the meta device) from the compact config
+    must have those head counts. Returns (count, what was adjusted, in words, or '')."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict") or not wanted:
+        return wanted, ""
+
+    def builds(gone: int) -> bool:
+        key = (att.heads, att.kv_heads, att.head_dim, gone)
+        if key not in cache:
+            left_kv = att.kv_heads - gone
+            left = left_kv * att.group
+            try:
+                new = type(config).from_dict({**config.to_dict(),
+                                               **heads_rule.config_updates(config, left, left_kv, att.head_dim)})
+                with torch.device("meta"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    built = type(model)(new)
+                found = heads_rule.find(built)
+                cache[key] = bool(found) and all((a.heads, a.kv_heads, a.head_dim) == (left, left_kv, att.head_dim)
+                                                 for a in found)
+            except Exception:  # the config class rejects the counts, or the model cannot be built from them
+                cache[key] = False
+        return cache[key]
+
+    for gone in sorted(range(1, att.kv_heads), key=lambda g: (abs(g - wanted), g)):
+        if builds(gone):
+            if gone == wanted:
+                return gone, ""
+            return gone, (f"heads: {gone} of {att.kv_heads} key/value heads per attention module instead of "
+                          f"{wanted}: {type(config).__name__} describes {att.heads - gone * att.group} query heads, "
+                          f"not {att.heads - wanted * att.group}")
+    return 0, (f"heads: none removed: {type(config).__name__} cannot describe fewer heads (its class, built from "
+               "the compact config, has other attention shapes)")
+
+
 def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Union[float, int], ignored: set[str],
-                 tied: set[str], importance: Importance, report: PruneReport) -> None:
+                 tied: set[str], importance: Importance, report: PruneReport, describable: bool = False) -> None:
     """Mask whole key/value heads (with their query heads) in each attention module the head rule understands.
 
     The chosen heads are zeroed in a copy first and planned by the head rule (layout checked on the model);
-    a module where the rule would keep them is left unmasked, with the reason.
+    a module where the rule would keep them is left unmasked, with the reason. With ``describable``, the count
+    is one the model's Hugging Face config can describe (:func:`_describable`).
     """
     modules = dict(work.named_modules())
+    built: dict = {}
     chosen = []  # (attention, KV heads, row flags per q/k/v layer, O column flags, scores)
     for att in heads_rule.find(work):
         layers = tuple(dict.fromkeys((att.q, att.k, att.v, att.o)))
@@ -368,6 +430,10 @@ def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Unio
             scores.append(_norm([q[rows["q"]], k[rows["k"]], v[rows["v"]], o[:, torch.tensor(att.q_rows([j]))].t()],
                                 importance))
         n = _keep_enough(att.kv_heads, _quota(amount, att.kv_heads), None, None)
+        if describable:
+            n, adjusted = _describable(model, att, n, built)
+            if adjusted and adjusted not in report.adjusted:
+                report.adjusted.append(adjusted)
         gone = sorted(sorted(range(att.kv_heads), key=lambda j: (scores[j], j))[:n])
         if not gone:
             continue
@@ -490,6 +556,7 @@ def prune_channels(
     ignore: Sequence[Union[str, nn.Module]] = (),
     max_amount: Optional[float] = None,
     heads: Optional[Union[float, int]] = None,
+    uniform: bool = False,
 ) -> PruneReport:
     """Mask whole coupled channel groups of ``model`` in place, so that :func:`compactor.compact` removes them all.
 
@@ -518,6 +585,11 @@ def prune_channels(
             of key/value heads per module, each with its query heads: their Q, K, V rows and O
             columns are masked, lowest norm first; at least one stays (``round_to`` does not apply
             to heads). ``None`` leaves attention alone.
+        uniform: the same number of units from every repeated block (layers whose names differ only
+            by their block number; each layer still chooses its own by importance), and, for a Hugging
+            Face model, head counts its config can describe (the nearest count to ``heads`` for which
+            the family's own class, built from the compact config, has those shapes; said in the
+            report): the compact model then saves with :func:`compactor.save_pretrained`.
 
     Returns:
         A :class:`PruneReport`: per group, its units, how many were masked and their score.
@@ -573,10 +645,12 @@ def prune_channels(
     clusters = [by_groups[k] for k in keys]
     scores = [[_score(groups, u, importance, scales) for u in c] for c in clusters]
     chosen = _select(clusters, scores, amount, scope, round_to, max_amount)
+    if uniform:
+        _equalize(clusters, scores, chosen, groups, keys, round_to)
     picked = _dry_run(work, groups, clusters, scores, chosen, example, report)
     _apply(model, _masks(groups, [clusters[c][i] for c, i in picked]))
     if heads is not None:
-        _prune_heads(model, work, example, heads, ignored, tied, importance, report)
+        _prune_heads(model, work, example, heads, ignored, tied, importance, report, describable=uniform)
     _prune_experts(model, work, amount, ignored, tied, importance, round_to, report)
     for c, (k, units_c) in enumerate(zip(keys, clusters)):
         idx = sorted(i for cc, i in picked if cc == c)

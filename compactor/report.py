@@ -55,6 +55,8 @@ class Report:
     judged_in_float64: bool = False
     #: torch parametrizations (weight_norm, ...) frozen to the tensors they compute, in words
     frozen: list[str] = field(default_factory=list)
+    #: a Hugging Face model's config: the keys updated to the compact widths, or why it still gives the old ones
+    config: str = ""
 
     def __reduce__(self):
         """Pickled as plain data (a dict): a compact model saved whole with ``torch.save(model)`` (as ultralytics'
@@ -106,6 +108,8 @@ class Report:
                        "(unstructured masks remove only whole rows)")
         for what in self.frozen:
             out.append(f"parametrization: {what} (a plain layer now)")
+        if self.config:
+            out.append(f"config: {self.config}")
         if self.max_abs_diff is not None and self.judged_in_float64:
             out.append(f"verified on {self.verified_inputs} input(s): max |compact - masked| = "
                        f"{self.max_abs_diff:.3g} in fp32 (summation order); against the masked model in float64 "
@@ -232,7 +236,7 @@ class Verification:
 
 def build(plan: Plan, before: Layout, after: Mapping[str, tuple[int, ...]], macs: Mapping[str, int], *,
           sparsity: Optional[Mapping[str, float]] = None, frozen: Sequence[str] = (),
-          verification: Optional[Verification] = None) -> Report:
+          verification: Optional[Verification] = None, config: str = "") -> Report:
     """The finished report of ``plan``: ``before`` is the baked model's :func:`layout` before compaction.
 
     ``after`` holds the compact model's parameter shapes: measured on the built model
@@ -248,7 +252,7 @@ def build(plan: Plan, before: Layout, after: Mapping[str, tuple[int, ...]], macs
         macs_before=macs_before, macs_after=macs_before - sum(r.macs_before - r.macs_after for r in rows),
         max_abs_diff=v.max_abs_diff if v else None, tolerance=v.tolerance if v else None,
         verified_inputs=v.inputs if v else 0, judged_in_float64=v.judged_in_float64 if v else False,
-        frozen=list(frozen),
+        frozen=list(frozen), config=config,
     )
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from . import files, fingerprint, masks
 from .errors import LoadError
 from .heads import COUNT_ATTRIBUTES, set_count
+from .hfconfig import WIDTH_KEYS
 from .heads import find as find_attention
 from .tensors import as_inputs
 from .kinds import BATCHNORM, CONV, CONV_TRANSPOSE, is_transposed_linear, kind_of
@@ -213,7 +214,7 @@ def save(model: nn.Module, path: files.PathLike, *, example_inputs: Any = None, 
         "compactor_version": __version__,
         "torch_version": str(torch.__version__),
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "manifest": {"layers": layers, "attributes": counts},
+        "manifest": {"layers": layers, "attributes": counts, "config": _config_widths(plain)},
         "state_dict": {k: v.detach().cpu() for k, v in plain.state_dict().items()},
         "report": _report_summary(model),
         "fingerprint": _fingerprint(plain, probe),
@@ -393,6 +394,14 @@ def _resize_bare_tensors(target: nn.Module, layers: Mapping[str, Any], state: Ma
             _resize_slot(owner, attr, tensor.shape, tensor.dtype, tensor.device)
 
 
+def _config_widths(model: nn.Module) -> dict[str, Any]:
+    """The width keys (:data:`compactor.hfconfig.WIDTH_KEYS`) of a Hugging Face model's config, as they are."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    return {k: getattr(config, k) for k in WIDTH_KEYS if isinstance(getattr(config, k, None), int)}
+
+
 def load(model_or_factory: ModelOrFactory, path: files.PathLike, *, verify: bool = True) -> nn.Module:
     """Rebuild a model written by :func:`save` inside its original architecture.
 
@@ -437,6 +446,10 @@ def load(model_or_factory: ModelOrFactory, path: files.PathLike, *, verify: bool
     target = _architecture(model_or_factory)
     _replace_layers(target, layers, state, saved_from)
     _resize_bare_tensors(target, layers, state)
+    config = getattr(target, "config", None)
+    for key, value in obj["manifest"].get("config", {}).items():  # a Hugging Face config's widths
+        if config is not None and hasattr(config, key):
+            setattr(config, key, value)
     for name, values in obj["manifest"].get("attributes", {}).items():  # head counts of attention modules
         module = dict(target.named_modules()).get(name)
         if module is not None:

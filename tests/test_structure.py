@@ -14,7 +14,8 @@ PACKAGE = pathlib.Path(compactor.__file__).parent
 # Each module may import only modules listed before it.
 ORDER = [
     "errors", "tensors", "timing", "progress", "files", "kinds", "plans",  # base: no pipeline knowledge
-    "layers", "probe", "masks", "graph", "heads", "experts", "planner", "fold", "report", "verify", "fingerprint",  # the pipeline
+    "layers", "probe", "masks", "graph", "heads", "experts", "hfconfig", "planner", "fold", "report", "verify",
+    "fingerprint",  # the pipeline
     "api", "pruner", "saving", "pretrained", "export", "plot",        # what users call
     "testing", "demo", "bench", "cli", "__main__",      # built on all of the above
 ]

@@ -501,6 +501,53 @@ def test_qkv_interleaved_per_head_or_per_kv_group_loses_whole_groups(family):
         assert torch.equal(small.generate(**inputs, max_new_tokens=8, do_sample=False), want)
 
 
+_ROUND_TRIP = {  # family -> (model class, config class, extra config)
+    **_ACCEPTANCE,
+    "GPT2": ("GPT2LMHeadModel", "GPT2Config", {}),
+    "GPTNeoX": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {"attention_bias": True}),
+    "Qwen2Moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2,
+                                                           "moe_intermediate_size": 48,
+                                                           "shared_expert_intermediate_size": 80}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_ROUND_TRIP))
+def test_uniform_pruning_round_trips_through_vanilla_from_pretrained(family, tmp_path):
+    """prune_channels(0.5, heads=0.25, uniform=True, scope="global") -> compact -> save_pretrained -> vanilla
+    from_pretrained: no missing or unexpected keys, identical logits and greedy tokens. uniform=True gives every
+    block the same widths despite the global ranking, and head counts the family's config describes (LLaMA at
+    hidden 64 rejects 6 query heads: 4 are kept, said in the report; GPT-2's config has no head_dim: no head
+    goes)."""
+    model_cls, config_cls, extra = _ROUND_TRIP[family]
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "GPT2":
+        sizes = dict(vocab_size=200, n_embd=64, n_layer=2, n_head=8, bos_token_id=1, eos_token_id=2)
+    m = _randomized(getattr(T, model_cls)(getattr(T, config_cls)(**sizes, **extra)).eval())
+    inputs = _padded_tokens(200)
+    report = compactor.prune_channels(m, inputs, 0.5, heads=0.25, uniform=True, scope="global")
+    assert sum(g.masked for g in report.groups) > 0
+    small = compactor.compact(m, inputs)
+    folder = compactor.save_pretrained(small, tmp_path / family)
+    loaded, info = T.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in small.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
+        want = m.generate(**inputs, max_new_tokens=8, do_sample=False)
+        assert torch.equal(loaded.generate(**inputs, max_new_tokens=8, do_sample=False), want)
+    if family == "Llama":
+        assert any("LlamaConfig describes 4 query heads, not 6" in line for line in report.adjusted)
+        assert loaded.config.num_attention_heads == 4
+    # the compact model's own config describes it too: the family's own save_pretrained writes a loadable folder
+    assert "model.config updated to the compact widths" in small.compaction_report.config
+    small.save_pretrained(tmp_path / "own")
+    own = getattr(T, model_cls).from_pretrained(tmp_path / "own").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(own(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_export_onnx_takes_the_tokenizer_dict_compact_takes(tmp_path):
     """export_onnx(small, {"input_ids", "attention_mask"}): ONNX inputs of those names, the cache off, the output
     named "logits"; onnxruntime equals torch at two batch sizes, a left-padded row included."""
@@ -574,7 +621,7 @@ def test_save_pretrained_refuses_what_no_config_can_describe(tmp_path):
         model.model.layers[0].mlp.gate_proj.weight.mul_(3.0)  # layer 0's neurons score higher: uneven widths
     compactor.prune_channels(model, inputs, 0.5, scope="global")
     small = compactor.compact(model, inputs)
-    with pytest.raises(compactor.CompactionError, match=r"MLP widths differ between layers .*scope='local'"):
+    with pytest.raises(compactor.CompactionError, match=r"MLP widths differ between layers .*uniform=True"):
         compactor.save_pretrained(small, tmp_path / "a")
     model = T.LlamaForCausalLM(cfg).eval()
     compactor.prune_channels(model, inputs, 0.5, heads=0.25)
@@ -585,13 +632,15 @@ def test_save_pretrained_refuses_what_no_config_can_describe(tmp_path):
 
 
 def test_save_pretrained_of_a_head_pruned_gpt2_says_the_config_cannot_describe_it(tmp_path):
-    """GPT-2 derives the head size as hidden_size / heads and has no head_dim: after heads go, vanilla
-    from_pretrained cannot read the folder, and save_pretrained says so (CompactionError), writing nothing."""
+    """GPT-2 derives the head size as hidden_size / heads and has no head_dim: after heads go, no GPT2Config
+    describes the model (GPT2LMHeadModel built from one has other shapes), and save_pretrained says so
+    (CompactionError), writing nothing."""
     torch.manual_seed(0)
     model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32)).eval()
     inputs = _tokens()
     compactor.prune_channels(model, inputs, 0.5, heads=0.5)
     small = compactor.compact(model, inputs)
-    with pytest.raises(compactor.CompactionError, match="cannot load the compact model as written"):
+    with pytest.raises(compactor.CompactionError, match=r"no GPT2Config describes the compact model \(built from it, "
+                                                         r"GPT2LMHeadModel has 'transformer.h.0.attn.c_attn.bias'"):
         compactor.save_pretrained(small, tmp_path / "gpt2")
     assert not (tmp_path / "gpt2").exists() and [p.name for p in tmp_path.iterdir()] == []
