@@ -254,6 +254,103 @@ class _Keywords(nn.Module):
         return tuple(flatten_outputs(self.model(**kwargs)))
 
 
+def _cache_keyword(model: nn.Module) -> str:
+    """The keyword a Hugging Face model takes its key/value cache by (``cache`` in newer transformers)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+        params = {}
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(out: Any) -> Any:
+    """The key/value cache in a Hugging Face output (``cache``, ``past_key_values`` in older transformers)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def _cache_tensors(cache: Any) -> list[torch.Tensor]:
+    """A Hugging Face cache's tensors: layer 0's keys and values, layer 1's, ..."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [t for layer in layers for t in (layer.keys, layer.values)]
+    return [t for kv in zip(cache.key_cache, cache.value_cache) for t in kv]  # older transformers
+
+
+class _DecodeStep(nn.Module):
+    """One step of a Hugging Face causal LM with its key/value cache as tensors: ``(input_ids, attention_mask,
+    position_ids, past.0.key, past.0.value, ...) -> (logits, present.0.key, present.0.value, ...)``; the
+    attention mask covers the past and the new tokens."""
+
+    def __init__(self, model: nn.Module, layers: int) -> None:
+        super().__init__()
+        self.model, self.layers, self.keyword = model, layers, _cache_keyword(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past: torch.Tensor) -> tuple:
+        from transformers.cache_utils import DynamicCache
+
+        try:
+            cache = DynamicCache(config=self.model.config)
+        except TypeError:  # older transformers
+            cache = DynamicCache()
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, **{self.keyword: cache})
+        return (out.logits, *_cache_tensors(_returned_cache(out)))
+
+
+def _decode_case(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, new: int) -> tuple[torch.Tensor, ...]:
+    """Step inputs: the prompt ``ids`` run through ``model`` as the past, then ``new`` tokens."""
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    past = _cache_tensors(_returned_cache(out))
+    b, p = ids.shape
+    gen = torch.Generator().manual_seed(p)
+    step_ids = torch.randint(0, int(ids.max()) + 1, (b, new), generator=gen, dtype=ids.dtype)
+    step_mask = torch.cat([mask, torch.ones(b, new, dtype=mask.dtype)], 1)
+    positions = (step_mask.cumsum(1) - 1).clamp(min=0)[:, -new:]
+    return (step_ids, step_mask, positions, *[t.detach() for t in past])
+
+
+def _export_decoder(model: nn.Module, example: dict, path: str, opset: Optional[int], force: bool) -> ExportReport:
+    """:func:`export_onnx` with ``cache=True``: one decoding step with the key/value cache as inputs and outputs,
+    checked in onnxruntime at two batch sizes, past lengths and step lengths."""
+    if "input_ids" not in example or not hasattr(getattr(model, "config", None), "to_dict"):
+        raise ExportError(f"cache=True exports a Hugging Face causal LM from its tokenizer's output (a dict with "
+                          f"input_ids); got {type(model).__name__} with {sorted(example)}")
+    t0 = time.perf_counter()
+    work = masks.clone(model).eval()
+    ids = example["input_ids"]
+    mask = example.get("attention_mask", torch.ones_like(ids))
+    try:
+        first = _decode_case(work, ids, mask, 2)
+    except Exception as exc:
+        raise ExportError(f"{type(model).__name__} did not run with its cache on: {first_line(exc)}") from None
+    layers = (len(first) - 3) // 2
+    step = _DecodeStep(work, layers).eval()
+    second = _decode_case(work, ids[:1, :max(1, ids.shape[1] - 1)], mask[:1, :max(1, ids.shape[1] - 1)], 1)
+    checks: list[Check] = []
+    for case in (first, second):
+        with torch.no_grad():
+            checks.append((int(case[0].shape[0]), case, list(step(*case))))
+    past = [f"past.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    input_names = ["input_ids", "attention_mask", "position_ids", *past]
+    output_names = ["logits", *present]
+    dynamic_axes = {"input_ids": {0: "batch", 1: "new"}, "position_ids": {0: "batch", 1: "new"},
+                    "attention_mask": {0: "batch", 1: "total"}, "logits": {0: "batch", 1: "new"},
+                    **{n: {0: "batch", 2: "past"} for n in past}, **{n: {0: "batch", 2: "total"} for n in present}}
+    with files.atomic_write(path, force=force) as tmp:
+        _export("torchscript", step, first, tmp, input_names, output_names, dynamic_axes, opset)
+        checked = _check_file(tmp, input_names, checks)
+    return ExportReport(
+        path=path, exporter="torchscript", opset=checked.opset, size_bytes=os.path.getsize(path),
+        input_names=input_names, output_names=checked.output_names, dynamic_batch=True,
+        batch_sizes=[b for b, _, _ in checks], max_abs_diff=checked.comparison.max_abs_diff,
+        tolerance=checked.comparison.tolerance, seconds=time.perf_counter() - t0, diffs=checked.diffs)
+
+
 def _output_names(model: nn.Module, example: tuple, count: int) -> list[str]:
     """The names of a dict-like output's tensors (a ModelOutput: "logits", ...), else output / output_<i>."""
     inner = model.model if isinstance(model, _Keywords) else None
@@ -276,6 +373,7 @@ def export_onnx(
     opset: Optional[int] = None,
     force: bool = False,
     exporter: Exporter = "auto",
+    cache: bool = False,
 ) -> ExportReport:
     """Export ``model`` to ONNX, check the file, and prove onnxruntime computes what PyTorch computes.
 
@@ -305,6 +403,12 @@ def export_onnx(
         opset: ONNX opset version; ``None`` lets the exporter choose.
         force: replace an existing ``path``.
         exporter: ``"auto"`` (TorchScript tracer, then dynamo), ``"torchscript"`` or ``"dynamo"``.
+        cache: for a Hugging Face causal LM given its tokenizer's output: export one decoding step with
+            the key/value cache as inputs and outputs (inputs ``input_ids``, ``attention_mask`` over the
+            past and new tokens, ``position_ids``, ``past.<layer>.key`` / ``.value``; outputs ``logits``,
+            ``present.<layer>.key`` / ``.value``), checked at two batch sizes, past lengths and step
+            lengths. ``export/run_onnx.py --generate N`` runs a greedy loop on it. Off: the logits of
+            a whole sequence, the cache turned off.
 
     Returns:
         An :class:`ExportReport`: exporter used, opset, file size, max |diff|, batch sizes checked.
@@ -332,6 +436,10 @@ def export_onnx(
         raise ValueError(f"exporter={exporter!r} should be one of {', '.join(map(repr, _EXPORTERS))}")
     path = os.fspath(path)
     files.refuse_overwrite(path, force=force)
+    if cache:
+        if not isinstance(example_inputs, dict):
+            raise ExportError("cache=True takes the tokenizer's output, a dict with input_ids (and attention_mask)")
+        return _export_decoder(model, example_inputs, path, opset, force)
     keys = list(example_inputs) if isinstance(example_inputs, dict) else None
     if keys is not None:
         example_inputs = tuple(example_inputs[k] for k in keys)

@@ -6,13 +6,16 @@ outputs, runs it on the given ``.npy`` input(s) or on random input shaped like t
 model's inputs (dynamic dimensions from ``--batch`` / ``--dim``), times it (warm-up
 runs, then the median and spread of timed repeats) and, with ``--reference``,
 compares the first output (or every output, from an ``.npz``) with a saved
-reference and exits 1 on mismatch.
+reference and exits 1 on mismatch. With ``--generate N`` on a decoding-step graph (an LLM
+exported with ``compactor.export_onnx(model, tokens, path, cache=True)``), greedy-decodes N
+tokens after ``--prompt``.
 
 Examples:
     python run_onnx.py lenet_small.onnx
     python run_onnx.py lenet_small.onnx --batch 8 --repeats 200 --threads 1
     python run_onnx.py lenet_small.onnx --input x.npy --reference y.npy --atol 1e-4
     python run_onnx.py lenet_small.onnx --input x.npy --save-output y_onnx.npy
+    python run_onnx.py llm_step.onnx --generate 16 --prompt 5,17,42   # a decoding-step graph
 
 Exit codes: 0 ok, 1 output differs from the reference, 2 bad arguments or files.
 """
@@ -157,6 +160,35 @@ def compare(outputs: list[np.ndarray], names: list[str], reference_path: str, at
     return ok, lines
 
 
+def generate(session, prompt: np.ndarray, new: int) -> np.ndarray:
+    """Greedy decoding of ``new`` tokens after ``prompt`` (batch, length) on a decoding-step graph (inputs
+    input_ids, attention_mask, position_ids, past.<layer>.key / .value; outputs logits, present.<layer>.*,
+    as compactor's export_onnx(..., cache=True) writes): the prompt in one step, then one token per step."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    if not {"input_ids", "attention_mask", "position_ids"} <= set(inputs) or not any(n.startswith("past.")
+                                                                                  for n in inputs):
+        raise UsageError("--generate needs a decoding-step graph (inputs input_ids, attention_mask, position_ids, "
+                         "past.*): export it with compactor.export_onnx(model, tokens, path, cache=True)")
+    b = prompt.shape[0]
+    past = {}
+    for name, i in inputs.items():
+        if name.startswith("past."):
+            kv, hd = i.shape[1], i.shape[3]
+            past[name] = np.zeros((b, kv, 0, hd), dtype=_DTYPES.get(i.type, np.float32))
+    outputs = [o.name for o in session.get_outputs()]
+    tokens = prompt.astype(np.int64)
+    ids, positions = tokens, np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int64), tokens.shape)
+    for _ in range(new):
+        feeds = {"input_ids": ids, "attention_mask": np.ones((b, tokens.shape[1]), dtype=np.int64),
+                 "position_ids": np.ascontiguousarray(positions), **past}
+        out = dict(zip(outputs, session.run(None, feeds)))
+        nxt = out["logits"][:, -1].argmax(-1).astype(np.int64)[:, None]
+        past = {name: out["present." + name[len("past."):]] for name in past}
+        tokens = np.concatenate([tokens, nxt], 1)
+        ids, positions = nxt, np.full((b, 1), tokens.shape[1] - 1, dtype=np.int64)
+    return tokens
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="run_onnx.py",
@@ -181,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=50, help="timed runs; 0 skips timing (default: 50)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads; 0 = its default")
     p.add_argument("--save-output", metavar="NPY", help="write the first output (.npy) or all outputs (.npz)")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="greedy decoding of N tokens on a decoding-step graph (export_onnx(..., cache=True))")
+    p.add_argument("--prompt", metavar="IDS", help="with --generate: the prompt's token ids, comma-separated, or "
+                   "an .npy of shape (batch, length)")
     return p
 
 
@@ -215,6 +251,8 @@ def _run(args: argparse.Namespace) -> int:
 
     print(f"{args.model} (onnxruntime {ort.__version__}, CPUExecutionProvider)")
     print(describe(session))
+    if args.generate:
+        return _generate(session, args)
     if args.input:
         feeds = file_inputs(session, args.input)
         source = ", ".join(args.input)
@@ -258,6 +296,30 @@ def _run(args: argparse.Namespace) -> int:
         if not ok:
             print(f"run_onnx.py: output differs from {args.reference}", file=sys.stderr)
             return 1
+    return 0
+
+
+def _generate(session, args: argparse.Namespace) -> int:
+    if not args.prompt:
+        raise UsageError("--generate needs --prompt: the token ids to start from (e.g. --prompt 5,17,42)")
+    if args.prompt.endswith(".npy"):
+        prompt = _load_npy(args.prompt, "prompt")
+    else:
+        try:
+            prompt = np.array([[int(t) for t in args.prompt.split(",")]], dtype=np.int64)
+        except ValueError:
+            raise UsageError(f"--prompt {args.prompt!r}: comma-separated integers or an .npy file") from None
+    if prompt.ndim != 2:
+        raise UsageError(f"--prompt has shape {list(prompt.shape)}; it should be (batch, length)")
+    t0 = time.perf_counter()
+    tokens = generate(session, prompt, args.generate)
+    seconds = time.perf_counter() - t0
+    for row in tokens:
+        print("tokens: " + ",".join(map(str, row.tolist())))
+    print(f"generated {args.generate} token(s) per row in {seconds * 1e3:.1f} ms")
+    if args.save_output:
+        np.save(args.save_output, tokens)
+        print(f"wrote {args.save_output}")
     return 0
 
 

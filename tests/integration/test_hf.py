@@ -548,6 +548,48 @@ def test_uniform_pruning_round_trips_through_vanilla_from_pretrained(family, tmp
         torch.testing.assert_close(own(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_decoding_step_exports_with_its_cache_and_onnxruntime_generates_torchs_tokens(tmp_path):
+    """export_onnx(small, tokens, cache=True): one decoding step with the key/value cache as inputs and outputs,
+    checked at two batch sizes, past and step lengths; export/run_onnx.py's greedy loop (numpy and onnxruntime
+    only) then gives the tokens torch's generate() gives, for two prompts at once and from the command line."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=4, attention_bias=True, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, initializer_range=0.3)  # larger weights: varied tokens
+    m = _randomized(T.LlamaForCausalLM(cfg).eval())
+    inputs = _padded_tokens(200)
+    inputs["attention_mask"][:] = 1
+    compactor.prune_channels(m, inputs, 0.5, heads=0.5)
+    small = compactor.compact(m, inputs)
+    report = compactor.export_onnx(small, inputs, tmp_path / "step.onnx", cache=True)
+    assert report.input_names[:4] == ["input_ids", "attention_mask", "position_ids", "past.0.key"]
+    assert report.output_names[:2] == ["logits", "present.0.key"] and report.max_abs_diff <= report.tolerance
+    runner = Path(__file__).resolve().parents[2] / "export" / "run_onnx.py"
+    spec = importlib.util.spec_from_file_location("run_onnx", runner)
+    run_onnx = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_onnx)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    prompt = inputs["input_ids"][:, :6]
+    got = run_onnx.generate(session, prompt.numpy(), 10)
+    with torch.no_grad():
+        greedy = dict(max_new_tokens=10, do_sample=False, eos_token_id=None)  # the runner stops at no token
+        want = small.generate(prompt, **greedy)
+        assert torch.equal(m.generate(prompt, **greedy), want)
+    assert len(set(want[0, 6:].tolist())) > 1
+    assert got.tolist() == want.tolist()
+    cli = subprocess.run([sys.executable, str(runner), str(tmp_path / "step.onnx"), "--generate", "10", "--prompt",
+                          ",".join(map(str, prompt[0].tolist()))], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert f"tokens: {','.join(map(str, want[0].tolist()))}" in cli.stdout
+
+
 def test_export_onnx_takes_the_tokenizer_dict_compact_takes(tmp_path):
     """export_onnx(small, {"input_ids", "attention_mask"}): ONNX inputs of those names, the cache off, the output
     named "logits"; onnxruntime equals torch at two batch sizes, a left-padded row included."""
