@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import experts as experts_rule
+from . import importance as importance_rule
 from . import graph, masks, planner
 from . import heads as heads_rule
 from .errors import CompactionError
@@ -40,9 +41,11 @@ from .tensors import Inputs, as_inputs, make_batches
 
 __all__ = ["Importance", "GroupPruning", "PruneReport", "prune_channels"]
 
-#: ``"l2"`` / ``"l1"``: the norm of a unit's rows over every producer; or a callable taking those
-#: rows (one tensor per producer, shape (rows, ...)) and returning a score (lower goes first).
-Importance = Union[Literal["l1", "l2"], Callable[[list[torch.Tensor]], float]]
+#: ``"l2"`` / ``"l1"``: the norm of a unit's rows over every producer; ``"activation"`` / ``"taylor"``: measured on
+#: calibration data (:mod:`compactor.importance`); or a callable taking a unit's rows (one tensor per producer,
+#: shape (rows, ...)) and returning a score (lower goes first).
+Importance = Union[Literal["l1", "l2", "activation", "taylor"], Callable[[list[torch.Tensor]], float]]
+_MEASURED = ("activation", "taylor")
 
 _PRODUCERS = planner.PRODUCER_ROLES
 Unit = tuple[int, int]  # (group index, root channel)
@@ -68,6 +71,7 @@ class PruneReport:
     groups: list[GroupPruning] = field(default_factory=list)
     skipped: list[tuple[tuple[str, ...], str]] = field(default_factory=list)  # (layers, why)
     dropped: int = 0  # units tried, then left unmasked because compaction would keep them
+    calibration: Optional[tuple[int, float]] = None  # (batches, seconds) measured for a data-aware importance
     adjusted: list[str] = field(default_factory=list)  # counts changed from what was asked (uniform=True), why
 
     def __str__(self) -> str:
@@ -88,6 +92,8 @@ class PruneReport:
         if self.dropped:
             lines.append(f"{self.dropped} unit(s) left unmasked: the dry run showed compaction would keep them "
                          "(others of their group were masked instead where there were any)")
+        if self.calibration:
+            lines.append(f"scored on {self.calibration[0]} calibration batch(es) in {self.calibration[1]:.1f} s")
         lines.extend(self.adjusted)
         for layers, why in self.skipped:
             lines.append(f"not pruned: {', '.join(layers[:4])}{' …' if len(layers) > 4 else ''}: {why}")
@@ -182,6 +188,39 @@ def _bn_scales(work: nn.Module, bn_after: dict[str, str]) -> dict[str, torch.Ten
             scale = scale * bn.weight.detach().double().abs()
         out[conv] = scale
     return out
+
+
+def _local(item: graph.Item, roots: set[int]) -> list[int]:
+    return [i for i, r in zip(item.idxs, item.root_idxs) if r in roots]
+
+
+def _taylor_parts(item: graph.Item, local: list[int]) -> list[tuple[str, int, list[int]]]:
+    """The parameter entries a unit's masks zero in ``item`` (a producer's rows and bias, a BatchNorm's weight and
+    bias): (parameter name, dimension, indices)."""
+    module = item.module
+    parts = [(f"{item.name}.weight", kind_of(module).out_dim_of("weight"), local)]
+    if isinstance(getattr(module, "bias", None), torch.Tensor):
+        parts.append((f"{item.name}.bias", 0, local))
+    return parts
+
+
+def _measured_score(groups: list[graph.Group], unit: list[Unit], evidence: importance_rule.Evidence,
+                    params: dict[str, torch.Tensor]) -> Optional[float]:
+    """A unit's "activation" or "taylor" score (:mod:`compactor.importance`); None when nothing measured it."""
+    reads, parts = [], []
+    for gi in sorted({gi for gi, _ in unit}):
+        roots = {r for g, r in unit if g == gi}
+        for it in groups[gi].items:
+            if not isinstance(it.module, nn.Module):
+                continue
+            local = _local(it, roots)
+            if it.role == "in":
+                reads.append((it.name, it.module, local))
+            elif it.role in _PRODUCERS or (it.role == "slice" and isinstance(it.module, BATCHNORM)):
+                parts += _taylor_parts(it, local)
+    if evidence.kind == "activation":
+        return importance_rule.activation_score(evidence, reads)
+    return importance_rule.taylor_score(evidence, params, parts)
 
 
 def _score(groups: list[graph.Group], unit: list[Unit], importance: Importance,
@@ -408,7 +447,8 @@ def _describable(model: nn.Module, att: heads_rule.Attention, wanted: int, cache
 
 
 def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Union[float, int], ignored: set[str],
-                 tied: set[str], importance: Importance, report: PruneReport, describable: bool = False) -> None:
+                 tied: set[str], importance: Importance, report: PruneReport, describable: bool = False,
+                 evidence: Optional[importance_rule.Evidence] = None) -> None:
     """Mask whole key/value heads (with their query heads) in each attention module the head rule understands.
 
     The chosen heads are zeroed in a copy first and planned by the head rule (layout checked on the model);
@@ -425,10 +465,22 @@ def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Unio
             continue
         q, k, v, o = (out_major(modules[n]) for n in (att.q, att.k, att.v, att.o))
         scores = []
+        params = dict(work.named_parameters())
         for j in range(att.kv_heads):
             rows = {which: torch.tensor(att.rows(which, [j])) for which in "qkv"}
-            scores.append(_norm([q[rows["q"]], k[rows["k"]], v[rows["v"]], o[:, torch.tensor(att.q_rows([j]))].t()],
-                                importance))
+            if evidence is not None and evidence.kind == "activation":
+                scores.append(importance_rule.activation_score(evidence, [(att.o, modules[att.o], att.q_rows([j]))])
+                              or 0.0)
+            elif evidence is not None:
+                o_dim = 1 - kind_of(modules[att.o]).out_dim_of("weight")  # O's input columns
+                parts = [p for which, name in (("q", att.q), ("k", att.k), ("v", att.v))
+                         for p in _taylor_parts(graph.Item(name, modules[name], "out", [], [], ""),
+                                                att.rows(which, [j]))]
+                scores.append(importance_rule.taylor_score(evidence, params,
+                                                           parts + [(f"{att.o}.weight", o_dim, att.q_rows([j]))]))
+            else:
+                scores.append(_norm([q[rows["q"]], k[rows["k"]], v[rows["v"]],
+                                     o[:, torch.tensor(att.q_rows([j]))].t()], importance))
         n = _keep_enough(att.kv_heads, _quota(amount, att.kv_heads), None, None)
         if describable:
             n, adjusted = _describable(model, att, n, built)
@@ -470,8 +522,20 @@ def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Unio
                                           score=sum(scores[j] for j in gone) / len(gone)))
 
 
+class _GradView(nn.Module):
+    """An experts module's gradients where its tensors are (what :func:`compactor.experts.neuron_tensors` reads)."""
+
+    def __init__(self, evidence: importance_rule.Evidence, name: str) -> None:
+        super().__init__()
+        for pname in ("gate_up_proj", "down_proj", "gate_up_proj_bias"):
+            grad = evidence.grads.get(f"{name}.{pname}")
+            if grad is not None:
+                self.register_buffer(pname, grad)
+
+
 def _prune_experts(model: nn.Module, work: nn.Module, amount: Union[float, int], ignored: set[str], tied: set[str],
-                   importance: Importance, round_to: Optional[int], report: PruneReport) -> None:
+                   importance: Importance, round_to: Optional[int], report: PruneReport,
+                   evidence: Optional[importance_rule.Evidence] = None) -> None:
     """Mask the same number of neurons in every expert of each fused mixture-of-experts module
     (:mod:`compactor.experts`), lowest score first in each expert: both their gate and up rows and their down
     column. Whole experts are never masked (removing one changes the router's top-k choice)."""
@@ -487,7 +551,10 @@ def _prune_experts(model: nn.Module, work: nn.Module, amount: Union[float, int],
         gone = torch.zeros(ex.experts, ex.neurons, dtype=torch.bool)
         total = 0.0
         parts = [t["gate"].double(), t["up"].double(), t["down"].double()]
-        if importance == "l2":  # every neuron of every expert at once: (E, I)
+        if evidence is not None and evidence.kind == "taylor" and f"{ex.name}.gate_up_proj" in evidence.grads:
+            g = experts_rule.neuron_tensors(_GradView(evidence, ex.name), ex)
+            all_scores = sum((a.double() * b).sum(-1) for a, b in zip((g["gate"], g["up"], g["down"]), parts)).abs()
+        elif importance in ("l2", *_MEASURED):  # every neuron of every expert at once: (E, I); activation: weights
             all_scores = sum(p.pow(2).sum(-1) for p in parts).sqrt()
         elif importance == "l1":
             all_scores = sum(p.abs().sum(-1) for p in parts)
@@ -517,8 +584,9 @@ def _check_args(amount, importance, scope, round_to, max_amount, what: str = "am
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or (
             isinstance(amount, float) and not 0.0 <= amount < 1.0) or (isinstance(amount, int) and amount < 0):
         raise ValueError(f"prune_channels: {what}={amount!r} should be a float in [0, 1) or a non-negative integer")
-    if not (callable(importance) or importance in ("l1", "l2")):
-        raise ValueError(f"prune_channels: importance={importance!r} should be 'l2', 'l1' or a callable")
+    if not (callable(importance) or importance in ("l1", "l2", *_MEASURED)):
+        raise ValueError(f"prune_channels: importance={importance!r} should be 'l2', 'l1', 'activation', 'taylor' "
+                         "or a callable")
     if scope not in ("local", "global"):
         raise ValueError(f"prune_channels: scope={scope!r} should be 'local' or 'global'")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
@@ -557,6 +625,9 @@ def prune_channels(
     max_amount: Optional[float] = None,
     heads: Optional[Union[float, int]] = None,
     uniform: bool = False,
+    calibration: Optional[Iterable] = None,
+    max_batches: Optional[int] = None,
+    loss_fn: Optional[importance_rule.LossFn] = None,
 ) -> PruneReport:
     """Mask whole coupled channel groups of ``model`` in place, so that :func:`compactor.compact` removes them all.
 
@@ -571,8 +642,10 @@ def prune_channels(
             tensors (:mod:`compactor.experts`) this share of every expert's neurons, the same count in each.
         importance: ``"l2"`` / ``"l1"`` norm of a unit's rows over all its producers (a conv's rows times the
             scale of the BatchNorm that alone reads it, ``|weight| / sqrt(running_var + eps)``, as its output
-            is), or a callable taking the plain rows (a list of tensors) and returning a score; low scores go
-            first.
+            is); ``"activation"`` (what its readers use of it on the calibration data: rms of the channel
+            times the reading weight column's norm) or ``"taylor"`` (``|sum(grad * weight)|`` over what its
+            masks zero), both in :mod:`compactor.importance`; or a callable taking the plain rows (a list of
+            tensors) and returning a score; low scores go first.
         scope: ``"local"`` masks ``amount`` of every group; ``"global"`` ranks units across groups,
             each group's scores divided by their mean so no group of small weights is emptied.
         round_to: leave each group's width a multiple of this.
@@ -585,6 +658,12 @@ def prune_channels(
             of key/value heads per module, each with its query heads: their Q, K, V rows and O
             columns are masked, lowest norm first; at least one stays (``round_to`` does not apply
             to heads). ``None`` leaves attention alone.
+        calibration: for ``importance="activation"`` / ``"taylor"``, an iterable of batches: model inputs of
+            the kinds ``example_inputs`` takes (with ``loss_fn``, whatever it takes); default: the example
+            alone. Read once, up to ``max_batches``.
+        max_batches: at most this many calibration batches.
+        loss_fn: for ``"taylor"``, ``loss_fn(model, batch) -> loss`` (a scalar tensor); default: a Hugging
+            Face causal LM's own loss with its input ids as labels.
         uniform: the same number of units from every repeated block (layers whose names differ only
             by their block number; each layer still chooses its own by importance), and, for a Hugging
             Face model, head counts its config can describe (the nearest count to ``heads`` for which
@@ -643,15 +722,29 @@ def prune_channels(
         by_groups.setdefault(tuple(sorted({gi for gi, _ in unit})), []).append(unit)
     keys = sorted(by_groups)
     clusters = [by_groups[k] for k in keys]
-    scores = [[_score(groups, u, importance, scales) for u in c] for c in clusters]
+    evidence = None
+    if importance in _MEASURED:
+        readers = {it.name for gi in ok for it in groups[gi].items if it.role == "in"} | {a.o for a in attentions}
+        evidence = importance_rule.gather(work, importance, calibration, example, readers, loss_fn=loss_fn,
+                                          max_batches=max_batches)
+        report.calibration = (evidence.batches, evidence.seconds)
+    params = dict(work.named_parameters())
+    scores = []
+    for c in clusters:
+        measured = [_measured_score(groups, u, evidence, params) for u in c] if evidence is not None else []
+        if measured and None not in measured:
+            scores.append([float(v) for v in measured])
+        else:  # nothing measured these (no layer reads them directly): their weights
+            scores.append([_score(groups, u, "l2" if evidence is not None else importance, scales) for u in c])
     chosen = _select(clusters, scores, amount, scope, round_to, max_amount)
     if uniform:
         _equalize(clusters, scores, chosen, groups, keys, round_to)
     picked = _dry_run(work, groups, clusters, scores, chosen, example, report)
     _apply(model, _masks(groups, [clusters[c][i] for c, i in picked]))
     if heads is not None:
-        _prune_heads(model, work, example, heads, ignored, tied, importance, report, describable=uniform)
-    _prune_experts(model, work, amount, ignored, tied, importance, round_to, report)
+        _prune_heads(model, work, example, heads, ignored, tied, importance, report, describable=uniform,
+                     evidence=evidence)
+    _prune_experts(model, work, amount, ignored, tied, importance, round_to, report, evidence=evidence)
     for c, (k, units_c) in enumerate(zip(keys, clusters)):
         idx = sorted(i for cc, i in picked if cc == c)
         rows = _masks(groups, [units_c[i] for i in idx], norms=False)

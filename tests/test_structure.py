@@ -16,7 +16,7 @@ ORDER = [
     "errors", "tensors", "timing", "progress", "files", "kinds", "plans",  # base: no pipeline knowledge
     "layers", "probe", "masks", "graph", "heads", "experts", "hfconfig", "planner", "fold", "report", "verify",
     "fingerprint",  # the pipeline
-    "api", "pruner", "saving", "pretrained", "export", "plot",        # what users call
+    "api", "importance", "pruner", "saving", "pretrained", "export", "plot",        # what users call
     "testing", "demo", "bench", "cli", "__main__",      # built on all of the above
 ]
 

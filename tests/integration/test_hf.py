@@ -590,6 +590,26 @@ def test_a_decoding_step_exports_with_its_cache_and_onnxruntime_generates_torchs
     assert f"tokens: {','.join(map(str, want[0].tolist()))}" in cli.stdout
 
 
+@pytest.mark.parametrize("importance", ["activation", "taylor"])
+def test_measured_importance_on_an_llm_with_its_own_loss(importance):
+    """importance="activation" / "taylor" (the model's own loss on its tokens, padding left out) over calibration
+    dicts: neurons and KV groups masked, compact removes all of them, logits and tokens unchanged."""
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    m = _randomized(T.LlamaForCausalLM(cfg).eval())
+    inputs = _padded_tokens(200)
+    calibration = [{"input_ids": torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(i)),
+                    "attention_mask": torch.ones(2, 12, dtype=torch.long)} for i in range(3)]
+    report = compactor.prune_channels(m, inputs, 0.5, heads=0.25, importance=importance, calibration=calibration)
+    assert report.calibration[0] == 3 and sum(g.masked for g in report.groups) == 2 * (64 + 1)
+    assert all(p.grad is None for p in m.parameters())
+    small = compactor.compact(m, inputs)
+    assert [g for g in small.compaction_report.groups if g.status != "removed"] == []
+    with torch.no_grad():
+        torch.testing.assert_close(small(**inputs).logits, m(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_export_onnx_takes_the_tokenizer_dict_compact_takes(tmp_path):
     """export_onnx(small, {"input_ids", "attention_mask"}): ONNX inputs of those names, the cache off, the output
     named "logits"; onnxruntime equals torch at two batch sizes, a left-padded row included."""
