@@ -250,13 +250,7 @@ def _qwen2_v_masked(attn: str) -> tuple[nn.Module, dict]:
     torch.manual_seed(0)
     cfg = T.Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn)
-    m = T.Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.1)
-            elif "norm" in n:
-                p.normal_(1.0, 0.1)
+    m = _randomized(T.Qwen2ForCausalLM(cfg).eval())
     vp = m.model.layers[1].self_attn.v_proj
     mask = torch.ones_like(vp.weight)
     mask[:16] = 0
@@ -646,13 +640,7 @@ def test_save_pretrained_loads_with_vanilla_from_pretrained(family, tmp_path):
     cfg = getattr(T, f"{family}Config")(vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                          num_attention_heads=8, num_key_value_heads=4, pad_token_id=0,
                                          bos_token_id=1, eos_token_id=2)
-    model = getattr(T, f"{family}ForCausalLM")(cfg).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.1)
-            elif "norm" in n:  # RMSNorm weights are initialized to 1: randomized, as a trained model's are
-                p.normal_(1.0, 0.1)
+    model = _randomized(getattr(T, f"{family}ForCausalLM")(cfg).eval())  # RMSNorm weights too, as trained
     inputs = _tokens()
     compactor.prune_channels(model, inputs, 0.5, heads=0.5)
     small = compactor.compact(model, inputs).train()
