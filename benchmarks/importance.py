@@ -287,6 +287,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--lm-amounts", type=common.floats, default=[0.25, 0.5])
     p.add_argument("--lm-steps", type=int, default=1500)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--parts", type=common.words, default=["cnn", "lm"], help="cnn,lm (default: both)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -299,15 +300,16 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    rows = cnn_part(args, say)
-    lm_rows, lm = lm_part(args, say)
+    rows = cnn_part(args, say) if "cnn" in args.parts else []
+    lm_rows, lm = lm_part(args, say) if "lm" in args.parts else ([], {})
     return {"rows": rows + lm_rows, "cnn": summarize(rows), "lm": lm, "machine": timing.machine_info()}
 
 
 def write(args: argparse.Namespace, result: dict) -> list[str]:
     device = common.device_slug(False)
     folder = common.out_dir(args.out, device)
-    name = common.tag("importance", "smoke" if args.smoke else "resnet-digits_llama-pydoc",
+    what = "_".join({"cnn": "resnet-digits", "lm": "llama-pydoc"}[p] for p in args.parts)
+    name = common.tag("importance", "smoke" if args.smoke else what,
                       "a" + "-".join(f"{a:g}" for a in args.amounts), f"s{args.seeds}", f"t{args.threads}")
     files = [common.write_json(os.path.join(folder, name + ".json"), {"settings": vars(args), **result})]
     mem = lambda r: common.fmt_n(r["peak_bytes"]) + "B" if r.get("peak_bytes") is not None else "-"  # noqa: E731
@@ -325,18 +327,21 @@ def write(args: argparse.Namespace, result: dict) -> list[str]:
                ("time", lambda r: common.fmt_s(r["seconds"])), ("peak memory", mem)]
     cnn = result["cnn"]
     lm = result["lm"]
-    md = [common.header("Importance criteria: which channels prune_channels masks", result["machine"], vars(args)),
-          f"## Residual CNN on the digits (dense {_mean(cnn, 'acc_dense'):.1%}; mean of {args.seeds} seed(s))", "",
-          "Every row is masked by prune_channels (the same channels per group for every criterion), compacted, and "
-          "the compact model's accuracy checked equal to the masked model's.", "",
-          common.table(cnn, cnn_cols), "",
-          f"## LLaMA-style LM on pydoc text ({lm['text_bytes']:,} bytes, {lm['config']}, {lm['steps']} steps in "
-          f"{lm['train_s']:.0f} s; held-out perplexity {lm['ppl_dense']:.2f})", "",
-          "No retraining; the compact model's perplexity checked equal to the masked model's.", "",
-          common.table(lm_rows, lm_cols), ""]
+    md = [common.header("Importance criteria: which channels prune_channels masks", result["machine"], vars(args))]
+    if cnn:
+        md += [f"## Residual CNN on the digits (dense {_mean(cnn, 'acc_dense'):.1%}; mean of {args.seeds} seed(s))",
+               "", "Every row is masked by prune_channels (the same channels per group for every criterion), "
+               "compacted, and the compact model's accuracy checked equal to the masked model's.", "",
+               common.table(cnn, cnn_cols), ""]
+    if lm:
+        md += [f"## LLaMA-style LM on pydoc text ({lm['text_bytes']:,} bytes, {lm['config']}, {lm['steps']} steps "
+               f"in {lm['train_s']:.0f} s; held-out perplexity {lm['ppl_dense']:.2f})", "",
+               "No retraining; the compact model's perplexity checked equal to the masked model's.", "",
+               common.table(lm_rows, lm_cols), ""]
     series = {c: [(r["amount"], r["acc"]) for r in cnn if r["criterion"] == c] for c in args.criteria}
     plot = common.plot_xy(series, os.path.join(folder, name + ".png"),
-                          "Residual CNN on the digits: accuracy without fine-tuning", "channels masked", "accuracy")
+                          "Residual CNN on the digits: accuracy without fine-tuning", "channels masked",
+                          "accuracy") if cnn else None
     if plot:
         files.append(plot)
         md.append(f"![{os.path.basename(plot)}]({os.path.basename(plot)})")

@@ -96,3 +96,22 @@ def test_a_cnn_pruned_by_measured_importance_compacts_entirely_and_exactly(impor
     assert masked > 0 and [g for g in small.compaction_report.groups if g.status != "removed"] == []
     with torch.no_grad():
         torch.testing.assert_close(small(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_measured_importance_works_with_global_scope_and_round_to():
+    """scope="global" ranks the measured scores across groups (normalized per group); round_to=4 keeps every
+    width a multiple of 4; compaction removes every masked unit."""
+    from compactor.testing.zoo import ResNetBasicSmall
+
+    torch.manual_seed(0)
+    net = ResNetBasicSmall().eval()
+    x = torch.randn(8, 3, 16, 16)
+    compactor.prune_channels(net, x, 0.4, importance="activation", calibration=[x[:4], x[4:]], scope="global",
+                             round_to=4)
+    small = compactor.compact(net, x)
+    assert [g for g in small.compaction_report.groups if g.status != "removed"] == []
+    widths = [m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 4 == 0 for w in widths) and sum(widths) < sum(m.out_channels for m in net.modules()
+                                                                   if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net(x), rtol=1e-5, atol=1e-5)
