@@ -35,6 +35,14 @@ Slicing = dict[str, tuple[tuple[int, tuple[int, ...]], ...]]
 _PER_CHANNEL_EXTRAS = ("gain", "border_kernel", "border_offset")
 
 
+def _broadcast(t: torch.Tensor, dim: int, flags: torch.Tensor) -> torch.Tensor:
+    """Ones shaped like ``t``, zero where ``flags`` (along ``dim``) hold: a view of one value per index."""
+    keep = flags.logical_not().to(device=t.device, dtype=t.dtype)
+    shape = [1] * t.dim()
+    shape[dim] = t.shape[dim]
+    return keep.reshape(shape).expand_as(t)
+
+
 def sliced(t: torch.Tensor, dims: tuple[tuple[int, tuple[int, ...]], ...]) -> torch.Tensor:
     """``t`` (detached) without the ``removed`` indices along each ``dim`` of ``dims``."""
     t = t.detach()
@@ -140,17 +148,14 @@ class Kind:
 
     # ---- masks
     def row_mask(self, module: nn.Module, flags: torch.Tensor, tensor: str = "weight") -> torch.Tensor:
-        """A mask like ``module.<tensor>`` with the rows in ``flags`` zero (for torch's prune API)."""
-        mask = torch.ones_like(getattr(module, tensor))
-        rows = self._major(mask) if tensor == "weight" else mask
-        rows[flags.to(mask.device)] = 0
-        return mask
+        """A mask like ``module.<tensor>`` with the rows in ``flags`` zero (for torch's prune API): a broadcast
+        view of one value per row, since torch's pruning hook keeps the mask it is given for good."""
+        t = getattr(module, tensor)
+        return _broadcast(t, self.out_dim_of("weight") if tensor == "weight" else 0, flags)
 
     def column_mask(self, module: nn.Module, flags: torch.Tensor) -> torch.Tensor:
-        """A mask like ``module.weight`` with the input columns in ``flags`` zero."""
-        mask = torch.ones_like(module.weight)
-        self._major(mask)[:, flags.to(mask.device)] = 0
-        return mask
+        """A mask like ``module.weight`` with the input columns in ``flags`` zero (a broadcast view)."""
+        return _broadcast(module.weight, 1 - self.out_dim_of("weight"), flags)
 
     def _major(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` (or a tensor shaped like it) viewed as :meth:`out_major` views the weight."""

@@ -21,11 +21,13 @@ survive ``prune.remove``, and save as ``*_orig`` / ``*_mask`` state_dicts.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -321,24 +323,66 @@ def _masked_tensors(module: nn.Module) -> list[str]:
     return ["weight"] + (["bias"] if isinstance(getattr(module, "bias", None), torch.Tensor) else [])
 
 
-def _apply(model: nn.Module, rows: dict[str, torch.Tensor]) -> None:
-    """Add the masks to ``model`` through torch's own prune API (stacking with earlier masks)."""
-    for name, flags in rows.items():
+#: A mask to add once every choice is made: ("rows", layer, flags), ("columns", layer, flags) or
+#: ("experts", module, ((experts, neurons) flags, its Experts)).
+Pending = tuple[str, str, Any]
+
+
+def _row_masks(rows: dict[str, torch.Tensor]) -> list[Pending]:
+    return [("rows", name, flags) for name, flags in rows.items()]
+
+
+def _apply(model: nn.Module, pending: Sequence[Pending]) -> None:
+    """Add the masks to ``model`` through torch's own prune API (stacking with earlier masks), each built from
+    its flags only now, one layer at a time."""
+    for what, name, flags in pending:
         module = model.get_submodule(name)
-        for tname in _masked_tensors(module):
-            if isinstance(getattr(module, tname, None), torch.Tensor):
-                prune.custom_from_mask(module, tname, _mask(module, flags, tname))
-
-
-def _zero(baked: nn.Module, rows: dict[str, torch.Tensor]) -> None:
-    """Zero the rows in a baked copy, as prune.remove would leave them."""
-    with torch.no_grad():
-        for name, flags in rows.items():
-            module = baked.get_submodule(name)
+        if what == "rows":
             for tname in _masked_tensors(module):
-                t = getattr(module, tname, None)
-                if isinstance(t, torch.Tensor):
-                    t.mul_(_mask(module, flags, tname))
+                if isinstance(getattr(module, tname, None), torch.Tensor):
+                    prune.custom_from_mask(module, tname, _mask(module, flags, tname))
+        elif what == "columns":
+            prune.custom_from_mask(module, "weight", _o_mask(module, flags))
+        else:
+            flags, ex = flags
+            for pname, dim, halves in ex.tensors(module):
+                t = getattr(module, pname)
+                shape = [ex.experts] + [1] * (t.dim() - 1)
+                shape[dim] = flags.shape[1] * halves
+                keep = flags.repeat(1, halves).logical_not().to(t.dtype)  # gate neurons, then up neurons
+                prune.custom_from_mask(module, pname, keep.reshape(shape).expand_as(t))  # a view (the hook keeps it)
+
+
+@contextlib.contextmanager
+def _zeroed(work: nn.Module, rows: dict[str, torch.Tensor],
+            columns: Optional[dict[str, torch.Tensor]] = None) -> Iterator[None]:
+    """``work`` (a baked copy) with the ``rows`` zeroed (weight and bias, as prune.remove would leave them) and the
+    input ``columns`` of some layers, inside the block; only those entries are saved and put back after, so
+    the dry runs need no second copy of the model."""
+    saved = []
+
+    def zero(t: torch.Tensor, dim: int, flags: torch.Tensor) -> None:
+        idx = torch.nonzero(flags).flatten().to(t.device)
+        if idx.numel():
+            saved.append((t, dim, idx, t.index_select(dim, idx).clone()))
+            t.index_fill_(dim, idx, 0)
+
+    try:
+        with torch.no_grad():
+            for name, flags in rows.items():
+                module = work.get_submodule(name)
+                for tname in _masked_tensors(module):
+                    t = getattr(module, tname, None)
+                    if isinstance(t, torch.Tensor):
+                        zero(t, kind_of(module).out_dim_of(tname), flags)
+            for name, flags in (columns or {}).items():
+                module = work.get_submodule(name)
+                zero(module.weight, 1 - kind_of(module).out_dim_of("weight"), flags)
+        yield
+    finally:
+        with torch.no_grad():
+            for t, dim, idx, old in reversed(saved):
+                t.index_copy_(dim, idx, old)
 
 
 def _removed(groups: list[graph.Group], unit: list[Unit], cuts) -> bool:
@@ -356,7 +400,7 @@ def _removed(groups: list[graph.Group], unit: list[Unit], cuts) -> bool:
 
 def _dry_run(work: nn.Module, groups: list[graph.Group], clusters: list[list[list[Unit]]], scores: list[list[float]],
              chosen: list[set[int]], example: tuple, report: PruneReport, rounds: int = 3) -> set[tuple[int, int]]:
-    """Zero the chosen rows in a copy and plan it; a unit the planner would keep is replaced by the next
+    """Zero the chosen rows (in place, put back after) and plan; a unit the planner would keep is replaced by the next
     lowest-scored one of its cluster, for a few rounds. Returns the (cluster, unit) pairs that all go."""
     wanted = [len(c) for c in chosen]
     accepted: set[tuple[int, int]] = set()
@@ -367,10 +411,9 @@ def _dry_run(work: nn.Module, groups: list[graph.Group], clusters: list[list[lis
         if not todo:
             break
         tried |= todo
-        trial = masks.clone(work)
-        _zero(trial, _masks(groups, [clusters[c][i] for c, i in accepted | todo]))
         try:
-            the_plan, _ = planner.make_plan(trial, batches)
+            with _zeroed(work, _masks(groups, [clusters[c][i] for c, i in accepted | todo])):
+                the_plan, _ = planner.make_plan(work, batches)
         except CompactionError as exc:
             raise CompactionError(f"prune_channels: the chosen masks could not be planned ({exc}); "
                                   "lower amount, or pass the failing layers in ignore") from None
@@ -448,7 +491,7 @@ def _describable(model: nn.Module, att: heads_rule.Attention, wanted: int, cache
 
 def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Union[float, int], ignored: set[str],
                  tied: set[str], importance: Importance, report: PruneReport, describable: bool = False,
-                 evidence: Optional[importance_rule.Evidence] = None) -> None:
+                 evidence: Optional[importance_rule.Evidence] = None) -> list[Pending]:
     """Mask whole key/value heads (with their query heads) in each attention module the head rule understands.
 
     The chosen heads are zeroed in a copy first and planned by the head rule (layout checked on the model);
@@ -497,14 +540,16 @@ def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Unio
         cols[att.q_rows(gone)] = True
         chosen.append((att, gone, flags, cols, scores))
     if not chosen:
-        return
-    trial = masks.clone(work)  # the dry run
-    with torch.no_grad():
-        for att, _, flags, cols, _ in chosen:
-            _zero(trial, flags)
-            o_mod = trial.get_submodule(att.o)
-            o_mod.weight.mul_(_o_mask(o_mod, cols))
-    planned = heads_rule.plan_heads(trial, tied, example)
+        return []
+    rows: dict[str, torch.Tensor] = {}
+    columns: dict[str, torch.Tensor] = {}
+    for att, _, flags, cols, _ in chosen:
+        for name, f in flags.items():
+            rows[name] = rows[name] | f if name in rows else f
+        columns[att.o] = columns[att.o] | cols if att.o in columns else cols
+    with _zeroed(work, rows, columns):  # the dry run
+        planned = heads_rule.plan_heads(work, tied, example)
+    pending: list[Pending] = []
     for att, gone, flags, cols, scores in chosen:
         layers = tuple(dict.fromkeys((att.q, att.k, att.v, att.o)))
         v_rows = set(planned.cuts[att.v].out) if att.v in planned.cuts else set()
@@ -514,12 +559,11 @@ def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Unio
             report.skipped.append((layers, why))
             report.dropped += len(gone)
             continue
-        _apply(model, flags)
-        o_mod = model.get_submodule(att.o)
-        prune.custom_from_mask(o_mod, "weight", _o_mask(o_mod, cols))
+        pending += _row_masks(flags) + [("columns", att.o, cols)]
         report.groups.append(GroupPruning(layers=layers, units=att.kv_heads, masked=len(gone),
                                           channels=int(sum(int(f.sum()) for f in flags.values())),
                                           score=sum(scores[j] for j in gone) / len(gone)))
+    return pending
 
 
 class _GradView(nn.Module):
@@ -533,12 +577,13 @@ class _GradView(nn.Module):
                 self.register_buffer(pname, grad)
 
 
-def _prune_experts(model: nn.Module, work: nn.Module, amount: Union[float, int], ignored: set[str], tied: set[str],
+def _prune_experts(work: nn.Module, amount: Union[float, int], ignored: set[str], tied: set[str],
                    importance: Importance, round_to: Optional[int], report: PruneReport,
-                   evidence: Optional[importance_rule.Evidence] = None) -> None:
+                   evidence: Optional[importance_rule.Evidence] = None) -> list[Pending]:
     """Mask the same number of neurons in every expert of each fused mixture-of-experts module
     (:mod:`compactor.experts`), lowest score first in each expert: both their gate and up rows and their down
     column. Whole experts are never masked (removing one changes the router's top-k choice)."""
+    pending: list[Pending] = []
     for ex in experts_rule.find(work):
         layers = (f"{ex.name}.gate_up_proj", f"{ex.name}.down_proj")
         if ex.name in ignored or ex.name in tied:
@@ -566,15 +611,10 @@ def _prune_experts(model: nn.Module, work: nn.Module, amount: Union[float, int],
             chosen = sorted(range(ex.neurons), key=lambda j: (scores[j], j))[:k]
             gone[e, chosen] = True
             total += sum(scores[j] for j in chosen)
-        module = model.get_submodule(ex.name)
-        for pname, dim, halves in ex.tensors(module):
-            flags = gone.repeat(1, halves)  # (E, I) -> (E, 2I): gate neurons, then up neurons
-            shape = [ex.experts] + [1] * (getattr(module, pname).dim() - 1)
-            shape[dim] = flags.shape[1]
-            mask = flags.logical_not().reshape(shape).expand_as(getattr(module, pname))
-            prune.custom_from_mask(module, pname, mask.to(getattr(module, pname).dtype))
+        pending.append(("experts", ex.name, (gone, ex)))
         report.groups.append(GroupPruning(layers=layers, units=ex.experts * ex.neurons, masked=ex.experts * k,
                                           channels=ex.experts * k * 3, score=total / (ex.experts * k)))
+    return pending
 
 
 # --------------------------------------------------------------------------- the function
@@ -740,11 +780,11 @@ def prune_channels(
     if uniform:
         _equalize(clusters, scores, chosen, groups, keys, round_to)
     picked = _dry_run(work, groups, clusters, scores, chosen, example, report)
-    _apply(model, _masks(groups, [clusters[c][i] for c, i in picked]))
+    pending = _row_masks(_masks(groups, [clusters[c][i] for c, i in picked]))
     if heads is not None:
-        _prune_heads(model, work, example, heads, ignored, tied, importance, report, describable=uniform,
-                     evidence=evidence)
-    _prune_experts(model, work, amount, ignored, tied, importance, round_to, report, evidence=evidence)
+        pending += _prune_heads(model, work, example, heads, ignored, tied, importance, report, describable=uniform,
+                                evidence=evidence)
+    pending += _prune_experts(work, amount, ignored, tied, importance, round_to, report, evidence=evidence)
     for c, (k, units_c) in enumerate(zip(keys, clusters)):
         idx = sorted(i for cc, i in picked if cc == c)
         rows = _masks(groups, [units_c[i] for i in idx], norms=False)
@@ -755,6 +795,9 @@ def prune_channels(
     if not any(g.masked for g in report.groups) and (report.dropped or not any(g.units for g in report.groups)) \
             and (amount or heads):  # nothing could be masked (not: the amounts round to no unit)
         raise CompactionError(_nothing_masked(model, report))
+    del work, groups, evidence, params, scales  # the copy goes before the masks (a weight-sized mask and
+    gc.collect()  # product per masked tensor) are made: one model's worth of memory less at the peak
+    _apply(model, pending)
     return report
 
 
