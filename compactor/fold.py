@@ -15,7 +15,7 @@ from torch import nn
 
 from .experts import slice_experts
 from .heads import set_count
-from .kinds import Slicing, kind_of, out_major, replace_tensor, sliced
+from .kinds import Slicing, add_to_bias, kind_of, out_major, replace_tensor, sliced
 from .layers import set_module, with_border_correction, with_border_correction_bn
 from .planner import Cut, Fold, Plan
 
@@ -77,14 +77,6 @@ def _slice(layer: nn.Module, cut: Cut) -> None:
     kind.cut(layer, cut.out, cut.inputs)
 
 
-def _fold_bias(module: nn.Module, delta: torch.Tensor) -> None:
-    delta = delta.to(module.weight.dtype)
-    if module.bias is None:
-        module.bias = nn.Parameter(delta.clone(), requires_grad=module.weight.requires_grad)
-    else:
-        module.bias.data = (module.bias.detach().double() + delta.double()).to(module.bias.dtype)
-
-
 def _shift_mean(bn: nn.Module, delta: torch.Tensor) -> None:
     """BN(y + delta) == BN'(y) with running_mean' = running_mean - delta (eval); training mode subtracts the batch mean anyway."""
     bn.running_mean.copy_((bn.running_mean.double() - delta.to(bn.running_mean.device).double()).to(bn.running_mean.dtype))
@@ -92,7 +84,7 @@ def _shift_mean(bn: nn.Module, delta: torch.Tensor) -> None:
 
 def _execute(work: nn.Module, modules: dict[str, nn.Module], f: Fold) -> None:
     if f.target == "bias":
-        _fold_bias(modules[f.layer], f.values)
+        add_to_bias(modules[f.layer], f.values)
     elif f.target == "bn_mean":
         _shift_mean(modules[f.bn], f.values)
     elif f.target == "carrier":

@@ -37,6 +37,7 @@ copy fails or computes otherwise):
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ import torch
 from torch import nn
 
 from . import probe
-from .kinds import dead_rows, is_linear_like, kind_of, out_major, zero_columns
+from .kinds import add_to_bias, dead_rows, is_linear_like, kind_of, out_major, zero_columns
 from .plans import Cut, Fold, GroupNote
 from .tensors import call, first_line, flatten_outputs
 
@@ -134,17 +135,24 @@ def _counts(m: nn.Module) -> tuple[str, ...]:
     return tuple(a for a in COUNT_ATTRIBUTES if isinstance(m.__dict__.get(a), int) and not isinstance(m.__dict__[a], bool))
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_reads(cls: type, pattern: str) -> frozenset[str]:
+    """The names ``pattern``'s group matches in the source of ``cls.forward`` (read once per class); none when
+    there is no source (compiled, or defined interactively)."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return frozenset()
+    return frozenset(re.findall(pattern, source))
+
+
 def _config_counts(m: nn.Module) -> tuple[str, ...]:
     """The head counts (:data:`COUNT_ATTRIBUTES`) the forward of ``m`` reads from ``self.config``, the config every
     layer shares (Phi-3 splits its fused QKV at ``self.config.num_attention_heads * self.head_dim``)."""
     config = m.__dict__.get("config")
     if config is None:
         return ()
-    try:
-        source = inspect.getsource(type(m).forward)
-    except (OSError, TypeError):  # no source (compiled, or defined interactively): nothing known to be read
-        return ()
-    read = set(re.findall(r"self\.config\.(\w+)", source))
+    read = _forward_reads(type(m), r"self\.config\.(\w+)")
     if not any(a in read and isinstance(getattr(config, a, None), int) for a in COUNT_ATTRIBUTES):
         return ()
     # then every head count the config holds follows, and an explicit head_dim (no longer hidden_size / heads)
@@ -452,13 +460,9 @@ def _scope(att: Attention) -> str:
 def _unupdated_counts(module: nn.Module, att: Attention) -> list[str]:
     """Integer attributes the forward of ``module`` reads (``self.<name>``) that hold one of the attention's head
     counts or widths and that the rule does not update: the likely reason a cut breaks it."""
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return []
     sizes = {att.heads, att.kv_heads, att.heads * att.head_dim, att.kv_heads * att.head_dim}
     safe = set(COUNT_ATTRIBUTES) | {"head_dim", "attention_head_size", "num_key_value_groups", "layer_idx"}
-    return sorted({a for a in re.findall(r"self\.(\w+)", source) if a not in safe
+    return sorted({a for a in _forward_reads(type(module), r"self\.(\w+)") if a not in safe
                    and isinstance(module.__dict__.get(a), int) and module.__dict__[a] in sizes})
 
 
@@ -488,13 +492,8 @@ def _trials_hold(model: nn.Module, cands: list, modules: dict, batch: tuple) -> 
         try:
             for layer, cut in plan.cuts.items():
                 kind_of(inner[layer[len(prefix):]]).cut(inner[layer[len(prefix):]], cut.out, cut.inputs)
-            for f in plan.folds:
-                o = inner[f.layer[len(prefix):]]
-                bias = f.values.to(o.weight.dtype)
-                if o.bias is None:
-                    o.bias = nn.Parameter(bias)
-                else:
-                    o.bias.data = o.bias.detach() + bias
+            for f in plan.folds:  # (the rule's folds are all "bias" folds into O)
+                add_to_bias(inner[f.layer[len(prefix):]], f.values)
             for module_name, values in plan.attributes.items():
                 for attr, value in values.items():
                     set_count(inner[module_name[len(prefix):]], attr, value)

@@ -20,7 +20,8 @@ from . import experts, heads
 from .errors import CompactionError
 from .kinds import out_major
 
-__all__ = ["compact_config", "config_updates", "validated", "describe_widths_", "mismatch_of", "WIDTH_KEYS"]
+__all__ = ["compact_config", "config_updates", "validated", "describe_widths_", "mismatch_of", "built_on_meta",
+           "WIDTH_KEYS"]
 
 #: The config keys that hold widths compaction changes (whichever the family has).
 WIDTH_KEYS = ("num_attention_heads", "n_head", "num_heads", "num_key_value_heads", "num_kv_heads", "head_dim",
@@ -131,13 +132,18 @@ def validated(config: Any, updates: dict[str, Any]) -> Any:
 
 
 
+def built_on_meta(model: nn.Module, config: Any) -> nn.Module:
+    """``model``'s class built from ``config`` on the meta device (shapes only, no memory); raises what it raises."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return type(model)(config)
+
+
 def mismatch_of(model: nn.Module, config: Any) -> str:
     """'' when ``model``'s class built from ``config`` (on the meta device: no memory) has ``model``'s parameter
     names and shapes; else the first difference, in words."""
     try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            built = type(model)(config)
+        built = built_on_meta(model, config)
     except Exception as exc:
         return f"{type(model).__name__} cannot be built from it: {type(exc).__name__}"
     want = {k: tuple(p.shape) for k, p in model.named_parameters()}

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 __all__ = ["Kind", "kind_of", "CONV", "CONV_TRANSPOSE", "BATCHNORM", "is_transposed_linear", "is_linear_like",
-           "out_major", "dead_rows", "zero_columns", "Slicing", "sliced", "replace_tensor"]
+           "out_major", "dead_rows", "zero_columns", "Slicing", "sliced", "replace_tensor", "add_to_bias"]
 
 #: The conv types compactor slices (channels on dim 1 of the input) and the per-channel norms beside them.
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -52,6 +52,16 @@ def sliced(t: torch.Tensor, dims: tuple[tuple[int, tuple[int, ...]], ...]) -> to
             keep = torch.tensor([i for i in range(t.shape[dim]) if i not in gone], dtype=torch.long, device=t.device)
             t = t.index_select(dim, keep)
     return t.contiguous()
+
+
+def add_to_bias(module: nn.Module, delta: torch.Tensor) -> None:
+    """Add ``delta`` (one value per output channel) to ``module``'s bias, summed in float64; a layer without one
+    gets ``delta`` as its bias."""
+    delta = delta.to(module.weight.dtype)
+    if module.bias is None:
+        module.bias = nn.Parameter(delta.clone(), requires_grad=module.weight.requires_grad)
+    else:
+        module.bias.data = (module.bias.detach().double() + delta.double()).to(module.bias.dtype)
 
 
 def replace_tensor(owner: nn.Module, attr: str, value: torch.Tensor, like: torch.Tensor) -> None:

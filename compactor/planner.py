@@ -101,7 +101,8 @@ class Ledger:
 # --------------------------------------------------------------------------- reading masks
 
 
-def _local(item: graph.Item, roots: set[int]) -> list[int]:
+def local_indices(item: graph.Item, roots: set[int]) -> list[int]:
+    """The indices of ``item``'s tensor that the root channels ``roots`` reach."""
     return [i for i, r in zip(item.idxs, item.root_idxs) if r in roots]
 
 
@@ -313,9 +314,9 @@ def _probe_fails(groups: list[graph.Group], work: nn.Module, active: dict[int, s
     for gi, roots in active.items():
         for it in groups[gi].items:
             if it.role in _PRODUCERS:
-                produce.setdefault(it.name, set()).update(_local(it, roots))
+                produce.setdefault(it.name, set()).update(local_indices(it, roots))
             if it.role in _READERS or it.role == "dw":
-                expect.setdefault(it.name, set()).update(_local(it, roots))
+                expect.setdefault(it.name, set()).update(local_indices(it, roots))
     bad, leaked = probe.nan_probe(work, produce, expect, batch)
     if bad:
         return f"'{sorted(bad)[0]}' read them elsewhere" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
@@ -327,7 +328,7 @@ def _folded_inputs(ledger: Ledger, gi: int, rset: set[int]) -> list[tuple[graph.
     out = []
     for it in ledger.groups[gi].items:
         if it.role == "in":
-            local = _local(it, rset - ledger.silent[gi])
+            local = local_indices(it, rset - ledger.silent[gi])
             if local:
                 out.append((it, local))
     return out
@@ -358,7 +359,7 @@ def _constants(it: graph.Item, roots: set[int],
                stats: Mapping[str, probe.ChannelStats]) -> dict[int, tuple[int, float]]:
     """Per root in ``roots``: (local input channel of ``it``, constant it carries there) with the largest
     magnitude; roots whose constant is 0 at every local channel are left out."""
-    local = _local(it, roots)
+    local = local_indices(it, roots)
     if not local:
         return {}
     values, _ = stats[it.name].query(local)
@@ -564,7 +565,7 @@ def cut_layers(ledger: Ledger) -> dict[str, Cut]:
         ledger.note(gi, rset, "removed", "masked in every layer that computes or reads them")
         made = "no layer reads them (weight columns all zero)" if rset <= ledger.silent[gi] else "weight rows all zero"
         for it in g.items:
-            local = set(_local(it, rset))
+            local = set(local_indices(it, rset))
             if it.role in _PRODUCERS:
                 out.setdefault(it.name, set()).update(local)
                 why.setdefault(it.name, made)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Any, Optional
 
 import torch
 from torch import nn

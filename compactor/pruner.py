@@ -25,7 +25,6 @@ import contextlib
 import gc
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
 
@@ -35,7 +34,7 @@ from torch.nn.utils import prune
 
 from . import experts as experts_rule
 from . import importance as importance_rule
-from . import graph, masks, planner
+from . import graph, hfconfig, masks, planner
 from . import heads as heads_rule
 from .errors import CompactionError
 from .kinds import BATCHNORM, kind_of, out_major
@@ -167,7 +166,7 @@ def _units(groups: list[graph.Group], ok: set[int]) -> tuple[list[list[Unit]], s
 def _rows(item: graph.Item, roots: set[int], scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The weight rows (Embedding: columns) of ``item`` that belong to ``roots``, each times ``scale`` of its
     channel where given (the BatchNorm after it)."""
-    local = [i for i, r in zip(item.idxs, item.root_idxs) if r in roots]
+    local = planner.local_indices(item, roots)
     w = out_major(item.module)
     index = torch.tensor(local, dtype=torch.long, device=w.device)
     rows = w.index_select(0, index)
@@ -192,17 +191,12 @@ def _bn_scales(work: nn.Module, bn_after: dict[str, str]) -> dict[str, torch.Ten
     return out
 
 
-def _local(item: graph.Item, roots: set[int]) -> list[int]:
-    return [i for i, r in zip(item.idxs, item.root_idxs) if r in roots]
-
-
-def _taylor_parts(item: graph.Item, local: list[int]) -> list[tuple[str, int, list[int]]]:
-    """The parameter entries a unit's masks zero in ``item`` (a producer's rows and bias, a BatchNorm's weight and
-    bias): (parameter name, dimension, indices)."""
-    module = item.module
-    parts = [(f"{item.name}.weight", kind_of(module).out_dim_of("weight"), local)]
+def _taylor_parts(name: str, module: nn.Module, local: list[int]) -> list[tuple[str, int, list[int]]]:
+    """The parameter entries a unit's masks zero in layer ``name`` (a producer's rows and bias, a BatchNorm's
+    weight and bias): (parameter name, dimension, indices)."""
+    parts = [(f"{name}.weight", kind_of(module).out_dim_of("weight"), local)]
     if isinstance(getattr(module, "bias", None), torch.Tensor):
-        parts.append((f"{item.name}.bias", 0, local))
+        parts.append((f"{name}.bias", 0, local))
     return parts
 
 
@@ -215,11 +209,11 @@ def _measured_score(groups: list[graph.Group], unit: list[Unit], evidence: impor
         for it in groups[gi].items:
             if not isinstance(it.module, nn.Module):
                 continue
-            local = _local(it, roots)
+            local = planner.local_indices(it, roots)
             if it.role == "in":
                 reads.append((it.name, it.module, local))
             elif it.role in _PRODUCERS or (it.role == "slice" and isinstance(it.module, BATCHNORM)):
-                parts += _taylor_parts(it, local)
+                parts += _taylor_parts(it.name, it.module, local)
     if evidence.kind == "activation":
         return importance_rule.activation_score(evidence, reads)
     return importance_rule.taylor_score(evidence, params, parts)
@@ -466,12 +460,8 @@ def _describable(model: nn.Module, att: heads_rule.Attention, wanted: int, cache
             left_kv = att.kv_heads - gone
             left = left_kv * att.group
             try:
-                new = type(config).from_dict({**config.to_dict(),
-                                               **heads_rule.config_updates(config, left, left_kv, att.head_dim)})
-                with torch.device("meta"), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    built = type(model)(new)
-                found = heads_rule.find(built)
+                new = hfconfig.validated(config, heads_rule.config_updates(config, left, left_kv, att.head_dim))
+                found = heads_rule.find(hfconfig.built_on_meta(model, new))
                 cache[key] = bool(found) and all((a.heads, a.kv_heads, a.head_dim) == (left, left_kv, att.head_dim)
                                                  for a in found)
             except Exception:  # the config class rejects the counts, or the model cannot be built from them
@@ -517,8 +507,7 @@ def _prune_heads(model: nn.Module, work: nn.Module, example: tuple, amount: Unio
             elif evidence is not None:
                 o_dim = 1 - kind_of(modules[att.o]).out_dim_of("weight")  # O's input columns
                 parts = [p for which, name in (("q", att.q), ("k", att.k), ("v", att.v))
-                         for p in _taylor_parts(graph.Item(name, modules[name], "out", [], [], ""),
-                                                att.rows(which, [j]))]
+                         for p in _taylor_parts(name, modules[name], att.rows(which, [j]))]
                 scores.append(importance_rule.taylor_score(evidence, params,
                                                            parts + [(f"{att.o}.weight", o_dim, att.q_rows([j]))]))
             else:

@@ -24,8 +24,8 @@ from torch import nn
 from . import files, fingerprint, masks
 from .errors import LoadError
 from .heads import COUNT_ATTRIBUTES, set_count
-from .hfconfig import WIDTH_KEYS
 from .heads import find as find_attention
+from .hfconfig import WIDTH_KEYS
 from .tensors import as_inputs
 from .kinds import BATCHNORM, CONV, CONV_TRANSPOSE, is_transposed_linear, kind_of
 from .layers import (BorderCorrectedBatchNorm1d, BorderCorrectedBatchNorm2d, BorderCorrectedBatchNorm3d,
@@ -450,8 +450,9 @@ def load(model_or_factory: ModelOrFactory, path: files.PathLike, *, verify: bool
     for key, value in obj["manifest"].get("config", {}).items():  # a Hugging Face config's widths
         if config is not None and hasattr(config, key):
             setattr(config, key, value)
+    modules = dict(target.named_modules())
     for name, values in obj["manifest"].get("attributes", {}).items():  # head counts of attention modules
-        module = dict(target.named_modules()).get(name)
+        module = modules.get(name)
         if module is not None:
             for attr, value in values.items():
                 set_count(module, attr, int(value))

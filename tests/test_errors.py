@@ -75,7 +75,7 @@ def test_verification_catches_a_wrong_fold(monkeypatch):
     """If folding were skipped, verification must fail loudly rather than return a wrong model."""
     from compactor import fold
 
-    monkeypatch.setattr(fold, "_fold_bias", lambda module, delta: None)
+    monkeypatch.setattr(fold, "add_to_bias", lambda module, delta: None)  # the name fold calls it by
     m = _pruned()
     with torch.no_grad():
         m.conv2.bias.fill_(0.5)
