@@ -19,7 +19,7 @@ def _llama() -> tuple[nn.Module, object]:
     torch.manual_seed(0)
     cfg = T.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2)
-    return T.LlamaForCausalLM(cfg).eval(), cfg
+    return _randomized(T.LlamaForCausalLM(cfg).eval()), cfg
 
 
 def _tokens() -> dict:
@@ -56,7 +56,7 @@ def test_bert_with_per_layer_masks_and_keyword_inputs():
     torch.manual_seed(0)
     cfg = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=64)
-    model = T.BertModel(cfg).eval()
+    model = _randomized(T.BertModel(cfg).eval())
     for m in [m for m in model.modules() if isinstance(m, nn.Linear)][:-1]:
         prune.ln_structured(m, "weight", amount=0.5, n=2, dim=0)
     inputs = {**_tokens(), "token_type_ids": torch.zeros(2, 16, dtype=torch.long)}
@@ -77,7 +77,7 @@ def test_gpt2_conv1d_layers_are_sliced_and_generation_is_unchanged(tmp_path):
 
     torch.manual_seed(0)
     cfg = T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
-    model = T.GPT2LMHeadModel(cfg).eval()
+    model = _randomized(T.GPT2LMHeadModel(cfg).eval())
     for m in [m for m in model.modules() if isinstance(m, Conv1D)]:
         prune.ln_structured(m, "weight", amount=0.5, n=2, dim=1)  # Conv1D's output channels are its columns
     inputs = {"input_ids": _tokens()["input_ids"]}
@@ -88,7 +88,7 @@ def test_gpt2_conv1d_layers_are_sliced_and_generation_is_unchanged(tmp_path):
     prompt = inputs["input_ids"][:1]
     assert torch.equal(small.generate(prompt, max_new_tokens=12, do_sample=False),
                        model.generate(prompt, max_new_tokens=12, do_sample=False))
-    fresh = T.GPT2LMHeadModel(cfg).eval()
+    fresh = _randomized(T.GPT2LMHeadModel(cfg).eval())
     report = compactor.prune_channels(fresh, inputs, 0.5, heads=0.5)
     assert sorted(g.masked for g in report.groups if g.masked) == [2, 2, 64, 64]  # 2 of 4 heads, 64 of 128 neurons
     again = compactor.compact(fresh, inputs)
@@ -140,8 +140,8 @@ def test_bert_and_vit_heads_go_and_their_head_counts_follow():
     prune_channels(0.5, heads=0.5) masks 2 heads per layer; compact() removes them (Q 32 -> 16 rows, O 32 -> 16
     columns), updates each module's own head count (never the shared config), and outputs are exact."""
     torch.manual_seed(0)
-    bert = T.BertModel(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    intermediate_size=64)).eval()
+    bert = _randomized(T.BertModel(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=64)).eval())
     inputs = _tokens()
     compactor.prune_channels(bert, inputs, 0.5, heads=0.5)
     small = compactor.compact(bert, inputs)
@@ -153,8 +153,9 @@ def test_bert_and_vit_heads_go_and_their_head_counts_follow():
     with torch.no_grad():
         torch.testing.assert_close(small(**inputs).last_hidden_state, bert(**inputs).last_hidden_state,
                                    rtol=1e-5, atol=1e-5)
-    vit = T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                                  num_attention_heads=4, intermediate_size=64, num_labels=10)).eval()
+    vit = _randomized(T.ViTForImageClassification(T.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        num_labels=10)).eval())
     x = torch.randn(2, 3, 32, 32)
     compactor.prune_channels(vit, x, 0.5, heads=0.5)
     small = compactor.compact(vit, x)
@@ -173,7 +174,7 @@ def test_compact_llama_exports_to_onnx_with_onnxruntime_parity_on_logits(tmp_pat
     torch.manual_seed(0)
     cfg = T.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=8, num_key_value_heads=4, use_cache=False)
-    model = T.LlamaForCausalLM(cfg).eval()
+    model = _randomized(T.LlamaForCausalLM(cfg).eval())
     ids = _tokens()["input_ids"]
     compactor.prune_channels(model, {"input_ids": ids}, 0.5, heads=0.25)
     small = compactor.compact(model, {"input_ids": ids})
@@ -230,7 +231,7 @@ def test_distilbert_heads_go():
     """DistilBERT (q_lin / k_lin / v_lin / out_lin), 4 heads of 8: prune_channels(0.5, heads=0.5) masks 2 heads per
     layer and half the FFN neurons; compact() removes them, n_heads follows, outputs are exact."""
     torch.manual_seed(0)
-    model = T.DistilBertModel(T.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64)).eval()
+    model = _randomized(T.DistilBertModel(T.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64)).eval())
     inputs = _tokens()
     compactor.prune_channels(model, inputs, 0.5, heads=0.5)
     small = compactor.compact(model, inputs)
@@ -315,7 +316,7 @@ def _randomized(model: nn.Module) -> nn.Module:
         for n, p in model.named_parameters():
             if n.endswith("bias"):
                 p.normal_(0, 0.1)
-            elif "norm" in n:
+            elif "norm" in n.lower():  # LayerNorm, RMSNorm, layernorm_before ...
                 p.normal_(1.0, 0.1)
     return model
 
@@ -666,14 +667,14 @@ def test_save_pretrained_refuses_what_no_config_can_describe(tmp_path):
     cfg = T.LlamaConfig(vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                         num_attention_heads=8, num_key_value_heads=4)
     inputs = _tokens()
-    model = T.LlamaForCausalLM(cfg).eval()
+    model = _randomized(T.LlamaForCausalLM(cfg).eval())
     with torch.no_grad():
         model.model.layers[0].mlp.gate_proj.weight.mul_(3.0)  # layer 0's neurons score higher: uneven widths
     compactor.prune_channels(model, inputs, 0.5, scope="global")
     small = compactor.compact(model, inputs)
     with pytest.raises(compactor.CompactionError, match=r"MLP widths differ between layers .*uniform=True"):
         compactor.save_pretrained(small, tmp_path / "a")
-    model = T.LlamaForCausalLM(cfg).eval()
+    model = _randomized(T.LlamaForCausalLM(cfg).eval())
     compactor.prune_channels(model, inputs, 0.5, heads=0.25)
     with pytest.raises(compactor.CompactionError, match=r"LlamaConfig rejects .*'num_attention_heads': 6.*not a "
                                                         r"multiple of the number of attention heads"):
@@ -686,7 +687,7 @@ def test_save_pretrained_of_a_head_pruned_gpt2_says_the_config_cannot_describe_i
     describes the model (GPT2LMHeadModel built from one has other shapes), and save_pretrained says so
     (CompactionError), writing nothing."""
     torch.manual_seed(0)
-    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32)).eval()
+    model = _randomized(T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32)).eval())
     inputs = _tokens()
     compactor.prune_channels(model, inputs, 0.5, heads=0.5)
     small = compactor.compact(model, inputs)
