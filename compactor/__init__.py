@@ -8,6 +8,7 @@ from .saving import load, save, save_pickle
 from .masks import load_pruned
 from .pruner import PruneReport, prune_channels
 from .report import Report, report_of
+from .streaming import StreamReport, prune_pretrained
 
 __all__ = [
     "compact",
@@ -23,6 +24,8 @@ __all__ = [
     "save",
     "save_pickle",
     "save_pretrained",
+    "prune_pretrained",
+    "StreamReport",
     "load",
     "CompactionError",
     "NoPruningFoundError",

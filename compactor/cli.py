@@ -382,6 +382,16 @@ def _export(args: argparse.Namespace) -> int:
 _MODEL_HELP = "the architecture: module:callable importable from the current folder or PYTHONPATH, e.g. mypkg.nets:LeNet"
 
 
+def _prune_pretrained(args: argparse.Namespace) -> int:
+    from .streaming import prune_pretrained
+
+    report = prune_pretrained(args.src, args.dst, args.amount, heads=args.heads, importance=args.importance,
+                              calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
+                              uniform=not args.no_uniform, force=args.force, progress=not args.quiet)
+    print(report)
+    return 0
+
+
 def _model_options(p: argparse.ArgumentParser, weights_help: str, *, required: bool = True,
                    model_help: str = _MODEL_HELP) -> None:
     p.add_argument("--model", required=required, metavar="MODULE:CALLABLE", help=model_help)
@@ -534,6 +544,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE.json", help="also write every row, the checks and the verdict as JSON")
     p.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser(
+        "prune-pretrained",
+        help="prune and compact a Hugging Face checkpoint folder one decoder block at a time (bigger than memory)",
+        description="Read SRC (config.json + safetensors shards) one decoder block at a time, remove --amount of "
+                    "each block's MLP neurons and --heads of its key/value heads, check every compact block against "
+                    "the masked block on calibration hidden states, and write DST, which vanilla from_pretrained "
+                    "loads. Memory: about three float32 copies of one block. Runs: "
+                    "llama, mistral, qwen2, phi3.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n"
+               "  compactor prune-pretrained llama-8b llama-8b-small --amount 0.5 --heads 0.25 \\\n"
+               "      --importance activation --calibration sample.txt\n"
+               "DST is written beside itself and moved into place at the end: a failed run leaves nothing.",
+    )
+    p.add_argument("src", metavar="SRC", help="the checkpoint folder to read")
+    p.add_argument("dst", metavar="DST", help="the folder to write")
+    p.add_argument("--amount", type=float, required=True, help="fraction of each block's MLP neurons to remove")
+    p.add_argument("--heads", type=float, default=None, help="fraction of each block's key/value heads to remove")
+    p.add_argument("--importance", choices=("l2", "l1", "activation"), default="l2",
+                   help="how units are scored within a block (default: %(default)s)")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="text (read with SRC's tokenizer) or .json token-id lists; default: random token ids")
+    p.add_argument("--samples", type=int, default=4, help="calibration rows (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per calibration row (default: %(default)s)")
+    p.add_argument("--no-uniform", action="store_true",
+                   help="let blocks differ in what they lose (refused at the end if a config cannot say it)")
+    p.add_argument("--quiet", action="store_true", help="no per-block progress lines")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=_prune_pretrained)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import shutil
 import tempfile
 from typing import Any, Iterator, Mapping, Sequence, Union
 
@@ -15,7 +16,7 @@ import torch
 
 from .tensors import first_line
 
-__all__ = ["refuse_overwrite", "atomic_write", "atomic_save", "read_weights", "check_keys"]
+__all__ = ["refuse_overwrite", "replace_folder", "atomic_write", "atomic_save", "read_weights", "check_keys"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -27,6 +28,25 @@ def refuse_overwrite(path: PathLike, *, force: bool = False) -> None:
     """Raise ``FileExistsError`` if ``path`` exists and ``force`` is false: check before the work starts."""
     if os.path.exists(path) and not force:
         raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it")
+
+
+def replace_folder(tmp: PathLike, path: PathLike) -> None:
+    """Move the finished folder ``tmp`` to ``path`` (beside it, same disk); an existing ``path`` is moved aside
+    first and deleted only once the new folder is in place (put back if the move fails)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    old_folder = None
+    if os.path.exists(path):
+        old_folder = tempfile.mkdtemp(prefix=".compactor-old-", dir=parent)
+        os.replace(path, os.path.join(old_folder, "x"))
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old_folder is not None:
+            os.replace(os.path.join(old_folder, "x"), path)
+        raise
+    finally:
+        if old_folder is not None:
+            shutil.rmtree(old_folder, ignore_errors=True)
 
 
 def _default_mode() -> int:

@@ -81,6 +81,15 @@ class Item:
     reason: str = ""
     dim: int = 0  # for role "slice" on an nn.Parameter: the channel dimension
 
+    @functools.cached_property
+    def positions(self) -> dict[int, list[int]]:
+        """Per root channel, the positions in ``idxs`` / ``root_idxs`` it reaches (a wide layer has tens of
+        thousands: looked up, not scanned, per unit)."""
+        out: dict[int, list[int]] = {}
+        for p, r in enumerate(self.root_idxs):
+            out.setdefault(r, []).append(p)
+        return out
+
 
 @dataclass
 class Group:

@@ -102,8 +102,10 @@ class Ledger:
 
 
 def local_indices(item: graph.Item, roots: set[int]) -> list[int]:
-    """The indices of ``item``'s tensor that the root channels ``roots`` reach."""
-    return [i for i, r in zip(item.idxs, item.root_idxs) if r in roots]
+    """The indices of ``item``'s tensor that the root channels ``roots`` reach, in ``item.idxs``' order."""
+    where = item.positions
+    found = sorted(p for r in roots for p in where.get(r, ()))
+    return [item.idxs[p] for p in found]
 
 
 def _roots_where(item: graph.Item, flags: torch.Tensor) -> set[int]:

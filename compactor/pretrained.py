@@ -25,6 +25,7 @@ from torch import nn
 
 from . import probe
 from .errors import CompactionError
+from .files import replace_folder
 from .fingerprint import probe_batch
 from .hfconfig import compact_config
 from .tensors import call, flatten_outputs
@@ -63,19 +64,7 @@ def save_pretrained(model: nn.Module, path: "str | os.PathLike", *, force: bool 
         finally:
             model.config = old
         _check_reload(model, tmp)
-        old_folder = None
-        if os.path.exists(path):  # moved aside, not deleted, until the new folder is in place
-            old_folder = tempfile.mkdtemp(prefix=".compactor-old-", dir=parent)
-            os.replace(path, os.path.join(old_folder, "x"))
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old_folder is not None:
-                os.replace(os.path.join(old_folder, "x"), path)
-            raise
-        finally:
-            if old_folder is not None:
-                shutil.rmtree(old_folder, ignore_errors=True)
+        replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

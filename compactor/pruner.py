@@ -302,9 +302,9 @@ def _masks(groups: list[graph.Group], units: Iterable[list[Unit]], norms: bool =
                     continue
                 n = kind_of(it.module).out_rows(it.module)
                 flags = rows.setdefault(it.name, torch.zeros(n, dtype=torch.bool))
-                for i, r in zip(it.idxs, it.root_idxs):
-                    if r in roots:
-                        flags[i] = True
+                local = planner.local_indices(it, roots)
+                if local:
+                    flags[torch.tensor(local, dtype=torch.long)] = True
     return rows
 
 
@@ -379,15 +379,14 @@ def _zeroed(work: nn.Module, rows: dict[str, torch.Tensor],
                 t.index_copy_(dim, idx, old)
 
 
-def _removed(groups: list[graph.Group], unit: list[Unit], cuts) -> bool:
-    """Whether the dry run removes every producer row of ``unit``."""
+def _removed(groups: list[graph.Group], unit: list[Unit], gone: dict[str, set[int]]) -> bool:
+    """Whether the dry run removes every producer row of ``unit`` (``gone``: per layer, the rows its plan cuts)."""
     for gi in {gi for gi, _ in unit}:
         roots = {r for g, r in unit if g == gi}
         for it in groups[gi].items:
             if it.role in _PRODUCERS:
-                cut = cuts.get(it.name)
-                gone = set(cut.out) if cut else set()
-                if any(r in roots and i not in gone for i, r in zip(it.idxs, it.root_idxs)):
+                cut = gone.get(it.name, set())
+                if any(i not in cut for i in planner.local_indices(it, roots)):
                     return False
     return True
 
@@ -411,8 +410,9 @@ def _dry_run(work: nn.Module, groups: list[graph.Group], clusters: list[list[lis
         except CompactionError as exc:
             raise CompactionError(f"prune_channels: the chosen masks could not be planned ({exc}); "
                                   "lower amount, or pass the failing layers in ignore") from None
+        gone = {name: set(cut.out) for name, cut in the_plan.cuts.items()}
         for c, i in accepted | todo:
-            (accepted.add if _removed(groups, clusters[c][i], the_plan.cuts) else accepted.discard)((c, i))
+            (accepted.add if _removed(groups, clusters[c][i], gone) else accepted.discard)((c, i))
         todo = set()
         for c, want in enumerate(wanted):
             have = sum(1 for cc, _ in accepted if cc == c)

@@ -13,10 +13,10 @@ PACKAGE = pathlib.Path(compactor.__file__).parent
 
 # Each module may import only modules listed before it.
 ORDER = [
-    "errors", "tensors", "timing", "progress", "files", "kinds", "plans",  # base: no pipeline knowledge
+    "errors", "tensors", "timing", "progress", "files", "shards", "kinds", "plans",  # base: no pipeline knowledge
     "layers", "probe", "masks", "graph", "heads", "experts", "hfconfig", "planner", "fold", "report", "verify",
     "fingerprint",  # the pipeline
-    "api", "importance", "pruner", "saving", "pretrained", "export", "plot",        # what users call
+    "api", "importance", "pruner", "saving", "pretrained", "streaming", "export", "plot",        # what users call
     "testing", "demo", "bench", "cli", "__main__",      # built on all of the above
 ]
 
