@@ -326,6 +326,40 @@ def _row_masks(rows: dict[str, torch.Tensor]) -> list[Pending]:
     return [("rows", name, flags) for name, flags in rows.items()]
 
 
+def _zero_(t: torch.Tensor, dim: int, flags: torch.Tensor) -> None:
+    idx = torch.nonzero(flags).flatten().to(t.device)
+    if idx.numel():
+        t.index_fill_(dim, idx, 0)
+
+
+def _bake_into(model: nn.Module, pending: Sequence[Pending]) -> None:
+    """Zero what the masks would zero in ``model``'s tensors themselves, as ``prune.remove`` leaves them: no mask
+    buffer, no second copy. A tensor under an earlier live mask has its ``*_orig`` zeroed too (and its computed
+    tensor, until the next forward recomputes it)."""
+
+    def targets(module: nn.Module, tname: str) -> list[torch.Tensor]:
+        found = [getattr(module, tname + "_orig", None), getattr(module, tname, None)]
+        return [t for t in found if isinstance(t, torch.Tensor)]
+
+    with torch.no_grad():
+        for what, name, flags in pending:
+            module = model.get_submodule(name)
+            if what == "rows":
+                for tname in _masked_tensors(module):
+                    for t in targets(module, tname):
+                        _zero_(t, kind_of(module).out_dim_of(tname), flags)
+            elif what == "columns":
+                for t in targets(module, "weight"):
+                    _zero_(t, 1 - kind_of(module).out_dim_of("weight"), flags)
+            else:
+                flags, ex = flags
+                for pname, dim, halves in ex.tensors(module):
+                    for t in targets(module, pname):
+                        shape = [ex.experts] + [1] * (t.dim() - 1)
+                        shape[dim] = flags.shape[1] * halves
+                        t.mul_(flags.repeat(1, halves).logical_not().to(t.dtype).reshape(shape))
+
+
 def _apply(model: nn.Module, pending: Sequence[Pending]) -> None:
     """Add the masks to ``model`` through torch's own prune API (stacking with earlier masks), each built from
     its flags only now, one layer at a time."""
@@ -657,6 +691,7 @@ def prune_channels(
     calibration: Optional[Iterable] = None,
     max_batches: Optional[int] = None,
     loss_fn: Optional[importance_rule.LossFn] = None,
+    bake: bool = False,
 ) -> PruneReport:
     """Mask whole coupled channel groups of ``model`` in place, so that :func:`compactor.compact` removes them all.
 
@@ -698,6 +733,11 @@ def prune_channels(
             Face model, head counts its config can describe (the nearest count to ``heads`` for which
             the family's own class, built from the compact config, has those shapes; said in the
             report): the compact model then saves with :func:`compactor.save_pretrained`.
+        bake: zero the chosen rows in the tensors themselves, as ``prune.remove`` leaves them, instead of adding
+            masks: no mask buffer and no second copy of each masked tensor, and (for ``"l2"``, ``"l1"``,
+            ``"activation"`` on a model without live masks) no working copy either: the choice is made on
+            ``model`` itself, its tensors put back after each trial. For models near the machine's memory;
+            :func:`compactor.compact` (``inplace=True``) removes the zeros. Nothing is left to fine-tune with.
 
     Returns:
         A :class:`PruneReport`: per group, its units, how many were masked and their score.
@@ -719,7 +759,28 @@ def prune_channels(
         _check_args(heads, importance, scope, round_to, max_amount, what="heads")
     example = as_inputs(example_inputs, who="prune_channels")
     ignored = _names(model, ignore)
-    work = masks.bake(model).eval()
+    if bake and importance != "taylor" and not masks.pruned_tensors(model) and not _parametrized(model):
+        was_training = model.training  # scored and tried on the model itself: its rows put back after each try
+        try:
+            model.eval()
+            return _prune(model, model, example, amount, importance, scope, round_to, ignored, max_amount, heads,
+                          uniform, calibration, max_batches, loss_fn, bake)
+        finally:
+            model.train(was_training)
+    return _prune(model, masks.bake(model).eval(), example, amount, importance, scope, round_to, ignored, max_amount,
+                  heads, uniform, calibration, max_batches, loss_fn, bake)
+
+
+def _parametrized(model: nn.Module) -> bool:
+    from torch.nn.utils import parametrize
+
+    return any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def _prune(model: nn.Module, work: nn.Module, example: tuple, amount, importance, scope, round_to, ignored: set[str],
+           max_amount, heads, uniform: bool, calibration, max_batches, loss_fn, bake: bool) -> PruneReport:
+    """prune_channels once its arguments are checked: choose on ``work`` (a baked copy, or ``model`` itself), then
+    mask (or zero) ``model``."""
     groups, bn_after = graph.trace(work, example)
     scales = _bn_scales(work, bn_after)
     tied = planner.tied_layers(work)
@@ -786,7 +847,7 @@ def prune_channels(
         raise CompactionError(_nothing_masked(model, report))
     del work, groups, evidence, params, scales  # the copy goes before the masks (a weight-sized mask and
     gc.collect()  # product per masked tensor) are made: one model's worth of memory less at the peak
-    _apply(model, pending)
+    (_bake_into if bake else _apply)(model, pending)
     return report
 
 

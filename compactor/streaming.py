@@ -416,7 +416,7 @@ def prune_pretrained(
             before = sum(p.numel() for p in block.parameters())
             with torch.no_grad():
                 prune_channels(block, hidden, amount, heads=heads, importance=importance, uniform=uniform,
-                               calibration=[hidden] if importance == "activation" else None)
+                               calibration=[hidden] if importance == "activation" else None, bake=True)
             small = compact(block, hidden, inplace=True, progress=False)
             del block
             rep = small.compaction_report

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -228,3 +230,47 @@ def test_heads_on_a_model_without_attention_raises_and_masks_nothing():
     with pytest.raises(compactor.CompactionError, match=r"heads=0.5, but .* has no attention module"):
         compactor.prune_channels(model, x, 0.5, heads=0.5)
     assert _masked_rows(model) == {}
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "vit", "gqa", "grouped"])
+def test_bake_zeroes_what_the_masks_would_and_holds_no_mask(name):
+    """bake=True: the same rows (and BatchNorm channels, heads' columns) as masks would zero, zeroed in the tensors
+    themselves: no mask buffer or hook, the training flag and every other entry untouched, outputs equal to the
+    masked model's; compact(inplace=True) then removes them to the same widths."""
+    model, x = zoo.build(name)
+    masked, baked = copy.deepcopy(model), copy.deepcopy(model)
+    baked.train()
+    heads = {"heads": 0.5} if name == "gqa" else {}  # and whole key/value heads, Q/K/V rows and O columns
+    compactor.prune_channels(masked, x, 0.5, **heads)
+    compactor.prune_channels(baked, x, 0.5, bake=True, **heads)
+    assert not any(n.endswith(("_mask", "_orig")) for n, _ in baked.named_buffers())
+    assert not any(n.endswith("_orig") for n, _ in baked.named_parameters())
+    assert not any(m._forward_pre_hooks for m in baked.modules())
+    assert baked.training
+    baked.eval()
+    expected = {n: t.detach() for n, t in compactor.masks.bake(masked).state_dict().items()}
+    for n, t in baked.state_dict().items():  # zeros exactly where the masks zero, the rest as it was
+        torch.testing.assert_close(t, expected[n], rtol=0, atol=0, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(baked(*x), masked(*x), rtol=0, atol=0)
+    a = compactor.compact(masked, x)
+    b = compactor.compact(baked, x, inplace=True)
+    assert [tuple(p.shape) for _, p in sorted(a.named_parameters())] == \
+        [tuple(p.shape) for _, p in sorted(b.named_parameters())]
+    assert compactor.report_of(b).params_after < compactor.report_of(b).params_before
+
+
+def test_bake_on_a_model_with_live_masks_zeroes_under_them():
+    """An earlier unstructured mask stays live; bake=True zeroes the chosen rows of weight_orig (and of the
+    computed weight), so the rows stay zero through the mask's hook."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    prune.random_unstructured(m[0], "weight", amount=0.2)
+    first = m[0].weight_mask.clone()
+    x = torch.randn(2, 3, 8, 8)
+    compactor.prune_channels(m, x, 0.25, bake=True)
+    assert torch.equal(m[0].weight_mask, first)  # no new mask
+    m(x)  # the hook recomputes weight from weight_orig
+    dead = (m[0].weight.flatten(1).abs().sum(1) == 0).nonzero().flatten().tolist()
+    assert len(dead) == 2 and (m[0].weight_orig[dead] == 0).all() and (m[0].bias[dead] == 0).all()
+    assert compactor.compact(m, x)[0].out_channels == 6
