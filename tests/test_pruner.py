@@ -240,9 +240,8 @@ def test_bake_zeroes_what_the_masks_would_and_holds_no_mask(name):
     model, x = zoo.build(name)
     masked, baked = copy.deepcopy(model), copy.deepcopy(model)
     baked.train()
-    heads = {"heads": 0.5} if name == "gqa" else {}  # and whole key/value heads, Q/K/V rows and O columns
-    compactor.prune_channels(masked, x, 0.5, **heads)
-    compactor.prune_channels(baked, x, 0.5, bake=True, **heads)
+    compactor.prune_channels(masked, x, 0.5)  # (heads: tests/integration/test_streaming.py, through prune_pretrained)
+    compactor.prune_channels(baked, x, 0.5, bake=True)
     assert not any(n.endswith(("_mask", "_orig")) for n, _ in baked.named_buffers())
     assert not any(n.endswith("_orig") for n, _ in baked.named_parameters())
     assert not any(m._forward_pre_hooks for m in baked.modules())
