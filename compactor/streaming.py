@@ -42,9 +42,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from . import hfconfig, shards
+from . import hfconfig, shards, verify
 from .api import compact
-from .errors import CompactionError
+from .errors import CompactionError, VerificationError
 from .files import replace_folder
 from .pruner import prune_channels
 
@@ -53,6 +53,7 @@ __all__ = ["prune_pretrained", "StreamReport", "SUPPORTED"]
 #: Model types whose decoder blocks this path runs (each tested: tests/integration/test_streaming.py).
 SUPPORTED = ("llama", "mistral", "qwen2", "phi3")
 _ATTENTION_TYPES = ("full_attention", "sliding_attention")
+_PROBE_TOKENS = 32
 
 
 @dataclasses.dataclass
@@ -62,8 +63,10 @@ class BlockRecord:
     index: int
     params_before: int
     params_after: int
-    max_abs_diff: float
+    max_abs_diff: float  # compact vs masked block on every calibration token
     tolerance: float
+    probe_max_abs_diff: float  # compact()'s own check: the probe rows and 2 random inputs of their shape
+    probe_tolerance: float
     seconds: float
     rounded: int  # tensors whose compact values the checkpoint's dtype cannot hold exactly (folds): 0 without folds
 
@@ -102,9 +105,9 @@ class StreamReport:
             f"decoder parameters {self.params_before:,} -> {self.params_after:,} "
             f"({self.params_after / max(self.params_before, 1):.1%}); config: "
             + ", ".join(f"{k}={v}" for k, v in self.config_updates.items()),
-            f"every block checked on {self.calibration_tokens[0]}x{self.calibration_tokens[1]} calibration tokens and "
-            f"2 random batches: worst max |compact - masked| = {worst.max_abs_diff:.3g} (block {worst.index}, "
-            f"tolerance {worst.tolerance:.3g})",
+            f"every block checked against its masked form on all {self.calibration_tokens[0]}x"
+            f"{self.calibration_tokens[1]} calibration tokens: worst max |compact - masked| = {worst.max_abs_diff:.3g} "
+            f"(block {worst.index}, tolerance {worst.tolerance:.3g}); and by compact() on a probe and 2 random inputs",
             f"time {self.seconds:.1f} s (reading {self.read_seconds:.1f} s, writing {self.write_seconds:.1f} s); "
             f"read {self.bytes_read / gb:.2f} GB, wrote {self.bytes_written / gb:.2f} GB; peak memory "
             f"{self.peak_rss_bytes / gb:.2f} GB",
@@ -160,10 +163,10 @@ class _Block(nn.Module):
         super().__init__()
         self.config = config
         self.layer = _layer_class(config)(config, layer_idx)
-        self.context: dict[str, Any] = {}
+        self.contexts: dict[tuple[int, int], dict[str, Any]] = {}  # per (batch, tokens) of the hidden states
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.layer(hidden, **self.context)
+        out = self.layer(hidden, **self.contexts[tuple(hidden.shape[:2])])
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -394,7 +397,15 @@ def prune_pretrained(
     clock.bytes_read += table.numel() * ckpt.tensors[embed_key].dtype.itemsize
     hidden = table[torch.searchsorted(rows, ids)]
     del table
-    contexts = _context(config, skeleton, hidden, mask2d)
+    # the tracing, trials and compact()'s own checks run on a probe (the first and last rows, up to 32 tokens:
+    # under a causal mask their hidden states are a slice of the full ones); scoring, the full check and the
+    # propagation run on every calibration token
+    rows_probe = sorted({0, ids.shape[0] - 1})
+    probe_len = min(ids.shape[1], _PROBE_TOKENS)
+    contexts = {kind: {tuple(hidden.shape[:2]): ctx} for kind, ctx in _context(config, skeleton, hidden, mask2d).items()}
+    probe_contexts = _context(config, skeleton, hidden[rows_probe, :probe_len], mask2d[rows_probe, :probe_len])
+    for kind, ctx in probe_contexts.items():
+        contexts[kind][(len(rows_probe), probe_len)] = ctx
     parent = os.path.dirname(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".compactor-", dir=parent)
@@ -411,14 +422,17 @@ def prune_pretrained(
             prefix = f"{layers_name}.{i}."
             dtype = _load_block(block, ckpt, prefix, clock)
             kind = (getattr(config, "layer_types", None) or ["full_attention"] * n_layers)[i]
-            block.context = contexts[kind]
+            block.contexts = contexts[kind]
             block.eval()
             before = sum(p.numel() for p in block.parameters())
+            probe = hidden[rows_probe, :probe_len]
             with torch.no_grad():
-                prune_channels(block, hidden, amount, heads=heads, importance=importance, uniform=uniform,
+                prune_channels(block, probe, amount, heads=heads, importance=importance, uniform=uniform,
                                calibration=[hidden] if importance == "activation" else None, bake=True)
-            small = compact(block, hidden, inplace=True, progress=False)
+                masked_out = block(hidden)
+            small = compact(block, probe, inplace=True, progress=False)
             del block
+            small.contexts = contexts[kind]
             rep = small.compaction_report
             block_updates = hfconfig.config_updates(small)[1]
             if updates is None:
@@ -429,6 +443,13 @@ def prune_pretrained(
                     "value for every block; pass uniform=True (--uniform)")
             with torch.no_grad():
                 hidden = small(hidden)
+            full = verify.compare([masked_out], [hidden])
+            if not full.ok:  # compact() checked the probe; this is every calibration token
+                raise VerificationError(
+                    f"block {i}: the compact block differs from the masked block on the calibration hidden states by "
+                    f"{full.max_abs_diff:.3g} (tolerance {full.tolerance:.3g}); this is a bug in compactor: please "
+                    "report it with the checkpoint's config.json and this command")
+            del masked_out
             tensors, rounded = [], 0
             for name, t in small.layer.state_dict().items():
                 stored = t.to(dtype) if t.is_floating_point() else t
@@ -443,12 +464,13 @@ def prune_pretrained(
             after = sum(p.numel() for p in small.parameters())
             del small, tensors
             seconds = time.perf_counter() - t_block
-            report.blocks.append(BlockRecord(i, before, after, rep.max_abs_diff or 0.0, rep.tolerance or 0.0, seconds,
-                                             rounded))
+            report.blocks.append(BlockRecord(i, before, after, full.max_abs_diff, full.tolerance,
+                                             rep.max_abs_diff or 0.0, rep.tolerance or 0.0, seconds, rounded))
             if progress:
                 print(f"compactor: block {i + 1}/{n_layers}: {before:,} -> {after:,} parameters, max |compact - "
-                      f"masked| {rep.max_abs_diff:.2g} (tolerance {rep.tolerance:.2g}), {seconds:.1f} s, peak "
-                      f"memory {_peak_rss() / 1e9:.2f} GB", file=sys.stderr, flush=True)
+                      f"masked| {full.max_abs_diff:.2g} on the calibration tokens (tolerance {full.tolerance:.2g}), "
+                      f"{rep.max_abs_diff:.2g} on the probe and 2 random inputs, {seconds:.1f} s, peak memory "
+                      f"{_peak_rss() / 1e9:.2f} GB", file=sys.stderr, flush=True)
             if i == 0:
                 _check_space(parent, report, n_layers, ckpt, layers_name, clock)
         rest = [k for k in ckpt.keys() if not k.startswith(layers_name + ".")]
