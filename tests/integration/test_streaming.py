@@ -189,3 +189,24 @@ def test_the_command_line_writes_the_checkpoint_and_reports_every_block(tmp_path
     assert cli_main(["prune-pretrained", str(src), str(dst), "--amount", "0.5"]) == 2
     assert "exists" in capsys.readouterr().err
     assert streaming.SUPPORTED == ("llama", "mistral", "qwen2", "phi3")
+
+
+def test_a_text_calibration_file_is_read_with_the_checkpoints_tokenizer(tmp_path):
+    """Text calibration: tokenized by the tokenizer saved beside the checkpoint, cut into --seq-len rows (the last
+    one shorter, so right-padded); the tokenizer files are copied to the output. Without a tokenizer: a clear error."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    src = tmp_path / "src"
+    _checkpoint(src, "llama-biases")
+    text = tmp_path / "sample.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 3)
+    with pytest.raises(CompactionError, match="needs the checkpoint's tokenizer.*json file of token-id lists"):
+        compactor.prune_pretrained(src, tmp_path / "out", 0.5, calibration=text)
+    words = sorted(set(text.read_text().split()))
+    tok = Tokenizer(models.WordLevel({w: i + 1 for i, w in enumerate(words)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(src)
+    report = compactor.prune_pretrained(src, tmp_path / "out", 0.5, calibration=text, seq_len=10, samples=8)
+    assert report.calibration_tokens == (3, 10)  # 27 words: rows of 10, 10 and 7 (padded)
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+    assert _load(tmp_path / "out").config.intermediate_size == 48
