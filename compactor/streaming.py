@@ -329,7 +329,7 @@ def prune_pretrained(
     Each block loses ``amount`` of its MLP neurons (and ``heads`` of its key/value heads, with their query heads),
     chosen by ``importance`` within the block, and is checked to compute what the masked block computes on its
     calibration hidden states before it is written (see the module). Vanilla ``from_pretrained(dst)`` loads the
-    result. Memory stays near three float32 copies of one block, whatever the model's size.
+    result. Memory stays near two float32 copies of one block, whatever the number of blocks.
 
     Args:
         src: a checkpoint folder: ``config.json`` and ``model.safetensors`` or shards with their index.
