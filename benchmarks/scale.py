@@ -23,6 +23,12 @@ the disk. Peak memory is the child's peak RSS (ru_maxrss).
     python benchmarks/scale.py --sizes 8b --limit-gb 24
     python benchmarks/scale.py --sizes 13b --limit-gb 10       # ~26 GB of input, more than this machine's RAM
     python benchmarks/scale.py --smoke --out /tmp/b            # a 2-layer toy, seconds
+    python benchmarks/scale.py --in-memory --sizes 0.3b,1b     # the in-memory path instead (below)
+
+``--in-memory``: the model built whole in bf16 (random weights), then in one fresh process per row
+``prune_channels(model, tokens, --amount, heads=--heads)`` with torch's masks, or with
+``bake=True`` followed by ``compact(model, tokens, inplace=True)``; the peak resident memory
+beyond the loaded model (VmHWM, reset before each step) and the time of each step.
 
 Writes benchmarks/results/<device>/scale_<sizes>.{json,md,png}; the checkpoints go to --work
 (default: a temporary folder) and are deleted after each size unless --keep.
@@ -145,6 +151,8 @@ def _child(argv: Sequence[str]) -> None:
                "read_s": rep.read_seconds, "write_s": rep.write_seconds, "params_before": rep.params_before,
                "params_after": rep.params_after, "config": rep.config_updates,
                "blocks": [vars(b) for b in rep.blocks]}
+    elif mode == "inmem":
+        out = _in_memory(src, argv[4] == "bake", float(argv[5]), float(argv[6]))
     elif mode == "check":
         out = _check(src, dst, int(argv[4]), float(argv[5]), float(argv[6]))
     out["seconds"] = time.perf_counter() - t0
@@ -188,6 +196,59 @@ def _check(src: str, dst: str, layers: int, amount: float, heads: float) -> dict
             "scale": a.abs().max().item()}
 
 
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+def _reset_peak() -> int:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS:")
+
+
+def _in_memory(size: str, bake: bool, amount: float, heads: float) -> dict:
+    """prune_channels (masks, or bake=True then compact(inplace=True)) on the whole model in memory."""
+    import warnings
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import compactor
+
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(_config(size))
+    model = model.to_empty(device="cpu").to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.02)
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 40:] = 0
+    tokens = {"input_ids": ids, "attention_mask": mask}
+    tiny = LlamaForCausalLM(_config("toy")).eval()  # first use (imports, caches) not counted
+    compactor.prune_channels(tiny, {"input_ids": ids % 1000}, 0.5, heads=0.25, bake=True)
+    compactor.compact(tiny, {"input_ids": ids % 1000}, inplace=True, progress=False)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    out = {"size": size, "bake": bake, "model_bytes": model_bytes}
+    base = _reset_peak()
+    t = time.perf_counter()
+    compactor.prune_channels(model, tokens, amount, heads=heads, bake=bake)
+    out.update(prune_s=time.perf_counter() - t, prune_peak_added=_status("VmHWM:") - base,
+               held_after_prune=_status("VmRSS:") - base)
+    if bake:
+        _reset_peak()
+        t = time.perf_counter()
+        small = compactor.compact(model, tokens, inplace=True, progress=False)
+        report = compactor.report_of(small)
+        out.update(compact_s=time.perf_counter() - t, compact_peak_added=_status("VmHWM:") - base,
+                   params_before=report.params_before, params_after=report.params_after,
+                   max_abs_diff=report.max_abs_diff, tolerance=report.tolerance)
+    return out
+
+
 def _spawn(mode: str, src: str, dst: str, limit_gb: float, *extra: str) -> dict:
     _drop_caches()
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, src, dst, str(limit_gb), *extra]
@@ -223,6 +284,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--in-memory", action="store_true", help="measure prune_channels / compact(inplace=True) instead")
     args = p.parse_args(argv)
     if args.smoke:
         args.sizes, args.out = "toy", common.smoke_base(args.out)
@@ -230,6 +292,10 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.in_memory:
+        rows = [_spawn("inmem", size, "-", 0, how, str(args.amount), str(args.heads))
+                for size in common.words(args.sizes) for how in ("masks", "bake")]
+        return {"rows": rows, "settings": {"amount": args.amount, "heads": args.heads, "in_memory": True}}
     work = args.work or tempfile.mkdtemp(prefix="compactor-scale-")
     rows = []
     for size in common.words(args.sizes):
@@ -279,8 +345,34 @@ def _md(rows: list[dict]) -> list[str]:
     return md
 
 
+def _md_in_memory(rows: list[dict]) -> list[str]:
+    gb = 1e9
+    md = ["| size | model | how | prune_channels | peak beyond the model | held after | compact(inplace=True) | "
+          "peak beyond the model | params | max diff / tol |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            md.append(f"| | | | {r['error'][:200]} |")
+            continue
+        m = r["model_bytes"]
+        line = (f"| {r['size']} | {m / gb:.2f} GB | {'bake=True' if r['bake'] else 'masks'} | {r['prune_s']:.0f} s | "
+                f"+{r['prune_peak_added'] / gb:.2f} GB ({r['prune_peak_added'] / m:.2f}x) | "
+                f"+{r['held_after_prune'] / gb:.2f} GB |")
+        if r["bake"]:
+            line += (f" {r['compact_s']:.0f} s | +{r['compact_peak_added'] / gb:.2f} GB ({r['compact_peak_added'] / m:.2f}x)"
+                     f" | {r['params_after'] / r['params_before']:.2f} | {r['max_abs_diff']:.2g} / {r['tolerance']:.2g} |")
+        else:
+            line += " | | | |"
+        md.append(line)
+    return md
+
+
 def write(args: argparse.Namespace, result: dict) -> list[str]:
     folder = common.out_dir(args.out, common.device_slug())
+    if args.in_memory:
+        name = "scale_in-memory_" + common.tag(args.sizes.replace(",", "-"), f"a{args.amount}", f"h{args.heads}")
+        md = [common.header("prune_channels and compact(inplace=True) in memory", common.timing.machine_info(),
+                            result["settings"]), "", *_md_in_memory(result["rows"])]
+        return common.write_results(folder, name, result, md)["files"]
     name = "scale_" + common.tag(args.sizes.replace(",", "-"), f"a{args.amount}", f"h{args.heads}",
                                  f"as{args.limit_gb:g}g")
     rows = result["rows"]
