@@ -14,7 +14,7 @@ from .errors import CompactionError, NoPruningFoundError, VerificationError
 from .planner import Border, Mode, Plan, make_plan
 from .progress import Progress
 from .report import Report
-from .tensors import Inputs, as_inputs, call, describe, first_line, flatten_outputs, make_batches
+from .tensors import Inputs, as_inputs, call, describe, first_line, flatten_outputs, give_back_memory, make_batches
 
 __all__ = ["compact", "plan"]
 
@@ -261,6 +261,8 @@ def _compact(model: nn.Module, example_inputs: Inputs, verify: bool, mode: Mode,
     with progress.stage("building the compact model"):
         compact_model = fold.apply(work, the_plan).eval()
         old_config, config_said = hfconfig.describe_widths_(compact_model)
+        if inplace:  # the removed rows' memory goes back before the verifying forwards take theirs
+            give_back_memory()
     checked = None
     if verify:
         with progress.stage("verifying"):

@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read SRC (config.json + safetensors shards) one decoder block at a time, remove --amount of "
                     "each block's MLP neurons and --heads of its key/value heads, check every compact block against "
                     "the masked block on calibration hidden states, and write DST, which vanilla from_pretrained "
-                    "loads. Memory: about two float32 copies of one block. Runs: "
+                    "loads. Memory: about one float32 copy of one block plus 1.5 GB. Runs: "
                     "llama, mistral, qwen2, phi3.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n"

@@ -38,7 +38,7 @@ from . import graph, hfconfig, masks, planner
 from . import heads as heads_rule
 from .errors import CompactionError
 from .kinds import BATCHNORM, kind_of, out_major
-from .tensors import Inputs, as_inputs, make_batches
+from .tensors import Inputs, as_inputs, give_back_memory, make_batches
 
 __all__ = ["Importance", "GroupPruning", "PruneReport", "prune_channels"]
 
@@ -848,6 +848,7 @@ def _prune(model: nn.Module, work: nn.Module, example: tuple, amount, importance
     del work, groups, evidence, params, scales  # the copy goes before the masks (a weight-sized mask and
     gc.collect()  # product per masked tensor) are made: one model's worth of memory less at the peak
     (_bake_into if bake else _apply)(model, pending)
+    give_back_memory()
     return report
 
 

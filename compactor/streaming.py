@@ -16,12 +16,13 @@ block in turn:
    next block's calibration inputs, as sequential calibration tools propagate them; writes the
    block as one safetensors shard in the checkpoint's dtype, and frees it.
 
-Embeddings, the final norm and the LM head are copied unchanged (the hidden size stays). The
+Embeddings, the final norm and the LM head are copied unchanged (the hidden size stays), one
+tensor per shard so that only one is held at a time. The
 config that describes the compact widths is validated by the family's class built on the meta
 device from it (it must hold exactly the written tensors' names and shapes), and the output is
 written into a temporary folder beside ``dst`` that becomes ``dst`` only at the end: a failed run
-(a full disk included) leaves nothing half-written. Peak memory is about two float32 copies of
-one block plus the calibration activations, whatever the number of blocks
+(a full disk included) leaves nothing half-written. Peak memory is about one float32 copy of
+one block plus 1.5 GB (the runtime, the calibration activations), whatever the number of blocks
 (benchmarks/scale.py measures it from 0.3 B to 13 B parameters).
 """
 
@@ -48,6 +49,7 @@ from .api import compact
 from .errors import CompactionError, VerificationError
 from .files import replace_folder
 from .pruner import prune_channels
+from .tensors import give_back_memory
 
 __all__ = ["prune_pretrained", "StreamReport", "SUPPORTED"]
 
@@ -329,7 +331,7 @@ def prune_pretrained(
     Each block loses ``amount`` of its MLP neurons (and ``heads`` of its key/value heads, with their query heads),
     chosen by ``importance`` within the block, and is checked to compute what the masked block computes on its
     calibration hidden states before it is written (see the module). Vanilla ``from_pretrained(dst)`` loads the
-    result. Memory stays near two float32 copies of one block, whatever the number of blocks.
+    result. Memory stays near one float32 copy of one block plus 1.5 GB, whatever the number of blocks.
 
     Args:
         src: a checkpoint folder: ``config.json`` and ``model.safetensors`` or shards with their index.
@@ -386,7 +388,8 @@ def prune_pretrained(
                               "or its config describes another model")
     embed_key = next(n for n, m in skeleton.named_modules() if m is skeleton.get_input_embeddings()) + ".weight"
     n_layers = config.num_hidden_layers
-    n_shards = n_layers + 1
+    rest = [k for k in ckpt.keys() if not k.startswith(layers_name + ".")]  # embeddings, final norm, LM head
+    n_shards = n_layers + len(rest)  # one per block, one per other tensor (only one tensor is held at a time)
     report = StreamReport(src, dst, config.model_type)
     clock = _Clock()
     ids, mask2d = _calibration_ids(calibration, src, samples, seq_len, config.vocab_size)
@@ -464,6 +467,7 @@ def prune_pretrained(
                 written_shapes[key] = tuple(t.shape)
             after = sum(p.numel() for p in small.parameters())
             del small, tensors
+            give_back_memory()
             seconds = time.perf_counter() - t_block
             report.blocks.append(BlockRecord(i, before, after, full.max_abs_diff, full.tolerance,
                                              rep.max_abs_diff or 0.0, rep.tolerance or 0.0, seconds, rounded))
@@ -474,14 +478,12 @@ def prune_pretrained(
                       f"{_peak_rss() / 1e9:.2f} GB", file=sys.stderr, flush=True)
             if i == 0:
                 _check_space(parent, report, n_layers, ckpt, layers_name, clock)
-        rest = [k for k in ckpt.keys() if not k.startswith(layers_name + ".")]
-        path, fname = _out_path(tmp, n_layers, n_shards)
-        tensors = [(k, clock.read_tensor(ckpt, k)) for k in rest]
-        clock.write(path, tensors)
-        for key, t in tensors:
-            index[key] = fname
-            written_shapes[key] = tuple(t.shape)
-        del tensors
+        for j, key in enumerate(rest):
+            path, fname = _out_path(tmp, n_layers + j, n_shards)
+            t = clock.read_tensor(ckpt, key)
+            clock.write(path, [(key, t)])
+            index[key], written_shapes[key] = fname, tuple(t.shape)
+            del t
         new_config = hfconfig.validated(config, updates or {})
         _check_describes(skeleton, new_config, written_shapes, tied)
         report.config_updates = {k: v for k, v in (updates or {}).items() if getattr(config, k, None) != v}
@@ -518,8 +520,8 @@ def _check_space(parent: str, report: StreamReport, n_layers: int, ckpt: shards.
     need = clock.bytes_written * (n_layers - 1) + rest
     free = shutil.disk_usage(parent).free
     if free < need:
-        raise CompactionError(f"the compact checkpoint needs about {need / 1e9:.1f} GB more beside '{report.dst}', "
-                              f"where {free / 1e9:.1f} GB are free: nothing was written; free space and run again")
+        raise CompactionError(f"the compact checkpoint needs about {need / 1e9:.2f} GB more beside '{report.dst}', "
+                              f"where {free / 1e9:.2f} GB are free: nothing was written; free space and run again")
 
 
 def _check_describes(skeleton: nn.Module, config: Any, written: dict[str, tuple[int, ...]], tied: bool) -> None:

@@ -25,6 +25,24 @@ class Kwargs(dict):
     """Keyword inputs, standing as the one entry of an inputs tuple: ``model(**kwargs)``."""
 
 
+def give_back_memory() -> None:
+    """Return the heap memory freed tensors left behind to the operating system (glibc's ``malloc_trim``; nothing
+    elsewhere): after a step that freed a model's worth of tensors, the next one starts from what is in use."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
     text = str(exc).strip()

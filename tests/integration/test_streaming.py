@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -162,6 +163,14 @@ def test_bad_inputs_get_clear_errors_and_leave_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shards, "write_shard", full)
     with pytest.raises(CompactionError, match="disk filled up.*nothing was written to the destination"):
+        compactor.prune_pretrained(src, dst, 0.5)
+    monkeypatch.undo()
+    assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "src"]
+    # too little free space for what the first block says the rest will take: refused early, nothing left
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=1000))
+    with pytest.raises(CompactionError, match=r"needs about 0.\d\d GB more beside .*where 0.00 GB are free: "
+                                              r"nothing was written"):
         compactor.prune_pretrained(src, dst, 0.5)
     monkeypatch.undo()
     assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "src"]
