@@ -14,7 +14,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -199,7 +199,3 @@ def iter_prefixed(checkpoint: Checkpoint, prefix: str) -> Iterator[str]:
     """The checkpoint's keys under ``prefix`` (``"model.layers.3."``)."""
     return (k for k in checkpoint.tensors if k.startswith(prefix))
 
-
-def find_missing(checkpoint: Checkpoint, keys: Iterable[str]) -> Optional[str]:
-    """The first of ``keys`` the checkpoint lacks, if any."""
-    return next((k for k in keys if k not in checkpoint), None)
