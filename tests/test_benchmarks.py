@@ -285,3 +285,21 @@ def test_exact_mode_launches_what_native_does():
     assert layers["by_op"]["native_batch_norm"] == native["by_op"]["native_batch_norm"] - 13
     torch.testing.assert_close(prep.variants["compact-layers"](x), prep.variants["masked"](x), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(prep.variants["compact"](x), prep.variants["masked"](x), rtol=1e-4, atol=1e-4)
+
+
+def test_scale_smoke_prunes_a_written_checkpoint_and_checks_its_first_blocks(tmp_path):
+    """scale.py --smoke: a toy LLaMA checkpoint written in shards, copied (the I/O floor), pruned out of core under
+    an address-space limit with every block checked, and its blocks loaded with from_pretrained equal to an
+    in-memory compaction of the same blocks."""
+    pytest.importorskip("transformers")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "scale.py"), "--smoke", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = glob.glob(os.path.join(str(tmp_path), "cpu-*", "scale_toy*.json"))
+    with open(path) as f:
+        [row] = json.load(f)["rows"]
+    prune, check = row["prune"], row["check"]
+    assert len(prune["blocks"]) == 2 and all(b["max_abs_diff"] <= b["tolerance"] for b in prune["blocks"])
+    assert prune["params_after"] < 0.6 * prune["params_before"] and 0 < prune["peak_rss"] < 10 * 2**30
+    assert row["copy"]["bytes"] == row["bytes"] and check["missing_keys"] == []
+    assert check["same_shapes"] and check["same_values"] and check["max_abs_diff"] == 0.0
