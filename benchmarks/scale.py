@@ -224,6 +224,8 @@ def _in_memory(size: str, bake: bool, amount: float, heads: float) -> dict:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.02)
+    rotary = model.model.rotary_emb  # its buffers are not parameters: built again on the CPU, not left empty
+    model.model.rotary_emb = type(rotary)(config=model.config)
     ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, 40:] = 0

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .kinds import BATCHNORM, kind_of
-from .tensors import call, flatten_outputs
+from .tensors import _is_cache, call, flatten_outputs
 
 __all__ = ["ChannelStats", "Measurements", "Recording", "recording", "measure", "nan_probe", "zeroed_outputs", "count_macs", "channel_view"]
 
@@ -152,7 +152,11 @@ class Recording:
 
 def _detached(out: Any) -> Any:
     """The output with every tensor detached (its autograd graph released); containers become plain ones
-    (a ``ModelOutput`` a dict), which compare the same way."""
+    (a ``ModelOutput`` a dict), which compare the same way. A key/value cache, which no comparison reads,
+    becomes None: recorded in a traced forward, its tensors would keep that forward's graph, and with it
+    every weight it read, alive (after ``compact(inplace=True)`` has sliced them, a second model's worth)."""
+    if _is_cache(out):
+        return None
     if isinstance(out, torch.Tensor):
         return out.detach()
     if isinstance(out, (list, tuple)):

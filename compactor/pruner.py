@@ -35,6 +35,7 @@ from torch.nn.utils import prune
 from . import experts as experts_rule
 from . import importance as importance_rule
 from . import graph, hfconfig, masks, planner
+from .api import _check_finite
 from . import heads as heads_rule
 from .errors import CompactionError
 from .kinds import BATCHNORM, kind_of, out_major
@@ -759,6 +760,7 @@ def prune_channels(
         _check_args(heads, importance, scope, round_to, max_amount, what="heads")
     example = as_inputs(example_inputs, who="prune_channels")
     ignored = _names(model, ignore)
+    _check_finite(model)  # NaN weights would make every trial fail, each for a reason that is not the real one
     if bake and importance != "taylor" and not masks.pruned_tensors(model) and not _parametrized(model):
         was_training = model.training  # scored and tried on the model itself: its rows put back after each try
         try:
