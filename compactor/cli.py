@@ -432,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                "      --out lenet_small.pt --onnx lenet_small.onnx\n"
                "  compactor export --model mypkg.nets:LeNet --weights lenet_small.pt --input-shape 1,1,28,28 \\\n"
                "      --onnx lenet_small.onnx\n"
-               "  compactor bench --model mypkg.nets:LeNet --weights pruned_model.pth --input-shape 1,1,28,28\n\n"
+               "  compactor bench --model mypkg.nets:LeNet --weights pruned_model.pth --input-shape 1,1,28,28\n"
+               "  compactor prune-pretrained llama-13b llama-13b-small --amount 0.5 --heads 0.25\n\n"
                "User errors print one line and exit with status 2.",
     )
     import torch
