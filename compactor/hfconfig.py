@@ -139,14 +139,14 @@ def built_on_meta(model: nn.Module, config: Any) -> nn.Module:
         return type(model)(config)
 
 
-def mismatch_of(model: nn.Module, config: Any) -> str:
+def mismatch_of(model: nn.Module, config: Any, shapes: Optional[dict[str, tuple[int, ...]]] = None) -> str:
     """'' when ``model``'s class built from ``config`` (on the meta device: no memory) has ``model``'s parameter
-    names and shapes; else the first difference, in words."""
+    names and shapes (or ``shapes``: a checkpoint's, by key); else the first difference, in words."""
     try:
         built = built_on_meta(model, config)
     except Exception as exc:
         return f"{type(model).__name__} cannot be built from it: {type(exc).__name__}"
-    want = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    want = shapes if shapes is not None else {k: tuple(p.shape) for k, p in model.named_parameters()}
     have = {k: tuple(p.shape) for k, p in built.named_parameters()}
     for key in sorted(set(want) | set(have)):
         if want.get(key) != have.get(key):

@@ -34,7 +34,7 @@ from torch.nn.utils import prune
 
 from . import experts as experts_rule
 from . import importance as importance_rule
-from . import graph, hfconfig, masks, planner
+from . import graph, hfconfig, masks, planner, probe
 from .api import _check_finite
 from . import heads as heads_rule
 from .errors import CompactionError
@@ -327,10 +327,22 @@ def _row_masks(rows: dict[str, torch.Tensor]) -> list[Pending]:
     return [("rows", name, flags) for name, flags in rows.items()]
 
 
-def _zero_(t: torch.Tensor, dim: int, flags: torch.Tensor) -> None:
+def _zero_(t: torch.Tensor, dim: int, flags: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Zero the flagged entries of ``t`` along ``dim``; returns (their indices, their old values), or None."""
     idx = torch.nonzero(flags).flatten().to(t.device)
-    if idx.numel():
-        t.index_fill_(dim, idx, 0)
+    if not idx.numel():
+        return None
+    old = t.index_select(dim, idx)
+    t.index_fill_(dim, idx, 0)
+    return idx, old
+
+
+def _expert_keep(t: torch.Tensor, flags: torch.Tensor, ex: Any, dim: int, halves: int) -> torch.Tensor:
+    """The 0/1 keep mask of an experts tensor ``t`` from (experts, neurons) ``flags``, broadcastable to ``t``: gate
+    neurons, then up neurons where ``halves`` is 2."""
+    shape = [ex.experts] + [1] * (t.dim() - 1)
+    shape[dim] = flags.shape[1] * halves
+    return flags.repeat(1, halves).logical_not().to(t.dtype).reshape(shape)
 
 
 def _bake_into(model: nn.Module, pending: Sequence[Pending]) -> None:
@@ -356,9 +368,7 @@ def _bake_into(model: nn.Module, pending: Sequence[Pending]) -> None:
                 flags, ex = flags
                 for pname, dim, halves in ex.tensors(module):
                     for t in targets(module, pname):
-                        shape = [ex.experts] + [1] * (t.dim() - 1)
-                        shape[dim] = flags.shape[1] * halves
-                        t.mul_(flags.repeat(1, halves).logical_not().to(t.dtype).reshape(shape))
+                        t.mul_(_expert_keep(t, flags, ex, dim, halves))
 
 
 def _apply(model: nn.Module, pending: Sequence[Pending]) -> None:
@@ -375,11 +385,8 @@ def _apply(model: nn.Module, pending: Sequence[Pending]) -> None:
         else:
             flags, ex = flags
             for pname, dim, halves in ex.tensors(module):
-                t = getattr(module, pname)
-                shape = [ex.experts] + [1] * (t.dim() - 1)
-                shape[dim] = flags.shape[1] * halves
-                keep = flags.repeat(1, halves).logical_not().to(t.dtype)  # gate neurons, then up neurons
-                prune.custom_from_mask(module, pname, keep.reshape(shape).expand_as(t))  # a view (the hook keeps it)
+                t = getattr(module, pname)  # the mask is a view (the hook keeps it)
+                prune.custom_from_mask(module, pname, _expert_keep(t, flags, ex, dim, halves).expand_as(t))
 
 
 @contextlib.contextmanager
@@ -391,10 +398,9 @@ def _zeroed(work: nn.Module, rows: dict[str, torch.Tensor],
     saved = []
 
     def zero(t: torch.Tensor, dim: int, flags: torch.Tensor) -> None:
-        idx = torch.nonzero(flags).flatten().to(t.device)
-        if idx.numel():
-            saved.append((t, dim, idx, t.index_select(dim, idx).clone()))
-            t.index_fill_(dim, idx, 0)
+        done = _zero_(t, dim, flags)
+        if done is not None:
+            saved.append((t, dim, *done))
 
     try:
         with torch.no_grad():
@@ -761,16 +767,14 @@ def prune_channels(
     example = as_inputs(example_inputs, who="prune_channels")
     ignored = _names(model, ignore)
     _check_finite(model)  # NaN weights would make every trial fail, each for a reason that is not the real one
-    if bake and importance != "taylor" and not masks.pruned_tensors(model) and not _parametrized(model):
-        was_training = model.training  # scored and tried on the model itself: its rows put back after each try
-        try:
-            model.eval()
-            return _prune(model, model, example, amount, importance, scope, round_to, ignored, max_amount, heads,
-                          uniform, calibration, max_batches, loss_fn, bake)
-        finally:
-            model.train(was_training)
-    return _prune(model, masks.bake(model).eval(), example, amount, importance, scope, round_to, ignored, max_amount,
-                  heads, uniform, calibration, max_batches, loss_fn, bake)
+    in_place = bake and importance != "taylor" and not masks.pruned_tensors(model) and not _parametrized(model)
+    # bake=True on a model without live masks: scored and tried on the model itself (eval mode inside, every
+    # module's training flag restored after; each trial's rows put back); otherwise on a baked copy
+    with probe.evaluating(model) if in_place else contextlib.nullcontext():
+        report = _choose(model, in_place, example, amount, importance, scope, round_to, ignored, max_amount, heads,
+                         uniform, calibration, max_batches, loss_fn, bake)
+    give_back_memory()
+    return report
 
 
 def _parametrized(model: nn.Module) -> bool:
@@ -779,10 +783,12 @@ def _parametrized(model: nn.Module) -> bool:
     return any(parametrize.is_parametrized(m) for m in model.modules())
 
 
-def _prune(model: nn.Module, work: nn.Module, example: tuple, amount, importance, scope, round_to, ignored: set[str],
-           max_amount, heads, uniform: bool, calibration, max_batches, loss_fn, bake: bool) -> PruneReport:
-    """prune_channels once its arguments are checked: choose on ``work`` (a baked copy, or ``model`` itself), then
-    mask (or zero) ``model``."""
+def _choose(model: nn.Module, in_place: bool, example: tuple, amount, importance, scope, round_to,
+            ignored: set[str], max_amount, heads, uniform: bool, calibration, max_batches, loss_fn,
+            bake: bool) -> PruneReport:
+    """Choose the units on a baked copy of ``model`` (on ``model`` itself when ``in_place``), then mask (or zero)
+    them in ``model``. The copy is made and dropped here, so nothing else holds it when the masks are made."""
+    work = model if in_place else masks.bake(model).eval()
     groups, bn_after = graph.trace(work, example)
     scales = _bn_scales(work, bn_after)
     tied = planner.tied_layers(work)
@@ -850,7 +856,6 @@ def _prune(model: nn.Module, work: nn.Module, example: tuple, amount, importance
     del work, groups, evidence, params, scales  # the copy goes before the masks (a weight-sized mask and
     gc.collect()  # product per masked tensor) are made: one model's worth of memory less at the peak
     (_bake_into if bake else _apply)(model, pending)
-    give_back_memory()
     return report
 
 
